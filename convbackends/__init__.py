@@ -1,0 +1,22 @@
+"""convbackends: one conv2d interface over numpy, OpenCL, CUDA and Vulkan, checked against cv2.dnn.
+
+Importing the package loads no GPU library: backends are imported when first asked for.
+"""
+from .backends import Availability, BackendUnavailable, DeviceInfo, available_backends, devices
+from .op import Conv2d, conv2d
+from .spec import Activation, Conv2dGeometry, Conv2dSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Activation",
+    "Availability",
+    "BackendUnavailable",
+    "Conv2d",
+    "Conv2dGeometry",
+    "Conv2dSpec",
+    "DeviceInfo",
+    "available_backends",
+    "conv2d",
+    "devices",
+]

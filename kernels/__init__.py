@@ -1,0 +1,1 @@
+"""Kernel sources in one C dialect shared by OpenCL and CUDA (see prelude.h)."""
