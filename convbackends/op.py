@@ -37,25 +37,27 @@ class Conv2d:
         check_float32("x", x)
         return self.spec.geometry(x.shape)
 
-    def _input(self, x):
+    def _bind(self, x):
+        """Validate x and resolve its geometry; the array handed to the backend, and the geometry."""
         if self._prepared is None:
             raise ValueError("this Conv2d is closed")
+        geom = self.geometry(x)
         if isinstance(x, np.ndarray):
-            return np.ascontiguousarray(x)
+            return np.ascontiguousarray(x), geom
         if self.backend.owns(x):
-            return x
+            return x, geom
         raise TypeError(
             f"x must be a numpy.ndarray or a device array of backend {self.backend.name!r}, got {type(x).__name__}"
         )
 
     def __call__(self, x):
-        geom = self.geometry(x)
-        return self._prepared.run(self._input(x), geom)
+        x, geom = self._bind(x)
+        return self._prepared.run(x, geom)
 
     def profile(self, x):
         """Run once; returns (y, device seconds or None where the API gives no device timer)."""
-        geom = self.geometry(x)
-        return self._prepared.profile(self._input(x), geom)
+        x, geom = self._bind(x)
+        return self._prepared.profile(x, geom)
 
     def close(self) -> None:
         if self._prepared is not None:

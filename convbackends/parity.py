@@ -1,0 +1,153 @@
+"""Parity suites and the one check shared by the tests and `convbackends parity`."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .op import Conv2d
+
+ACTIVATIONS = (
+    None, "relu", "relu6", "sigmoid", "tanh", "silu", "mish", "hardswish", ("leaky_relu", 0.1), ("clip", -0.3, 0.4),
+)
+
+
+def tolerance(ref: np.ndarray) -> float:
+    """The project's bar for float32 against a float32 or float64 reference, inputs U(-1, 1)."""
+    finite = np.abs(ref[np.isfinite(ref)])
+    return 1e-4 * max(1.0, float(finite.max()) if finite.size else 1.0)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One layer and input; tensors are drawn from U(-1, 1) with a fixed seed."""
+
+    name: str
+    x_shape: tuple
+    w_shape: tuple
+    bias: bool = True
+    kwargs: dict = field(default_factory=dict, hash=False)
+    seed: int = 0
+
+    def tensors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        rng = np.random.default_rng(self.seed)
+        x = rng.uniform(-1, 1, self.x_shape).astype(np.float32)
+        w = rng.uniform(-1, 1, self.w_shape).astype(np.float32)
+        b = rng.uniform(-1, 1, self.w_shape[0]).astype(np.float32) if self.bias else None
+        return x, w, b
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    case: Case
+    backend: str
+    device: str
+    max_abs: float
+    mean_abs: float
+    tol: float
+    passed: bool
+    detail: str = ""
+
+
+def _case(x_shape, o, kernel, *, bias=True, seed=0, **kwargs) -> Case:
+    n, c, h, w = x_shape
+    groups = kwargs.get("groups", 1)
+    kh, kw = kernel
+    name = f"n{n}c{c}h{h}w{w}-o{o}k{kh}x{kw}" + "".join(
+        f"-{k}={_short(v)}" for k, v in kwargs.items()
+    ) + ("" if bias else "-nobias")
+    return Case(name, tuple(x_shape), (o, c // groups, kh, kw), bias, kwargs, seed)
+
+
+def _short(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return "x".join(_short(v) for v in value)
+    return str(value)
+
+
+def _opencv_sweep() -> list[Case]:
+    """OpenCV's own conv layer sweep (test_layers.cpp style): 128 cases on 5x6 inputs."""
+    cases = []
+    for (c, o, g), kernel, stride, pad, dil, bias in itertools.product(
+        [(6, 4, 1), (6, 9, 1), (6, 4, 2), (6, 9, 3)], [(3, 1), (1, 3)], [1, 2], [(1, 0), (0, 1)], [1, 2], [True, False]
+    ):
+        cases.append(_case((1, c, 5, 6), o, kernel, bias=bias, stride=stride, padding=pad, dilation=dil, groups=g))
+    return cases
+
+
+def _wide() -> list[Case]:
+    """The sweep widened: big kernels, strides to 3, asymmetric pads, modes, activations, odd channels."""
+    cases = []
+    for k in (1, 2, 3, 5, 7):
+        for stride in (1, 2, 3):
+            cases.append(_case((1, 13, 17, 15), 15, (k, k), stride=stride, padding=k // 2))
+    for pad in ((0, 1, 2, 3), (3, 0, 1, 2), (2, 2, 0, 0), "same", "valid"):
+        for dil in (1, 2, 3):
+            cases.append(_case((1, 5, 11, 13), 7, (3, 3), padding=pad, dilation=dil, stride=(1, 2)))
+    for k in ((1, 5), (5, 1), (4, 2)):
+        cases.append(_case((3, 15, 12, 9), 13, k, stride=(2, 1), padding="same", dilation=(1, 2)))
+    for act in ACTIVATIONS:
+        cases.append(_case((3, 13, 9, 10), 15, (3, 3), padding=1, activation=act))
+        cases.append(_case((1, 16, 8, 8), 16, (1, 1), activation=act, bias=False))
+        cases.append(_case((1, 6, 9, 9), 12, (3, 3), padding=1, groups=6, activation=act))
+    for groups, c, o in ((13, 13, 26), (15, 15, 15), (16, 16, 32), (3, 15, 6), (5, 15, 10)):
+        for stride, dil in ((1, 1), (2, 1), (1, 2)):
+            cases.append(_case((2, c, 14, 11), o, (3, 3), stride=stride, dilation=dil, padding="same", groups=groups))
+    cases.append(_case((1, 3, 33, 31), 16, (7, 7), stride=2, padding=3))  # a ResNet-like stem
+    cases.append(_case((2, 24, 10, 10), 40, (1, 1), stride=2))  # strided 1x1
+    cases.append(_case((1, 32, 20, 20), 64, (3, 3), padding=1, activation="relu"))  # several tiles
+    return cases
+
+
+def _smoke() -> list[Case]:
+    return [
+        _case((1, 6, 5, 6), 4, (3, 1), padding=(1, 0)),
+        _case((2, 13, 9, 10), 15, (3, 3), stride=2, padding="same", activation="relu"),
+        _case((1, 8, 7, 7), 16, (1, 1), activation=("leaky_relu", 0.1)),
+        _case((1, 12, 9, 8), 24, (3, 3), padding=1, groups=12, activation="hardswish"),
+        _case((1, 6, 10, 9), 9, (5, 5), dilation=2, padding=(4, 3, 2, 1), groups=3, activation="silu"),
+    ]
+
+
+SUITES: dict[str, list[Case]] = {"smoke": _smoke(), "opencv": _opencv_sweep(), "wide": _wide()}
+
+
+def reference_output(case: Case) -> np.ndarray:
+    """cv2.dnn's result for the case (Winograd off)."""
+    from .reference import cv2_conv2d
+
+    x, w, b = case.tensors()
+    return cv2_conv2d(x, w, b, **case.kwargs)
+
+
+def compare(y: np.ndarray, ref: np.ndarray) -> tuple[float, float, float, bool, str]:
+    """(max abs error, mean abs error, tolerance, passed, why not). Non-finite values must match in place."""
+    tol = tolerance(ref)
+    if y.shape != ref.shape:
+        return float("inf"), float("inf"), tol, False, f"shape {y.shape} != reference {ref.shape}"
+    inf_ref = np.isinf(ref)
+    if not (np.array_equal(np.isnan(y), np.isnan(ref)) and np.array_equal(np.isinf(y), inf_ref)
+            and np.array_equal(y[inf_ref], ref[inf_ref])):
+        return float("inf"), float("inf"), tol, False, "non-finite values differ from the reference"
+    finite = np.isfinite(ref)
+    err = np.abs(y[finite].astype(np.float64) - ref[finite])
+    max_abs, mean_abs = (float(err.max()), float(err.mean())) if err.size else (0.0, 0.0)
+    passed = max_abs <= tol
+    return max_abs, mean_abs, tol, passed, "" if passed else f"max abs error {max_abs:.3g} > {tol:.3g}"
+
+
+def check(case: Case, backend: str = "numpy", device=None, ref: np.ndarray | None = None) -> CaseResult:
+    """Run the case on one backend and device and compare with cv2.dnn."""
+    x, w, b = case.tensors()
+    if ref is None:
+        ref = reference_output(case)
+    with Conv2d(w, b, backend=backend, device=device, **case.kwargs) as layer:
+        y = layer(x)
+        device_name = layer.device.name
+    max_abs, mean_abs, tol, passed, detail = compare(np.asarray(y), ref)
+    return CaseResult(case, backend, device_name, max_abs, mean_abs, tol, passed, detail)
+

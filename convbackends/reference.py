@@ -1,0 +1,147 @@
+"""The truth every backend is checked against, never optimised.
+
+`cv2_conv2d` runs OpenCV's dnn module on a one-node ONNX graph (Conv, then the activation node);
+`conv2d_float64` is an independent float64 oracle (a direct sum over kernel taps) for what cv2.dnn
+lacks and for property tests. Both take explicit pads from the spec: cv2.dnn's own SAME ignores
+dilation, so "same" is resolved by `Conv2dSpec.geometry` and checked on its own in the tests.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .spec import Activation, Conv2dGeometry, Conv2dSpec
+
+ONNX_OPSET = 18
+
+
+def _activation_nodes(helper, numpy_helper, activation: Activation, src: str, dst: str):
+    """ONNX nodes (and initializers) applying `activation` from tensor `src` to tensor `dst`."""
+    kind = activation.kind
+    if kind == "relu":
+        return [helper.make_node("Relu", [src], [dst])], []
+    if kind in ("relu6", "clip"):
+        lo, hi = (0.0, 6.0) if kind == "relu6" else (activation.alpha, activation.beta)
+        bounds = [numpy_helper.from_array(np.array(v, np.float32), name=n) for v, n in ((lo, "clip_lo"), (hi, "clip_hi"))]
+        return [helper.make_node("Clip", [src, "clip_lo", "clip_hi"], [dst])], bounds
+    if kind == "sigmoid":
+        return [helper.make_node("Sigmoid", [src], [dst])], []
+    if kind == "tanh":
+        return [helper.make_node("Tanh", [src], [dst])], []
+    if kind == "silu":
+        return [helper.make_node("Sigmoid", [src], ["gate"]), helper.make_node("Mul", [src, "gate"], [dst])], []
+    if kind == "mish":
+        return [helper.make_node("Mish", [src], [dst])], []
+    if kind == "hardswish":
+        return [helper.make_node("HardSwish", [src], [dst])], []
+    if kind == "leaky_relu":
+        return [helper.make_node("LeakyRelu", [src], [dst], alpha=activation.alpha)], []
+    raise ValueError(f"no ONNX form for activation {kind!r}")
+
+
+def onnx_conv_model(geom: Conv2dGeometry, w: np.ndarray, b: np.ndarray | None, activation: Activation) -> bytes:
+    """A serialized one-node ONNX graph (Conv + activation) for a fixed input shape, explicit pads."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.ascontiguousarray(w, np.float32), name="W")]
+    conv_inputs = ["x", "W"]
+    if b is not None:
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(b, np.float32), name="B"))
+        conv_inputs.append("B")
+    conv_out = "y" if activation.kind == "none" else "conv"
+    # ONNX pads are (begin..., end...): (top, left, bottom, right), the order of the spec.
+    pads = [geom.pt, geom.pl, geom.pb, geom.pr]
+    nodes = []
+    if (geom.kh, geom.kw) == (1, 1) and any(pads):
+        # cv2.dnn 5.0 leaves the padded border of a padded 1x1 Conv uninitialised (both engines):
+        # the same zero padding as an explicit Pad node is computed correctly.
+        inits.append(numpy_helper.from_array(np.array([0, 0, geom.pt, geom.pl, 0, 0, geom.pb, geom.pr], np.int64), name="pads"))
+        nodes.append(helper.make_node("Pad", ["x", "pads"], ["x_padded"], mode="constant"))
+        conv_inputs[0], pads = "x_padded", [0, 0, 0, 0]
+    nodes.append(
+        helper.make_node(
+            "Conv", conv_inputs, [conv_out],
+            kernel_shape=[geom.kh, geom.kw], strides=[geom.sh, geom.sw], dilations=[geom.dh, geom.dw],
+            pads=pads, group=geom.groups,
+        )
+    )
+    if activation.kind != "none":
+        act_nodes, act_inits = _activation_nodes(helper, numpy_helper, activation, conv_out, "y")
+        nodes += act_nodes
+        inits += act_inits
+    graph = helper.make_graph(
+        nodes, "conv2d",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(geom.input_shape))],
+        # OpenCV 5 asserts that graph outputs carry a shape.
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(geom.output_shape))],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)])
+    return model.SerializeToString()
+
+
+def _resolve(x, w, b, kwargs) -> tuple[Conv2dSpec, Conv2dGeometry]:
+    spec = Conv2dSpec.create(w, b, **kwargs)
+    return spec, spec.geometry(np.shape(x))
+
+
+def cv2_net(geom: Conv2dGeometry, w, b, activation: Activation, *, winograd: bool = False):
+    """A cv2.dnn net for one layer at one input shape, ready for setInput/forward."""
+    import cv2
+
+    net = cv2.dnn.readNetFromONNX(np.frombuffer(onnx_conv_model(geom, w, b, activation), np.uint8))
+    net.enableWinograd(winograd)
+    return net
+
+
+def cv2_conv2d(x, w, b=None, *, winograd: bool = False, **conv_kwargs) -> np.ndarray:
+    """cv2.dnn's float32 result. Winograd is off by default: it is the tighter reference."""
+    spec, geom = _resolve(x, w, b, conv_kwargs)
+    net = cv2_net(geom, w, b, spec.activation, winograd=winograd)
+    net.setInput(np.ascontiguousarray(x, np.float32))
+    return net.forward().reshape(geom.output_shape)
+
+
+def activation_float64(y: np.ndarray, activation: Activation) -> np.ndarray:
+    """Activations in float64 from their textbook definitions."""
+    kind, alpha, beta = activation.kind, activation.alpha, activation.beta
+    with np.errstate(over="ignore"):
+        if kind == "none":
+            return y
+        if kind == "relu":
+            return np.maximum(y, 0.0)  # propagates NaN, as cv2.dnn does
+        if kind == "relu6":
+            return np.clip(y, 0.0, 6.0)
+        if kind == "sigmoid":
+            return 1.0 / (1.0 + np.exp(-y))
+        if kind == "tanh":
+            return np.tanh(y)
+        if kind == "silu":
+            return y / (1.0 + np.exp(-y))
+        if kind == "mish":
+            return y * np.tanh(np.logaddexp(0.0, y))
+        if kind == "hardswish":
+            return y * np.clip(y / 6.0 + 0.5, 0.0, 1.0)
+        if kind == "leaky_relu":
+            return np.where(y >= 0, y, alpha * y)
+        if kind == "clip":
+            return np.clip(y, alpha, beta)
+    raise ValueError(f"unknown activation {kind!r}")
+
+
+def conv2d_float64(x, w, b=None, **conv_kwargs) -> np.ndarray:
+    """Direct convolution in float64: one einsum per (group, tap), no im2col, no BLAS tiling."""
+    spec, g = _resolve(x, w, b, conv_kwargs)
+    x64 = np.pad(np.asarray(x, np.float64), ((0, 0), (0, 0), (g.pt, g.pb), (g.pl, g.pr)))
+    w64 = np.asarray(w, np.float64)
+    y = np.zeros(g.output_shape, np.float64)
+    for grp in range(g.groups):
+        xs = x64[:, grp * g.cg:(grp + 1) * g.cg]
+        ws = w64[grp * g.og:(grp + 1) * g.og]
+        for i in range(g.kh):
+            for j in range(g.kw):
+                top, left = i * g.dh, j * g.dw
+                window = xs[:, :, top:top + g.sh * (g.oh - 1) + 1:g.sh, left:left + g.sw * (g.ow - 1) + 1:g.sw]
+                y[:, grp * g.og:(grp + 1) * g.og] += np.einsum("nchw,oc->nohw", window, ws[:, :, i, j])
+    if b is not None:
+        y += np.asarray(b, np.float64)[None, :, None, None]
+    return activation_float64(y, spec.activation)
