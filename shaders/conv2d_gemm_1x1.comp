@@ -1,0 +1,66 @@
+#version 450
+// 1x1, stride 1, no padding: the input already is the GEMM's X[c, pixel].
+#extension GL_GOOGLE_include_directive : require
+#include "conv2d_layout.glsl"
+
+int slot_pixel[TN];
+bool slot_live[TN];
+
+void setup_pixels(int first_pixel, int npix) {
+    [[unroll]] for (int j = 0; j < TN; ++j) {
+        slot_pixel[j] = first_pixel + j * int(gl_WorkGroupSize.x);
+        slot_live[j] = slot_pixel[j] < npix;
+    }
+}
+
+float load_input(int x_base, int k, int slot) {
+    return slot_live[slot] ? texelFetch(x, x_base + k * shape.PS + slot_pixel[slot]).x : 0.0;
+}
+
+// Direct path: input channels are taken CB at a time, as the "rows" of one weight block, so each
+// accumulator takes CB taps per visit.
+layout(constant_id = 16) const int CB = 1;
+const int TAP_ROWS = CB;
+#include "gemm_tiles.glsl"
+
+// Direct path: an invocation owns TN consecutive pixels (TN a multiple of 4), fetched as vec4s. The
+// host pads the weights' input channels to a multiple of TAP_ROWS with zeros; reads of those channels
+// are clamped to the last real one.
+void direct_gemm(int image, int group) {
+    const int cg = shape.C / shape.GROUPS;
+    const int npix = shape.OH * shape.OW;
+    const int m_tile = int(gl_WorkGroupID.y);
+    const int p0 = int(gl_GlobalInvocationID.x) * TN;
+    // Lanes past the last pixel read the last tile instead and store nothing.
+    const int x_base4 = ((image * shape.C + group * cg) * shape.PS + min(p0, (npix - 1) / TN * TN)) / 4;
+    const int blocks = (cg + TAP_ROWS - 1) / TAP_ROWS;
+    const int w_block4 = (group * (shape.OGP / TM) + m_tile) * blocks * BLOCK4;
+    clear_tile();
+    for (int block = 0; block < blocks; ++block) {
+        fetch_weights(w_block4 + block * BLOCK4);
+        vec4 rows[TAP_ROWS][ROW4];
+        [[unroll]] for (int r = 0; r < TAP_ROWS; ++r) {
+            const int c = min(block * TAP_ROWS + r, cg - 1);
+            [[unroll]] for (int t = 0; t < ROW4; ++t)
+                rows[r][t] = texelFetch(x4, x_base4 + c * shape.PS / 4 + t);
+        }
+        accumulate(rows);
+    }
+
+    int pixel[TN];
+    bool live[TN];
+    [[unroll]] for (int j = 0; j < TN; ++j) {
+        pixel[j] = p0 + j;
+        live[j] = p0 + j < npix;
+    }
+    store_tile(image, group, m_tile * TM, pixel, live);
+}
+
+void main() {
+    const int group = int(gl_WorkGroupID.z) % shape.GROUPS;
+    const int image = int(gl_WorkGroupID.z) / shape.GROUPS;
+    if (STAGE)
+        staged_gemm(image, group, shape.C / shape.GROUPS);
+    else
+        direct_gemm(image, group);
+}

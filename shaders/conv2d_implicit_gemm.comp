@@ -1,0 +1,69 @@
+#version 450
+// Any kernel size, stride, dilation, padding and groups: GEMM over K = (c, kh, kw) with the input
+// gathered on the fly from the padded input (no im2col buffer).
+#extension GL_GOOGLE_include_directive : require
+#include "conv2d_layout.glsl"
+
+int slot_offset[TN];
+bool slot_live[TN];
+
+void setup_pixels(int first_pixel, int npix) {
+    [[unroll]] for (int j = 0; j < TN; ++j) {
+        const int p = first_pixel + j * int(gl_WorkGroupSize.x);
+        const int oh = p / shape.OW;
+        slot_live[j] = p < npix;
+        slot_offset[j] = oh * SH * shape.WP + (p - oh * shape.OW) * SW;
+    }
+}
+
+float load_input(int x_base, int k, int slot) {
+    const int c = k / (KH * KW);
+    const int r = (k - c * KH * KW) / KW;
+    const int s = k - c * KH * KW - r * KW;
+    const int index = x_base + c * shape.PS + slot_offset[slot] + r * DH * shape.WP + s * DW;
+    return slot_live[slot] ? texelFetch(x, index).x : 0.0;
+}
+
+const int TAP_ROWS = KH;
+#include "gemm_tiles.glsl"
+
+// Direct path: an invocation owns TN neighbouring outputs of one row (TN a multiple of 4), so the row
+// segments fetched as vec4s serve all KH x KW taps of all TN outputs.
+void direct_gemm(int image, int group) {
+    const int cg = shape.C / shape.GROUPS;
+    const int m_tile = int(gl_WorkGroupID.y);
+    const int row_tiles = (shape.OW + TN - 1) / TN;
+    const int item = int(gl_GlobalInvocationID.x);
+    const int oh = item / row_tiles;
+    const int ow0 = (item - oh * row_tiles) * TN;
+    // Lanes past the last row read the last row instead and store nothing.
+    const int x_base4 = ((image * shape.C + group * cg) * shape.PS
+                         + min(oh, shape.OH - 1) * SH * shape.WP + ow0 * SW) / 4;
+    const int w_block4 = (group * (shape.OGP / TM) + m_tile) * cg * BLOCK4;
+    clear_tile();
+    for (int c = 0; c < cg; ++c) {
+        fetch_weights(w_block4 + c * BLOCK4);
+        vec4 rows[TAP_ROWS][ROW4];
+        [[unroll]] for (int r = 0; r < KH; ++r)
+            [[unroll]] for (int t = 0; t < ROW4; ++t)
+                rows[r][t] = texelFetch(x4, x_base4 + (c * shape.PS + r * DH * shape.WP) / 4 + t);
+        accumulate(rows);
+    }
+
+    int pixel[TN];
+    bool live[TN];
+    [[unroll]] for (int j = 0; j < TN; ++j) {
+        pixel[j] = oh * shape.OW + ow0 + j;
+        live[j] = oh < shape.OH && ow0 + j < shape.OW;
+    }
+    store_tile(image, group, m_tile * TM, pixel, live);
+}
+
+void main() {
+    const int group = int(gl_WorkGroupID.z) % shape.GROUPS;
+    const int image = int(gl_WorkGroupID.z) / shape.GROUPS;
+    if (STAGE)
+        staged_gemm(image, group, shape.C / shape.GROUPS * KH * KW);
+    else
+        direct_gemm(image, group);
+}
