@@ -1,0 +1,76 @@
+"""Benchmark the `standard` layer suite on convbackends' devices and every peer; write a markdown report.
+
+    python benchmarks/bench_conv2d.py --md docs/benchmarks-cpu.md
+    python benchmarks/bench_conv2d.py --backends numpy --peers torch,onnxruntime --repeats 5
+
+The measuring is `convbackends.bench` (the engine of `convbackends bench`); this script only adds the
+markdown: date and machine, one row per (layer, target) with its median time, GFLOP/s and time ratio
+to cv2.dnn on the CPU, and the geometric mean per target.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from convbackends import bench
+from convbackends.cli import add_run_options, run_bench
+
+
+def markdown_table(columns, rows) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown(report: bench.Report) -> str:
+    m = report.machine
+    packages = ", ".join(f"{name} {version}" for name, version in m["packages"].items())
+    devices = "; ".join(f"{t['id']}: {t['device']}" for t in report.targets if t["available"])
+    parts = [
+        f"# conv2d benchmark: suite `{report.suite}`",
+        "",
+        f"- date: {report.date}",
+        f"- machine: {m['cpu']}, {m['cpu_count']} cores, {m['memory_gib']} GiB, {m['platform']}, Python {m['python']}",
+        f"- packages: {packages}",
+        f"- targets: {devices}",
+        f"- method: per layer and target, one cold call (construction, program/pipeline build and first run), "
+        f"{report.warmup} untimed warm-up call(s), then the median of {report.repeats} calls, numpy in and numpy out. "
+        "\"device ms\" is the API's own timer where it has one. \"x cv2.dnn\" is the time ratio to cv2.dnn on "
+        "the CPU in the same run (< 1 is faster). Outputs are checked against cv2.dnn with Winograd off: "
+        "max abs error <= 1e-4 * max(1, max|reference|).",
+        "",
+        markdown_table(bench.TABLE_COLUMNS, bench.table_rows(report)),
+        "",
+        "## Geometric mean over the layers",
+        "",
+        markdown_table(bench.SUMMARY_COLUMNS, bench.summary_rows(report)),
+    ]
+    skipped = bench.skipped_lines(report)
+    if skipped:
+        parts += ["", "Not run here:", "", *(f"- {line}" for line in skipped)]
+    return "\n".join(parts) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--suite", choices=list(bench.SUITE_BUILDERS), default="standard")
+    parser.add_argument("--md", metavar="FILE", help="write the markdown here instead of stdout")
+    add_run_options(parser)
+    args = parser.parse_args(argv)
+    try:
+        cases = bench.suite(args.suite)
+        targets = bench.targets(args.backends, args.devices, args.peers)
+    except ValueError as exc:
+        parser.error(str(exc))
+    report = run_bench(cases, targets, args.suite, args)
+    text = markdown(report)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return 1 if report.backend_failures() else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

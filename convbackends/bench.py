@@ -1,0 +1,598 @@
+"""Layer suites and the benchmark engine behind `convbackends bench` and benchmarks/bench_conv2d.py.
+
+A benchmark case is a `parity.Case` (same tensors, same check), so a benchmarked layer is checked
+against cv2.dnn exactly as the tests check it. Every target, a backend's device or a peer, is
+prepared once per layer and then timed with the same loop. rich and matplotlib are imported only
+where a table or a plot is drawn.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, fields
+from importlib import metadata
+
+import numpy as np
+
+from . import __version__
+from .backends import available_backends, check_name, get_backend
+from .op import Conv2d
+from .parity import Case, compare, reference_output
+from .spec import Conv2dGeometry, Conv2dSpec
+
+SCHEMA_VERSION = 1
+BASELINE = "cv2dnn"
+
+LAYER_SPEC_HELP = """\
+A layer is comma-separated key=value pairs:
+  c=IN o=OUT k=K hw=H[xW] (or h=H,w=W)   required
+  n=BATCH s=STRIDE p=PAD d=DILATION g=GROUPS name=TEXT   optional (1, 1, 0, 1, 1)
+k, s and d take N or HxW; p takes N, PHxPW or TOPxLEFTxBOTTOMxRIGHT.
+Example: name=my3x3,c=64,hw=56,o=64,k=3,p=1"""
+
+
+class LayerSpecError(ValueError):
+    """A malformed --layer value; the message names the value and what is wrong with it."""
+
+
+def _ints(key: str, text: str, counts: tuple[int, ...]) -> tuple[int, ...]:
+    parts = text.lower().split("x")
+    if len(parts) not in counts or not all(p.strip().isdigit() for p in parts):
+        shapes = " or ".join("x".join(["N"] * c) for c in counts)
+        raise LayerSpecError(f"{key} must be {shapes} (non-negative integers), got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def _pair(key: str, text: str) -> tuple[int, int]:
+    values = _ints(key, text, (1, 2))
+    return (values[0], values[0]) if len(values) == 1 else values
+
+
+def parse_layer(text: str, seed: int = 0) -> Case:
+    """Parse the compact layer spec (LAYER_SPEC_HELP) into a benchmark case, validated by Conv2dSpec."""
+    try:
+        return _parse_layer(text, seed)
+    except LayerSpecError as exc:
+        raise LayerSpecError(f"invalid layer {text!r}: {exc}") from None
+
+
+def _parse_layer(text: str, seed: int) -> Case:
+    allowed = ("name", "n", "c", "h", "w", "hw", "o", "k", "s", "p", "d", "g")
+    fields_ = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key, value = key.strip().lower(), value.strip()
+        if not sep or not value:
+            raise LayerSpecError(f"{item.strip()!r} is not key=value")
+        if key not in allowed:
+            raise LayerSpecError(f"unknown key {key!r} (keys: {', '.join(allowed)})")
+        if key in fields_:
+            raise LayerSpecError(f"key {key!r} is given twice")
+        fields_[key] = value
+    if "hw" in fields_ and ({"h", "w"} & fields_.keys()):
+        raise LayerSpecError("give hw=, or h= and w=, not both")
+    if "hw" in fields_:
+        h, w = _pair("hw", fields_["hw"])
+    else:
+        h, w = (_ints(k, fields_[k], (1,))[0] if k in fields_ else None for k in ("h", "w"))
+    for key in ("c", "o", "k"):
+        if key not in fields_:
+            raise LayerSpecError(f"missing {key}=")
+    if h is None or w is None:
+        raise LayerSpecError("missing hw= (or h= and w=)")
+    n, c, o, g = (_ints(k, fields_.get(k, "1"), (1,))[0] for k in ("n", "c", "o", "g"))
+    kh, kw = _pair("k", fields_["k"])
+    stride, dilation = (_pair(k, fields_.get(k, "1")) for k in ("s", "d"))
+    pads = _ints("p", fields_.get("p", "0"), (1, 2, 4))
+    pads = pads * 4 if len(pads) == 1 else pads * 2 if len(pads) == 2 else pads
+    kwargs = {"stride": stride, "padding": pads, "dilation": dilation, "groups": g}
+    if g < 1 or c % g:
+        raise LayerSpecError(f"g={g} must be >= 1 and divide c={c}")
+    # The default name is the spec itself, compacted: "c=64,hw=56,o=64,k=3" -> "c64-hw56-o64-k3".
+    name = fields_.pop("name", None) or "-".join(f"{k}{v}" for k, v in fields_.items())
+    case = Case(name, (n, c, h, w), (o, c // g, kh, kw), True, kwargs, seed)
+    try:
+        geometry(case)
+    except (TypeError, ValueError) as exc:
+        raise LayerSpecError(str(exc)) from None
+    return case
+
+
+def format_layer(case: Case) -> str:
+    """The compact spec of a case: parse_layer(format_layer(case)) gives the same layer."""
+    g = geometry(case)
+    return (f"name={case.name},n={g.n},c={g.c},hw={g.h}x{g.w},o={g.o},k={g.kh}x{g.kw},s={g.sh}x{g.sw},"
+            f"p={g.pt}x{g.pl}x{g.pb}x{g.pr},d={g.dh}x{g.dw},g={g.groups}")
+
+
+def spec(case: Case) -> Conv2dSpec:
+    """The layer's spec, without drawing its tensors."""
+    return Conv2dSpec.create(np.empty(case.w_shape, np.float32), **case.kwargs)
+
+
+def geometry(case: Case) -> Conv2dGeometry:
+    return spec(case).geometry(case.x_shape)
+
+
+def _suite(*specs: str) -> list[Case]:
+    return [parse_layer(spec, seed) for seed, spec in enumerate(specs)]
+
+
+def _vgg16() -> list[Case]:
+    """Every distinct 3x3 layer of VGG-16 at 224x224."""
+    return _suite(*(f"name=vgg16-{hw}-{c}-{o},c={c},hw={hw},o={o},k=3,p=1" for c, o, hw in (
+        (3, 64, 224), (64, 64, 224), (64, 128, 112), (128, 128, 112), (128, 256, 56), (256, 256, 56),
+        (256, 512, 28), (512, 512, 28), (512, 512, 14))))
+
+
+def _resnet50() -> list[Case]:
+    """Every distinct convolution of ResNet-50 v1.5 (stride on the 3x3) at 224x224."""
+    specs = ["name=resnet50-stem,c=3,hw=224,o=64,k=7,s=2,p=3"]
+    for width, hw, first_in in ((64, 56, 64), (128, 28, 256), (256, 14, 512), (512, 7, 1024)):
+        out, stride = 4 * width, 1 if width == 64 else 2
+        in_hw = hw * stride
+        # The first block of a stage takes the previous stage's output (and strides); the others repeat.
+        specs += [
+            f"name=resnet50-{width}-reduce-first,c={first_in},hw={in_hw},o={width},k=1",
+            f"name=resnet50-{width}-3x3-first,c={width},hw={in_hw},o={width},k=3,s={stride},p=1",
+            f"name=resnet50-{width}-expand,c={width},hw={hw},o={out},k=1",
+            f"name=resnet50-{width}-reduce,c={out},hw={hw},o={width},k=1",
+        ]
+        if stride == 2:
+            specs += [
+                f"name=resnet50-{width}-shortcut,c={first_in},hw={in_hw},o={out},k=1,s=2",
+                f"name=resnet50-{width}-3x3,c={width},hw={hw},o={width},k=3,p=1",
+            ]
+    return _suite(*specs)
+
+
+def _mobilenetv2() -> list[Case]:
+    """Every distinct convolution of MobileNetV2 (width 1.0) at 224x224: expand, depthwise, project."""
+    specs = ["name=mbv2-stem,c=3,hw=224,o=32,k=3,s=2,p=1"]
+    c, hw = 32, 112
+    for t, out, repeats, stride in ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+                                    (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)):
+        for i in range(repeats):
+            s = stride if i == 0 else 1
+            mid = c * t
+            if t != 1:
+                specs.append(f"name=mbv2-expand-{c}-{mid}-{hw},c={c},hw={hw},o={mid},k=1")
+            specs.append(f"name=mbv2-dw-{mid}-{hw}-s{s},c={mid},hw={hw},o={mid},k=3,s={s},p=1,g={mid}")
+            hw //= s
+            specs.append(f"name=mbv2-project-{mid}-{out}-{hw},c={mid},hw={hw},o={out},k=1")
+            c = out
+    specs.append("name=mbv2-head,c=320,hw=7,o=1280,k=1")
+    return _suite(*dict.fromkeys(specs))
+
+
+def _standard() -> list[Case]:
+    """The foundation issue's suite: one layer of each kind a user meets."""
+    return _suite(
+        "name=vgg16-3x3-224-64,c=64,hw=224,o=64,k=3,p=1",
+        "name=vgg16-3x3-56-256,c=256,hw=56,o=256,k=3,p=1",
+        "name=vgg16-3x3-14-512,c=512,hw=14,o=512,k=3,p=1",
+        "name=resnet50-stem-7x7s2,c=3,hw=224,o=64,k=7,s=2,p=3",
+        "name=resnet50-1x1-56-64-256,c=64,hw=56,o=256,k=1",
+        "name=resnet50-3x3s2-56-128,c=128,hw=56,o=128,k=3,s=2,p=1",
+        "name=mbv2-dw3x3-56-144,c=144,hw=56,o=144,k=3,p=1,g=144",
+        "name=mbv2-dw3x3s2-112-96,c=96,hw=112,o=96,k=3,s=2,p=1,g=96",
+        "name=resnext-3x3-g32-56-256,c=256,hw=56,o=256,k=3,p=1,g=32",
+        "name=deeplab-3x3d2-28-256,c=256,hw=28,o=256,k=3,p=2,d=2",
+        "name=batch8-3x3-56-64,n=8,c=64,hw=56,o=64,k=3,p=1",
+    )
+
+
+def _smoke() -> list[Case]:
+    """Small layers of each algorithm family: the whole suite runs in seconds."""
+    return _suite(
+        "name=smoke-3x3,c=16,hw=24,o=32,k=3,p=1",
+        "name=smoke-1x1,c=32,hw=24,o=64,k=1",
+        "name=smoke-dw3x3s2,c=32,hw=24,o=32,k=3,s=2,p=1,g=32",
+        "name=smoke-g4-d2,n=2,c=16,hw=20x18,o=16,k=3,p=2,d=2,g=4",
+    )
+
+
+SUITE_BUILDERS = {"smoke": _smoke, "standard": _standard, "vgg16": _vgg16, "resnet50": _resnet50,
+                  "mobilenetv2": _mobilenetv2}
+
+
+def suite(name: str) -> list[Case]:
+    if name not in SUITE_BUILDERS:
+        raise ValueError(f"unknown suite {name!r} (suites: {', '.join(SUITE_BUILDERS)})")
+    return SUITE_BUILDERS[name]()
+
+
+# --- targets -------------------------------------------------------------------------------------
+
+@dataclass
+class BackendTarget:
+    """One device of one convbackends backend (the prepared layer is a Conv2d), or a backend that is
+    unavailable here (index None) with the reason."""
+
+    backend: str
+    index: int | None
+    device: str
+    reason: str = ""
+    kind: str = "backend"
+
+    @property
+    def id(self) -> str:
+        return self.backend if self.index is None else f"{self.backend}:{self.index}"
+
+    def unavailable(self) -> str | None:
+        return self.reason or None
+
+    def supports(self, case: Case) -> str | None:
+        return get_backend(self.backend).supports(spec(case))
+
+    def prepare(self, case: Case, w, b):
+        return Conv2d(w, b, backend=self.backend, device=self.index, **case.kwargs)
+
+
+def _split(value: str | None) -> list[str]:
+    return [] if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def backend_targets(backends: str | None = None, devices: str | None = None) -> list[BackendTarget]:
+    """The devices to run.
+
+    With neither argument: every device of every available backend, plus the unavailable backends
+    with their reasons. `backends` ("numpy,opencl" or "none") takes all devices of each; `devices`
+    ("opencl:0,vulkan:llvmpipe") one device each, by index or name substring. A backend asked for
+    by name but unavailable is an error (BackendUnavailable, a ValueError, with the reason).
+    """
+    if backends is None and devices is None:
+        targets = []
+        for name, availability in available_backends().items():
+            if availability.available:
+                targets += [BackendTarget(name, d.index, d.name) for d in get_backend(name).devices()]
+            else:
+                targets.append(BackendTarget(name, None, "", availability.reason))
+        return targets
+    chosen: list[tuple[str, object]] = []
+    for name in ([] if backends is None or backends.strip().lower() == "none" else _split(backends)):
+        chosen.append((check_name(name), None))
+    for item in _split(devices):
+        name, sep, selector = item.partition(":")
+        if not sep or not selector:
+            raise ValueError(f"device {item!r} must be BACKEND:INDEX or BACKEND:NAME, e.g. opencl:0 or vulkan:llvmpipe")
+        chosen.append((check_name(name), int(selector) if selector.isdigit() else selector))
+    targets: dict[str, BackendTarget] = {}
+    for name, selector in chosen:
+        backend = get_backend(name)
+        for d in backend.devices() if selector is None else [backend.select(selector)]:
+            targets.setdefault(f"{backend.name}:{d.index}", BackendTarget(backend.name, d.index, d.name))
+    return list(targets.values())
+
+
+def targets(backends: str | None = None, devices: str | None = None, peers: str | None = None) -> list:
+    """Everything a run measures: the cv2dnn baseline first, then backend devices, then the other peers."""
+    from .peers import select  # peers builds on this module
+
+    chosen = select(peers)
+    return chosen[:1] + backend_targets(backends, devices) + chosen[1:]
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+@dataclass
+class Record:
+    """One (layer, target) measurement; times in seconds, None where not measured."""
+
+    layer: str
+    target: str
+    status: str  # "ok", "unsupported" or "error"
+    reason: str = ""
+    cold_s: float | None = None
+    median_s: float | None = None
+    min_s: float | None = None
+    device_s: float | None = None
+    gflops: float | None = None
+    device_gflops: float | None = None
+    ratio_vs_cv2dnn: float | None = None
+    max_abs_err: float | None = None
+    mean_abs_err: float | None = None
+    tol: float | None = None
+    passed: bool | None = None
+
+
+@dataclass
+class Report:
+    suite: str
+    warmup: int
+    repeats: int
+    isolated: bool
+    date: str
+    machine: dict
+    targets: list[dict]
+    layers: list[dict]
+    records: list[Record] = field(default_factory=list)
+
+    def summary(self) -> list[dict]:
+        """Per target: geometric means over its measured layers, and how many passed the check."""
+        rows = []
+        for t in self.targets:
+            if not t["available"]:
+                continue
+            mine = [r for r in self.records if r.target == t["id"]]
+            ratios = [r.ratio_vs_cv2dnn for r in mine if r.ratio_vs_cv2dnn]
+            rates = [r.gflops for r in mine if r.gflops]
+            rows.append({
+                "target": t["id"],
+                "geomean_ratio_vs_cv2dnn": _geomean(ratios),
+                "geomean_gflops": _geomean(rates),
+                "layers_ok": sum(r.status == "ok" for r in mine),
+                "checks_passed": sum(bool(r.passed) for r in mine),
+                "checks_failed": sum(r.passed is False for r in mine),
+            })
+        return rows
+
+    def backend_failures(self) -> list[Record]:
+        """Records of convbackends' own devices that missed the tolerance or raised (peers' do not count)."""
+        backends = {t["id"] for t in self.targets if t["kind"] == "backend"}
+        return [r for r in self.records if r.target in backends and (r.passed is False or r.status == "error")]
+
+    def to_json(self) -> dict:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "tool": f"convbackends {__version__}",
+            "date": self.date,
+            "machine": self.machine,
+            "settings": {"suite": self.suite, "warmup": self.warmup, "repeats": self.repeats, "isolated": self.isolated,
+                         "baseline": BASELINE, "tolerance": "1e-4 * max(1, max|reference|)"},
+            "targets": self.targets,
+            "layers": self.layers,
+            "results": [asdict(r) for r in self.records],
+            "summary": self.summary(),
+        }
+
+
+def _geomean(values: list[float]) -> float | None:
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
+
+
+def machine_info() -> dict:
+    """What a reader of a saved result needs to compare it: CPU, OS, Python and library versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        memory_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        memory_gib = None
+    packages = {}
+    for dist in ("numpy", "opencv-python-headless", "onnx", "onnxruntime", "torch", "ncnn", "pyopencl", "vulkan",
+                 "cupy-cuda13x"):
+        try:
+            packages[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "memory_gib": memory_gib,
+            "python": platform.python_version(), "packages": packages}
+
+
+def layer_info(case: Case) -> dict:
+    g = geometry(case)
+    return {"name": case.name, "spec": format_layer(case), "input_shape": list(g.input_shape),
+            "output_shape": list(g.output_shape), "kernel": [g.kh, g.kw], "stride": [g.sh, g.sw],
+            "pads": [g.pt, g.pl, g.pb, g.pr], "dilation": [g.dh, g.dw], "groups": g.groups, "flops": g.flops}
+
+
+def target_info(target) -> dict:
+    reason = target.unavailable()
+    return {"id": target.id, "kind": target.kind, "device": target.device, "available": reason is None,
+            "reason": reason or ""}
+
+
+def measure(runner, x, warmup: int, repeats: int) -> tuple[list[float], list[float]]:
+    """Wall-clock seconds of each timed call (numpy in, numpy out) and the device seconds the API gave."""
+    for _ in range(warmup):
+        runner.profile(x)
+    wall, device = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _, seconds = runner.profile(x)
+        wall.append(time.perf_counter() - start)
+        if seconds is not None:
+            device.append(seconds)
+    return wall, device
+
+
+def _run_one(case: Case, target, warmup: int, repeats: int) -> Record:
+    reason = target.supports(case)
+    if reason:
+        return Record(case.name, target.id, "unsupported", reason)
+    runner = None
+    try:
+        x, w, b = case.tensors()
+        ref = reference_output(case)
+        start = time.perf_counter()
+        runner = target.prepare(case, w, b)
+        y, _ = runner.profile(x)
+        cold = time.perf_counter() - start
+        max_abs, mean_abs, tol, passed, detail = compare(np.asarray(y), ref)
+        wall, device = measure(runner, x, warmup, repeats)
+    except Exception as exc:  # a peer library or a half-done backend: report it, keep benchmarking the rest
+        return Record(case.name, target.id, "error", f"{type(exc).__name__}: {exc}")
+    finally:
+        if runner is not None:
+            runner.close()
+    flops = geometry(case).flops
+    median = statistics.median(wall)
+    device_s = statistics.median(device) if device else None
+    return Record(case.name, target.id, "ok", detail, cold_s=cold, median_s=median, min_s=min(wall),
+                  device_s=device_s, gflops=flops / median / 1e9,
+                  device_gflops=flops / device_s / 1e9 if device_s else None,
+                  max_abs_err=max_abs, mean_abs_err=mean_abs, tol=tol, passed=passed)
+
+
+def _records_here(target, cases, warmup, repeats):
+    reason = target.unavailable()  # in a worker process: the library's import and probe, before any timing
+    for case in cases:
+        yield Record(case.name, target.id, "error", reason) if reason else _run_one(case, target, warmup, repeats)
+
+
+def _worker(target, cases, warmup, repeats, sender) -> None:
+    for record in _records_here(target, cases, warmup, repeats):
+        sender.send(record)
+
+
+def _records_isolated(target, cases, warmup, repeats):
+    """The target's records, measured in a fresh process of its own.
+
+    On a CPU-only machine the stand-in drivers (PoCL, llvmpipe) and the CPU libraries (OpenMP,
+    OpenBLAS, onnxruntime) each keep thread pools; in one process the idle pools of one target
+    slowed the next by 10-100x on 2 cores. A fresh process per target measures each alone, and a
+    driver crash costs only that target's records.
+    """
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # fork would copy the parent's driver threads' state
+    receiver, sender = context.Pipe(duplex=False)  # send() writes at once: a crash loses no earlier record
+    worker = context.Process(target=_worker, args=(target, cases, warmup, repeats, sender), daemon=True)
+    worker.start()
+    sender.close()  # only the worker holds the write end now, so its end reads as EOF here
+    done = 0
+    try:
+        while done < len(cases):
+            try:
+                record = receiver.recv()
+            except EOFError:
+                break
+            done += 1
+            yield record
+    finally:
+        receiver.close()
+        worker.join(timeout=5)
+        if worker.is_alive():
+            worker.kill()
+    if done < len(cases):
+        died = f"the benchmark process died on layer {cases[done].name} (exit code {worker.exitcode})"
+        for case in cases[done:]:
+            yield Record(case.name, target.id, "error", died)
+
+
+def run(cases: list[Case], targets: list, *, suite_name: str, warmup: int = 2, repeats: int = 10,
+        isolate: bool = True, progress=None) -> Report:
+    """Benchmark every case on every available target; `progress(case, target)` is called after each.
+
+    With `isolate`, each target runs in a process of its own (see _records_isolated).
+    """
+    infos = [target_info(t) for t in targets]
+    live = [t for t, info in zip(targets, infos) if info["available"]]
+    report = Report(suite_name, warmup, repeats, isolate,
+                    datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    machine_info(), infos, [layer_info(c) for c in cases])
+    records = _records_isolated if isolate else _records_here
+    by_target = {}
+    for target in live:
+        by_target[target.id] = []
+        for record in records(target, cases, warmup, repeats):
+            by_target[target.id].append(record)
+            if progress:
+                progress(cases[len(by_target[target.id]) - 1], target)
+    for i in range(len(cases)):
+        row = [by_target[t.id][i] for t in live]
+        base = next((r.median_s for r in row if r.target == BASELINE and r.median_s), None)
+        for r in row:
+            r.ratio_vs_cv2dnn = r.median_s / base if base and r.median_s else None
+        report.records += row
+    return report
+
+
+# --- output --------------------------------------------------------------------------------------
+
+TABLE_COLUMNS = ("layer", "target", "GFLOP", "cold ms", "median ms", "device ms", "GFLOP/s", "x cv2.dnn",
+                 "max abs err", "check")
+SUMMARY_COLUMNS = ("target", "device", "geomean x cv2.dnn", "geomean GFLOP/s", "layers run", "checks")
+
+
+def _num(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _ms(seconds, fmt: str) -> str:
+    return _num(None if seconds is None else seconds * 1e3, fmt)
+
+
+def table_rows(report: Report) -> list[tuple[str, ...]]:
+    """The per-(layer, target) table as text cells, shared by the terminal and markdown renderings."""
+    flops = {layer["name"]: layer["flops"] for layer in report.layers}
+    rows = []
+    for r in report.records:
+        if r.status != "ok":
+            check = f"{r.status}: {r.reason}"
+        else:
+            check = "pass" if r.passed else f"FAIL (tol {r.tol:.2g})"
+        rows.append((r.layer, r.target, f"{flops[r.layer] / 1e9:.3g}", _ms(r.cold_s, ".2f"),
+                     _ms(r.median_s, ".3f"), _ms(r.device_s, ".3f"),
+                     _num(r.gflops, ".1f"), _num(r.ratio_vs_cv2dnn, ".2f"), _num(r.max_abs_err, ".2e"), check))
+    return rows
+
+
+def summary_rows(report: Report) -> list[tuple[str, ...]]:
+    devices = {t["id"]: t["device"] for t in report.targets}
+    return [(s["target"], devices[s["target"]], _num(s["geomean_ratio_vs_cv2dnn"], ".2f"),
+             _num(s["geomean_gflops"], ".1f"), f"{s['layers_ok']}/{len(report.layers)}",
+             f"{s['checks_passed']} pass, {s['checks_failed']} fail") for s in report.summary()]
+
+
+def skipped_lines(report: Report) -> list[str]:
+    return [f"{t['id']}: {t['reason']}" for t in report.targets if not t["available"]]
+
+
+def write_json(report: Report, path: str) -> None:
+    import json
+
+    with open(path, "w") as f:
+        json.dump(report.to_json(), f, indent=2)
+        f.write("\n")
+
+
+def write_csv(report: Report, path: str) -> None:
+    """One row per (layer, target): the JSON record plus the layer's spec and flops."""
+    layers = {layer["name"]: layer for layer in report.layers}
+    with open(path, "w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["date", *(f.name for f in fields(Record)), "spec", "flops"])
+        for r in report.records:
+            layer = layers[r.layer]
+            writer.writerow([report.date, *asdict(r).values(), layer["spec"], layer["flops"]])
+
+
+def plot(report: Report, path: str) -> None:
+    """Grouped bars: GFLOP/s of each target on each layer; a log axis when rates span over 20x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = [t for t in report.targets if t["available"]]
+    layers = [layer["name"] for layer in report.layers]
+    rate = {(r.layer, r.target): r.gflops for r in report.records if r.gflops}
+    width = 0.8 / max(1, len(targets))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.35 * len(layers) * len(targets) + 2), 5.5), layout="constrained")
+    for i, target in enumerate(targets):
+        xs = [j + (i - (len(targets) - 1) / 2) * width for j in range(len(layers))]
+        # Peers hatched, convbackends' own devices plain.
+        ax.bar(xs, [rate.get((layer, target["id"]), 0.0) for layer in layers], width, label=target["id"],
+               hatch="//" if target["kind"] == "peer" else None, edgecolor="white", linewidth=0)
+    values = list(rate.values())
+    if values and max(values) / min(values) > 20:
+        ax.set_yscale("log")
+    ax.set_xticks(range(len(layers)), layers, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("GFLOP/s (median, numpy in/out)")
+    ax.set_title(f"conv2d, suite {report.suite}: {report.machine['cpu']}, {report.date[:10]} (peers hatched)",
+                 fontsize=10)
+    fig.legend(loc="outside right upper", fontsize=8, frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

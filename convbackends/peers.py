@@ -1,0 +1,321 @@
+"""The libraries the benchmark measures convbackends against, behind one small interface.
+
+A peer answers `unavailable()` (None, or why it cannot run here), then per layer
+`prepare(case, w, b)` once (graph/net/session built and weights loaded) and returns a runner whose
+`profile(x)` returns (y, None): numpy in, numpy out, like the backends' Conv2d. Each library is
+imported inside its peer, so a missing one only makes that peer unavailable.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+import sys
+import tempfile
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from .bench import geometry
+from .parity import Case
+from .spec import Activation
+
+
+class _Runner:
+    """A prepared peer layer: `run(x) -> y` and what to release afterwards."""
+
+    def __init__(self, run, close=None):
+        self._run = run
+        self._close = close
+
+    def profile(self, x):
+        return self._run(x), None
+
+    def close(self) -> None:
+        if self._close is not None:
+            self._close()
+            self._close = None
+
+
+class Peer(ABC):
+    """A library the benchmark compares against. `device` names what it runs on once probed."""
+
+    name = ""
+    kind = "peer"
+
+    def __init__(self) -> None:
+        self.device = "CPU"
+        self._reason: str | None | bool = False  # False: not probed yet
+
+    @property
+    def id(self) -> str:
+        return self.name
+
+    def __getstate__(self) -> dict:
+        # A probe holds for one process: the benchmark's worker process imports and probes anew, so
+        # that the library's import and set-up stay out of the first layer's cold time.
+        return {**self.__dict__, "_reason": False}
+
+    def unavailable(self) -> str | None:
+        """None when the peer runs here, else why not (probed once per process: imports the library)."""
+        if self._reason is False:
+            try:
+                self._reason = self._probe()
+            except (ImportError, OSError) as exc:
+                self._reason = f"{type(exc).__name__}: {exc}"
+        return self._reason
+
+    @abstractmethod
+    def _probe(self) -> str | None:
+        """Import the library and find the device: None, or the reason the peer cannot run."""
+
+    def supports(self, case: Case) -> str | None:
+        return None
+
+    @abstractmethod
+    def prepare(self, case: Case, w, b) -> _Runner:
+        """Build the one-layer net/graph/session with w and b loaded, ready to run many times."""
+
+
+@contextlib.contextmanager
+def _silenced(*fds: int):
+    """Mute what C libraries print straight to these file descriptors (ncnn's GPU listing, OpenCV's
+    OpenCL build logs), so stdout keeps only the report; errors still arrive as exceptions."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(fd) for fd in fds]
+    try:
+        with open(os.devnull, "w") as null:
+            for fd in fds:
+                os.dup2(null.fileno(), fd)
+            yield
+    finally:
+        for fd, copy in zip(fds, saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
+def _onnx_model(case: Case, w, b) -> bytes:
+    """The one ONNX builder of the project (reference.py), for cv2.dnn and onnxruntime alike."""
+    from .reference import onnx_conv_model
+
+    return onnx_conv_model(geometry(case), w, b, Activation())
+
+
+def _cv2_forward(net):
+    def run(x):
+        net.setInput(x)
+        return net.forward()
+
+    return run
+
+
+class Cv2Dnn(Peer):
+    """cv2.dnn on the CPU with its normal settings (default engine, Winograd on): the baseline."""
+
+    name = "cv2dnn"
+
+    def _probe(self) -> str | None:
+        import cv2
+        import onnx  # noqa: F401  (the graph is built with it)
+
+        self.device = f"CPU, OpenCV {cv2.__version__}"
+        return None
+
+    def prepare(self, case, w, b):
+        from .reference import cv2_net
+
+        return _Runner(_cv2_forward(cv2_net(geometry(case), w, b, Activation(), winograd=True)))
+
+
+class Cv2DnnOpenCL(Peer):
+    """cv2.dnn's OpenCL target (classic engine; the new one ignores targets).
+
+    OpenCV reads OPENCV_DNN_OPENCL_ALLOW_ALL_DEVICES and OPENCV_OPENCL_DEVICE once, when it first
+    touches OpenCL, and refuses CPU OpenCL devices (PoCL) without them. The probe therefore sets
+    them (unless the user did) before anything else in the process uses cv2: ALLOW_ALL_DEVICES
+    always, and OPENCV_OPENCL_DEVICE=:CPU: only where convbackends' OpenCL backend lists no GPU.
+    """
+
+    name = "cv2dnn-opencl"
+
+    def _probe(self) -> str | None:
+        os.environ.setdefault("OPENCV_DNN_OPENCL_ALLOW_ALL_DEVICES", "1")
+        if "OPENCV_OPENCL_DEVICE" not in os.environ and not _opencl_has_gpu():
+            os.environ["OPENCV_OPENCL_DEVICE"] = ":CPU:"
+        import cv2
+
+        if not cv2.ocl.haveOpenCL():
+            return "OpenCV finds no OpenCL runtime"
+        cv2.ocl.setUseOpenCL(True)
+        name = cv2.ocl.Device.getDefault().name()
+        if not name:
+            return ("OpenCV opened no OpenCL device (for a CPU device set OPENCV_DNN_OPENCL_ALLOW_ALL_DEVICES=1 and "
+                    "OPENCV_OPENCL_DEVICE=:CPU: before cv2 first uses OpenCL)")
+        self.device = name
+        return None
+
+    def prepare(self, case, w, b):
+        import cv2
+
+        # The buffer overload of readNetFromONNX ignores `engine` (OpenCV 5.0): go through a file.
+        with tempfile.NamedTemporaryFile(suffix=".onnx") as f:
+            f.write(_onnx_model(case, w, b))
+            f.flush()
+            net = cv2.dnn.readNetFromONNX(f.name, cv2.dnn.ENGINE_CLASSIC)
+        net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+        net.setPreferableTarget(cv2.dnn.DNN_TARGET_OPENCL)
+        run = _cv2_forward(net)
+        # The first forward builds the OpenCL programs, and OpenCV prints their build logs and
+        # tuning hints to stdout and stderr: build here, quietly (it still counts as cold time).
+        with _silenced(1, 2):
+            run(np.zeros(geometry(case).input_shape, np.float32))
+        return _Runner(run)
+
+
+def _opencl_has_gpu() -> bool:
+    from .backends import BackendUnavailable, get_backend
+
+    try:
+        return any(d.type != "cpu" for d in get_backend("opencl").devices())
+    except BackendUnavailable:
+        return False
+
+
+class Torch(Peer):
+    """torch.nn.functional.conv2d under inference_mode; TF32 off on CUDA so it stays float32."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__()
+        self.torch_device = device
+        self.name = "torch" if device == "cpu" else f"torch-{device}"
+
+    def _probe(self) -> str | None:
+        import torch
+
+        if self.torch_device == "cuda":
+            if not torch.cuda.is_available():
+                return f"torch {torch.__version__} sees no CUDA device"
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+            self.device = torch.cuda.get_device_name()
+        else:
+            self.device = f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+        return None
+
+    def prepare(self, case, w, b):
+        import torch
+        import torch.nn.functional as F
+
+        g = geometry(case)
+        dev = torch.device(self.torch_device)
+        wt = torch.from_numpy(w).to(dev)
+        bt = None if b is None else torch.from_numpy(b).to(dev)
+        symmetric = (g.pt, g.pl) == (g.pb, g.pr)
+
+        def run(x):
+            with torch.inference_mode():
+                xt = torch.from_numpy(x).to(dev)
+                if not symmetric:
+                    xt = F.pad(xt, (g.pl, g.pr, g.pt, g.pb))
+                y = F.conv2d(xt, wt, bt, (g.sh, g.sw), (g.pt, g.pl) if symmetric else 0, (g.dh, g.dw), g.groups)
+                return y.cpu().numpy()  # .cpu() waits for the device
+
+        return _Runner(run)
+
+
+class OnnxRuntime(Peer):
+    name = "onnxruntime"
+
+    def _probe(self) -> str | None:
+        import onnxruntime
+
+        self.device = f"CPU, onnxruntime {onnxruntime.__version__}"
+        return None
+
+    def prepare(self, case, w, b):
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(_onnx_model(case, w, b), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return _Runner(lambda x: session.run(None, {name: x})[0])
+
+
+class Ncnn(Peer):
+    """ncnn's Convolution / ConvolutionDepthWise layer in a one-layer net built in memory.
+
+    fp16 and bf16 storage and arithmetic are off, so it is float32 like everything else. ncnn has
+    no batch dimension: a batch runs as one extraction per image.
+    """
+
+    def __init__(self, vulkan: bool) -> None:
+        super().__init__()
+        self.vulkan = vulkan
+        self.name = "ncnn-vulkan" if vulkan else "ncnn"
+
+    def _probe(self) -> str | None:
+        import ncnn
+
+        self.device = f"CPU, ncnn {ncnn.__version__}"
+        if self.vulkan:
+            with _silenced(2):
+                count = ncnn.get_gpu_count()
+            if count == 0:
+                return "ncnn sees no Vulkan device"
+            self.device = ncnn.get_gpu_info(ncnn.get_default_gpu_index()).device_name()
+        return None
+
+    def prepare(self, case, w, b):
+        import ncnn
+
+        g = geometry(case)
+        layer = "Convolution" if g.groups == 1 else "ConvolutionDepthWise"
+        params = (f"0={g.o} 1={g.kw} 11={g.kh} 2={g.dw} 12={g.dh} 3={g.sw} 13={g.sh} "
+                  f"4={g.pl} 14={g.pt} 15={g.pr} 16={g.pb} 5={int(b is not None)} 6={w.size}")
+        if g.groups > 1:
+            params += f" 7={g.groups}"
+        net = ncnn.Net()
+        opt = net.opt
+        opt.use_vulkan_compute = self.vulkan
+        for flag in ("use_fp16_packed", "use_fp16_storage", "use_fp16_arithmetic", "use_bf16_storage",
+                     "use_bf16_packed", "use_int8_inference"):
+            setattr(opt, flag, False)
+        net.load_param_mem(f"7767517\n2 2\nInput in 0 1 in\n{layer} conv 1 1 in out {params}\n")
+        # Weights carry a 4-byte tag (0: raw float32); the bias follows untagged.
+        blob = struct.pack("<I", 0) + np.ascontiguousarray(w).tobytes()
+        if b is not None:
+            blob += np.ascontiguousarray(b).tobytes()
+        net.load_model_mem(blob)
+
+        def run(x):
+            out = []
+            for image in x:
+                extractor = net.create_extractor()
+                # clone(): ncnn.Mat(numpy) keeps an unaligned channel step, which ncnn's Vulkan upload misreads.
+                extractor.input("in", ncnn.Mat(image).clone())
+                _, y = extractor.extract("out")
+                out.append(np.array(y))
+            return np.stack(out)
+
+        return _Runner(run, net.clear)
+
+
+def all_peers() -> dict[str, Peer]:
+    """Every peer by name, not yet probed; cv2dnn (the baseline) first."""
+    peers = [Cv2Dnn(), Cv2DnnOpenCL(), Torch("cpu"), Torch("cuda"), OnnxRuntime(), Ncnn(False), Ncnn(True)]
+    return {p.name: p for p in peers}
+
+
+PEER_NAMES = tuple(all_peers())
+
+
+def select(names: str | None) -> list[Peer]:
+    """The baseline cv2dnn plus the named peers ("torch,ncnn", "all", "none"; None is all)."""
+    peers = all_peers()
+    if names is None or names.strip().lower() == "all":
+        return list(peers.values())
+    wanted = [] if names.strip().lower() == "none" else [n.strip().lower() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in peers]
+    if unknown:
+        raise ValueError(f"unknown peer {unknown[0]!r} (peers: {', '.join(peers)}, all, none)")
+    return [p for name, p in peers.items() if name == "cv2dnn" or name in wanted]
