@@ -1,0 +1,194 @@
+"""What only the numpy backend has: tiled column buffers, Winograd beside GEMM, stride phases, its epilogue.
+
+The shared parity suite checks results against cv2.dnn; these tests pin the backend's own paths against
+the float64 oracle, forcing each path and tile split directly.
+"""
+import threading
+import tracemalloc
+import warnings
+
+import numpy as np
+import pytest
+
+from convbackends import Conv2d
+from convbackends.backends import numpy_cpu as nc
+from convbackends.parity import Case, compare
+from convbackends.reference import activation_float64, conv2d_float64
+from convbackends.spec import Activation, Conv2dSpec
+
+
+def _tensors(x_shape, w_shape, seed=0):
+    return Case("numpy-backend", x_shape, w_shape, seed=seed).tensors()
+
+
+def _assert_matches(y, ref):
+    *_, passed, detail = compare(y, ref)
+    assert passed, detail
+    assert y.dtype == np.float32 and y.flags.c_contiguous
+
+
+def _peak_bytes_in_fresh_thread(fn) -> tuple[object, int]:
+    """Peak traced allocation of fn(); a new thread starts with empty scratch buffers, so they count."""
+    result = {}
+
+    def target():
+        tracemalloc.start()
+        try:
+            result["value"] = fn()
+            result["peak"] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    return result["value"], result["peak"]
+
+
+def test_device_names_numpy_and_blas():
+    (device,) = nc.BACKEND.devices()
+    assert device.type == "cpu" and device.facts["numpy"] == np.__version__
+    assert np.__version__ in device.name and device.facts["blas"] in device.name
+    assert device.facts["cores"] >= 1
+
+
+def test_tile_cap_bounds_peak_memory():
+    # A whole im2col would be 32*25*96*96*4 B = 29 MB; a 1 MB cap keeps the run near input + output.
+    x, w, b = _tensors((1, 32, 96, 96), (16, 32, 5, 5))
+    layer = Conv2d(w, b, padding=2, activation="relu")
+    layer._prepared.tile_bytes = 1 << 20
+    y, peak = _peak_bytes_in_fresh_thread(lambda: layer(x))
+    assert peak < 4 * x.nbytes, f"peak {peak / 2**20:.1f} MB"
+    _assert_matches(y, conv2d_float64(x, w, b, padding=2, activation="relu"))
+
+
+def test_default_cap_on_layer_whose_im2col_exceeds_it():
+    x, w, b = _tensors((1, 64, 192, 192), (32, 64, 3, 3))
+    kwargs = dict(padding=2, dilation=2)  # dilation keeps it off Winograd
+    layer = Conv2d(w, b, **kwargs)
+    full_columns = 64 * 9 * 192 * 192 * 4
+    assert full_columns > 2 * nc.TILE_BYTES
+    y, peak = _peak_bytes_in_fresh_thread(lambda: layer(x))
+    assert peak < nc.TILE_BYTES + 3 * x.nbytes, f"peak {peak / 2**20:.1f} MB"
+    # The float64 oracle on a band: output rows 40..49 read input rows 38..51 (pad 2, dilation 2).
+    ref = conv2d_float64(x[:, :, 38:52], w, b, padding=(0, 2, 0, 2), dilation=2)
+    _assert_matches(np.ascontiguousarray(y[:, :, 40:50]), ref)
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape, kwargs",
+    [
+        ((3, 6, 11, 13), (9, 2, 3, 3), dict(padding=(2, 1, 0, 1), groups=3)),  # stride 1: whole-row runs
+        ((3, 6, 11, 13), (8, 6, 3, 2), dict(stride=(2, 1), dilation=(1, 2), padding=1)),  # strided view
+        ((2, 5, 9, 10), (4, 5, 4, 4), dict(stride=3, padding=(1, 2, 3, 0))),
+        ((2, 8, 10, 9), (12, 2, 3, 3), dict(stride=2, padding=1, groups=4)),
+    ],
+)
+@pytest.mark.parametrize("tile_elems", [1, 60, 700, 1 << 20])
+def test_forced_tiles_split_images_rows_and_columns(x_shape, w_shape, kwargs, tile_elems, monkeypatch):
+    # 1 element forces single-column runs, 60 and 700 row bands or partial rows, 1M whole batches;
+    # grouped layers then also go one group at a time.
+    monkeypatch.setattr(nc, "GROUP_COLUMNS_ELEMS", 1 if tile_elems < 1000 else nc.GROUP_COLUMNS_ELEMS)
+    x, w, b = _tensors(x_shape, w_shape)
+    layer = Conv2d(w, b, activation="silu", **kwargs)
+    layer._prepared.tile_bytes = tile_elems * 4
+    _assert_matches(layer(x), conv2d_float64(x, w, b, activation="silu", **kwargs))
+
+
+@pytest.mark.parametrize("hw", [(12, 12), (13, 18), (31, 29)])
+def test_winograd_and_gemm_agree_with_float64(hw):
+    x, w, b = _tensors((2, 64, *hw), (72, 64, 3, 3))
+    spec = Conv2dSpec.create(w, b, padding=(1, 0, 2, 1), activation="hardswish")
+    geom = spec.geometry(x.shape)
+    prepared = nc.BACKEND.prepare(spec, w, b, nc.BACKEND.devices()[0])
+    assert prepared.winograd is not None
+    ref = conv2d_float64(x, w, b, padding=(1, 0, 2, 1), activation="hardswish")
+    for tile_bytes in (nc.TILE_BYTES, 36 * 72 * 4 * 5):  # whole batch, and runs of 5 tiles
+        wino = np.empty(geom.output_shape, np.float32)
+        nc.conv2d_winograd(x, prepared.winograd, b, spec.activation, geom, wino, tile_bytes)
+        _assert_matches(wino, ref)
+    gemm = np.empty(geom.output_shape, np.float32)
+    nc.conv2d_implicit_gemm(x, prepared.w, prepared.bias, spec.activation, geom, gemm)
+    _assert_matches(gemm, ref)
+
+
+def test_winograd_error_with_512_channels():
+    x, w, b = _tensors((1, 512, 16, 16), (512, 512, 3, 3), seed=3)
+    spec = Conv2dSpec.create(w, b, padding=1)
+    geom = spec.geometry(x.shape)
+    y = np.empty(geom.output_shape, np.float32)
+    nc.conv2d_winograd(x, nc.winograd_weights(w), b, spec.activation, geom, y)
+    _assert_matches(y, conv2d_float64(x, w, b, padding=1))
+
+
+def test_winograd_layer_takes_gemm_for_huge_finite_input():
+    # 3e37 is finite, but Winograd's transforms (entries up to 25) would scale it past float32's range.
+    x, w, b = _tensors((1, 64, 28, 28), (64, 64, 3, 3))
+    x[0, 5, 14, 14] = 3e37
+    layer = Conv2d(w, b, padding=1)
+    _assert_matches(layer(x), conv2d_float64(x, w, b, padding=1))
+
+
+def test_winograd_layer_falls_back_to_gemm_on_non_finite_input():
+    x, w, b = _tensors((1, 64, 28, 28), (64, 64, 3, 3))
+    x[0, 3, 10, 10], x[0, 7, 20, 5], x[0, 9, 0, 27] = np.nan, np.inf, -np.inf
+    layer = Conv2d(w, b, padding=1, activation="relu")
+    assert layer._prepared.winograd is not None
+    with np.errstate(invalid="ignore"):
+        ref = conv2d_float64(x, w, b, padding=1, activation="relu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = layer(x)
+    assert np.array_equal(np.isfinite(y), np.isfinite(ref))
+    _assert_matches(y, ref)
+    # Why it must fall back: a Winograd tile spreads the NaN over all 16 of its outputs.
+    geom = layer.spec.geometry(x.shape)
+    wino = np.empty(geom.output_shape, np.float32)
+    with np.errstate(invalid="ignore"):
+        nc.conv2d_winograd(x, layer._prepared.winograd, b, layer.spec.activation, geom, wino)
+    assert np.count_nonzero(~np.isfinite(wino)) > np.count_nonzero(~np.isfinite(ref))
+
+
+@pytest.mark.parametrize("view", ["flipped", "strided", "transposed"])
+def test_non_contiguous_inputs(view):
+    x, w, b = _tensors((2, 8, 20, 22), (12, 8, 3, 3))
+    x = {"flipped": x[:, :, ::-1, ::-1], "strided": x[:, :, ::2, 1::2], "transposed": x.transpose(0, 1, 3, 2)}[view]
+    assert not x.flags.c_contiguous
+    y = Conv2d(w, b, padding=1)(x)
+    _assert_matches(y, conv2d_float64(np.ascontiguousarray(x), w, b, padding=1))
+
+
+@pytest.mark.parametrize(
+    "stride, dilation, pads", [((1, 1), (1, 1), 1), ((2, 3), (1, 2), (0, 2, 3, 1)), ((3, 2), (2, 3), (4, 0, 1, 3))]
+)
+@pytest.mark.parametrize("mult", [1, 2])
+def test_depthwise_stride_phases(stride, dilation, pads, mult):
+    x, w, b = _tensors((2, 5, 17, 16), (5 * mult, 1, 3, 5))
+    kwargs = dict(stride=stride, dilation=dilation, padding=pads, groups=5, activation="mish")
+    _assert_matches(Conv2d(w, b, **kwargs)(x), conv2d_float64(x, w, b, **kwargs))
+
+
+def test_depthwise_split_across_threads():
+    x, w, b = _tensors((1, 64, 40, 40), (128, 1, 3, 3))
+    kwargs = dict(padding=1, groups=64, activation="relu6")
+    _assert_matches(Conv2d(w, b, **kwargs)(x), conv2d_float64(x, w, b, **kwargs))
+
+
+ACTIVATIONS = ["relu", "relu6", "sigmoid", "tanh", "silu", "mish", "hardswish", ("leaky_relu", 0.1),
+               ("leaky_relu", -0.5), ("leaky_relu", 3.0), ("clip", -0.3, 0.4)]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
+def test_activation_extremes_without_warnings(activation):
+    act = Activation.parse(activation)
+    big = np.finfo(np.float32).max
+    y = np.array([-big, -1e30, -100.0, -20.0, -3.0, -1e-3, 0.0, 1e-3, 3.0, 20.0, 100.0, 1e30, big, np.nan],
+                 np.float32)
+    with np.errstate(invalid="ignore"):
+        ref = activation_float64(y.astype(np.float64), act)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nc.activate(y, act)
+    assert np.array_equal(np.isnan(y), np.isnan(ref)) and np.isnan(y[-1])
+    finite = np.abs(ref) <= big  # leaky_relu(-big, 3) overflows float32 itself; NaN compares False
+    assert np.all(np.abs(y[finite] - ref[finite]) <= 1e-6 * np.maximum(1, np.abs(ref[finite])))
