@@ -1,0 +1,409 @@
+"""What the OpenCL and CUDA runtimes share: kernel sources, -D defines, tile choice, weight packing and
+launch sizes. A `Plan` is everything about a layer that does not depend on the compute API, so the
+two runtime modules only compile, upload and dispatch.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from abc import abstractmethod
+from dataclasses import dataclass, replace
+from pathlib import Path
+from importlib.resources import files
+
+import numpy as np
+
+from ..spec import Conv2dGeometry, Conv2dSpec
+from .base import Backend, DeviceInfo, Prepared
+
+KERNEL_NAMES = {
+    "implicit_gemm": "conv2d_implicit_gemm",
+    "gemm_1x1": "conv2d_gemm_1x1",
+    "depthwise": "conv2d_depthwise",
+}
+
+_SOURCE_FILES = {
+    "implicit_gemm": ("prelude.h", "gemm_tile.h", "conv2d_implicit_gemm.h"),
+    "gemm_1x1": ("prelude.h", "gemm_tile.h", "conv2d_gemm_1x1.h"),
+    "depthwise": ("prelude.h", "conv2d_depthwise.h"),
+    "copy_strided": ("prelude.h", "copy_strided.h"),
+    "pad_input": ("prelude.h", "pad_input.h"),
+}
+
+# Work-group sizes of the one-element-per-work-item kernels: copy_strided, pad_input (columns x rows).
+LINEAR_LOCAL_SIZE = 256
+PAD_LOCAL = (32, 8)
+
+
+class KernelBuildError(RuntimeError):
+    """A kernel failed to compile; the message holds the compiler's log."""
+
+
+def cache_dir(api: str) -> Path:
+    """Where compiled binaries persist between processes."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "convbackends" / api
+
+
+@functools.cache
+def read_kernel(name: str) -> str:
+    return files("convbackends.kernels").joinpath(name).read_text(encoding="utf-8")
+
+
+@functools.cache
+def source(program: str) -> str:
+    """The full source of one program: the prelude, then its kernel files, in one string."""
+    return "\n".join(read_kernel(name) for name in _SOURCE_FILES[program])
+
+
+@dataclass(frozen=True)
+class DeviceLimits:
+    """What tile choice needs to know about a device, queried from the driver."""
+
+    type: str  # a DeviceInfo.type
+    max_threads: int  # work-items per work-group
+    local_mem: int  # bytes of local/shared memory per work-group
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.type == "cpu"
+
+
+@dataclass(frozen=True)
+class GemmTiles:
+    """A work-group computes tm x tn outputs, tk deep; each work-item a wm x wn register block and
+    loads runs of ac (weights) and bc (input) contiguous elements into the local tiles."""
+
+    tm: int
+    tn: int
+    tk: int
+    wm: int
+    wn: int
+    ac: int = 1
+    bc: int = 1
+
+    @property
+    def local_size(self) -> tuple[int, int, int]:
+        return (self.tn // self.wn, self.tm // self.wm, 1)
+
+    @property
+    def threads(self) -> int:
+        return (self.tm // self.wm) * (self.tn // self.wn)
+
+    @property
+    def local_bytes(self) -> int:
+        return 4 * self.tk * (self.tm + self.tn)
+
+    def is_valid(self) -> bool:
+        """The kernel's loaders need every work-item to own whole rows of the A and B tiles."""
+        nt = self.threads
+        return self.tm % self.wm == 0 and self.tn % self.wn == 0 and all(
+            size % run == 0 and nt % (size // run) == 0 and self.tk % (nt // (size // run)) == 0
+            for size, run in ((self.tm, self.ac), (self.tn, self.bc))
+        )
+
+    def defines(self) -> dict[str, int]:
+        return {"TM": self.tm, "TN": self.tn, "TK": self.tk, "WM": self.wm, "WN": self.wn, "AC": self.ac, "BC": self.bc}
+
+
+# Largest first. GPU tiles: 256 threads with 4x4..8x4 register blocks, tk = 16, loads coalesced
+# (runs of 1). CPU drivers (PoCL) run a work-group as a loop over its work-items and save what
+# lives across a barrier per work-item, so CPU tiles keep fewer, fatter work-items (8x8 blocks,
+# whose 8-wide rows the compiler vectorises), a deep tk chosen per layer (few barriers) and long
+# contiguous load runs.
+GPU_TILES = (
+    GemmTiles(128, 64, 16, 8, 4),
+    GemmTiles(64, 64, 16, 4, 4),
+    GemmTiles(32, 64, 16, 2, 4),
+    GemmTiles(16, 64, 16, 1, 4),
+    GemmTiles(8, 16, 8, 2, 2),
+)
+# CPU tile shapes; tk and the load runs are set per layer by _cpu_depth.
+CPU_TILES = (
+    GemmTiles(128, 64, 0, 8, 8),
+    GemmTiles(64, 64, 0, 8, 8),
+    GemmTiles(32, 64, 0, 4, 8),
+    GemmTiles(16, 64, 0, 2, 8),
+    GemmTiles(8, 16, 0, 2, 2),
+)
+CPU_DEPTHS = (128, 64, 32, 16)
+# Depthwise work-group (DW_LX x DW_LY output pixels), shrunk to the device's limit.
+DEPTHWISE_LOCAL = (32, 8)
+
+
+def _cpu_depth(tiles: GemmTiles, k: int, local_mem: int) -> GemmTiles | None:
+    """The deepest tk that fits local memory and pads K by at most an eighth (else the least
+    padding), with load runs as long as the tile allows; None when no depth fits."""
+    nt = tiles.threads
+    options = [
+        replace(tiles, tk=d, ac=min(tiles.tm, tiles.tm * d // nt), bc=min(tiles.tn, tiles.tn * d // nt))
+        for d in CPU_DEPTHS
+    ]
+    options = [t for t in options if t.is_valid() and t.local_bytes <= local_mem]
+    if not options:
+        return None
+    padded = {t: math.ceil(k / t.tk) * t.tk for t in options}
+    return next((t for t in options if padded[t] * 8 <= k * 9), min(options, key=lambda t: (padded[t], -t.tk)))
+
+
+def choose_tiles(og: int, k: int, limits: DeviceLimits) -> GemmTiles:
+    """The largest tile that fits the device and whose height does not exceed the group's
+    out-channels (or 16), K = the reduction length."""
+    if limits.is_cpu:
+        table = tuple(filter(None, (_cpu_depth(t, k, limits.local_mem) for t in CPU_TILES)))
+    else:
+        table = GPU_TILES
+    fitting = [t for t in table if t.threads <= limits.max_threads and t.local_bytes <= limits.local_mem]
+    if not fitting:
+        raise RuntimeError(f"no GEMM tile fits a work-group of {limits.max_threads} items and {limits.local_mem} B")
+    return next((t for t in fitting if t.tm <= max(og, 16)), fitting[-1])
+
+
+def depthwise_local(limits: DeviceLimits) -> tuple[int, int]:
+    lx, ly = DEPTHWISE_LOCAL
+    while lx * ly > limits.max_threads and ly > 1:
+        ly //= 2
+    while lx * ly > limits.max_threads and lx > 1:
+        lx //= 2
+    return lx, ly
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One dispatch in OpenCL terms: global and local sizes in work-items, then the scalar arguments."""
+
+    global_size: tuple[int, int, int]
+    local_size: tuple[int, int, int]
+    scalars: tuple
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """CUDA's grid: work-groups per dimension."""
+        return tuple(g // l for g, l in zip(self.global_size, self.local_size))
+
+
+def _i32(*values) -> tuple:
+    return tuple(np.int32(v) for v in values)
+
+
+class Plan:
+    """A layer's program, defines, repacked weights and per-input launch, independent of the API.
+
+    Buffer arguments are always (x or its padded copy, weights, bias[, ktab], y); bias is zeros when
+    the layer has none, so one kernel signature serves both.
+    """
+
+    def __init__(self, spec: Conv2dSpec, w: np.ndarray, b: np.ndarray | None, limits: DeviceLimits):
+        self.spec = spec
+        self.algorithm = spec.algorithm
+        self.kernel_name = KERNEL_NAMES[self.algorithm]
+        self.source = source(self.algorithm)
+        g = spec.groups
+        og = spec.out_channels // g
+        defines = {"ACTIVATION": spec.activation.code, "INDEX_T": "long" if limits.is_cpu else "int"}
+        if self.algorithm == "depthwise":
+            self.tiles = None
+            self.dw_local = depthwise_local(limits)
+            defines.update(KSIZE_H=spec.kh, KSIZE_W=spec.kw, STRIDE_H=spec.stride[0], STRIDE_W=spec.stride[1],
+                           DIL_H=spec.dilation[0], DIL_W=spec.dilation[1], DW_LX=self.dw_local[0], DW_LY=self.dw_local[1])
+            self.weights = np.ascontiguousarray(w.reshape(-1))
+        else:
+            k = (spec.in_channels // g) * spec.kh * spec.kw
+            self.tiles = choose_tiles(og, k, limits)
+            defines.update(self.tiles.defines())
+            self.kpad = math.ceil(k / self.tiles.tk) * self.tiles.tk
+            self.ogpad = math.ceil(og / self.tiles.tm) * self.tiles.tm
+            packed = np.zeros((g, self.kpad, self.ogpad), np.float32)
+            packed[:, :k, :og] = w.reshape(g, og, k).transpose(0, 2, 1)
+            self.weights = packed
+        self.bias = b if b is not None else np.zeros(spec.out_channels, np.float32)
+        self.options = tuple(f"-D{name}={value}" for name, value in defines.items())
+        self.pad_source = source("pad_input")
+        self.pad_options = (f"-DPAD_LX={PAD_LOCAL[0]}", f"-DPAD_LY={PAD_LOCAL[1]}", f"-DINDEX_T={defines['INDEX_T']}")
+
+    @property
+    def threads(self) -> int:
+        if self.tiles is None:
+            return self.dw_local[0] * self.dw_local[1]
+        return self.tiles.threads
+
+    @property
+    def uses_ktab(self) -> bool:
+        return self.algorithm == "implicit_gemm"
+
+    def padded(self, geom: Conv2dGeometry) -> tuple[int, int] | None:
+        """(HP, WP) of the zero-padded input copy the kernel reads, or None when it reads x itself.
+        Depthwise pads to whole work-groups, so its taps need no checks even past the output."""
+        unpadded = not any((geom.pt, geom.pl, geom.pb, geom.pr))
+        if self.algorithm == "gemm_1x1" or (self.algorithm == "implicit_gemm" and unpadded):
+            return None
+        oh, ow = geom.oh, geom.ow
+        if self.tiles is None:
+            lx, ly = self.dw_local
+            oh, ow = math.ceil(oh / ly) * ly, math.ceil(ow / lx) * lx
+        return (oh - 1) * geom.sh + (geom.kh - 1) * geom.dh + 1, (ow - 1) * geom.sw + (geom.kw - 1) * geom.dw + 1
+
+    def _input_dims(self, geom: Conv2dGeometry) -> tuple[int, int]:
+        return self.padded(geom) or (geom.h, geom.w)
+
+    def pad_launch(self, geom: Conv2dGeometry) -> Launch:
+        hp, wp = self.padded(geom)
+        lx, ly = PAD_LOCAL
+        rows = geom.n * geom.c * hp
+        wtiles = math.ceil(wp / lx)
+        return Launch((math.ceil(rows / ly) * wtiles * lx, ly, 1), (lx, ly, 1),
+                      _i32(geom.h, geom.w, hp, wp, geom.pt, geom.pl, rows, wtiles))
+
+    def ktab(self, geom: Conv2dGeometry) -> np.ndarray:
+        """Per k = (c, kh, kw) its element offset in the (padded) input, as int32 [kpad]."""
+        hp, wp = self._input_dims(geom)
+        c, kh, kw = np.meshgrid(np.arange(geom.cg), np.arange(geom.kh), np.arange(geom.kw), indexing="ij")
+        table = np.zeros(self.kpad, np.int32)
+        table[: c.size] = (c * hp * wp + kh * geom.dh * wp + kw * geom.dw).ravel()
+        return table
+
+    def launch(self, geom: Conv2dGeometry) -> Launch:
+        spec = self.spec
+        act = spec.activation
+        params = (np.float32(act.alpha), np.float32(act.beta))
+        hp, wp = self._input_dims(geom)
+        if self.tiles is None:
+            lx, ly = self.dw_local
+            owtiles, ohtiles = math.ceil(geom.ow / lx), math.ceil(geom.oh / ly)
+            return Launch(
+                (owtiles * ohtiles * geom.n * geom.o * lx, ly, 1), (lx, ly, 1),
+                _i32(geom.c, hp, wp, geom.o, geom.oh, geom.ow, owtiles, ohtiles) + params,
+            )
+        t = self.tiles
+        npix = geom.oh * geom.ow
+        ptiles = math.ceil(npix / t.tn)
+        lx, ly, _ = t.local_size
+        size = (ptiles * geom.n * geom.groups * lx, (self.ogpad // t.tm) * ly, 1)
+        if self.algorithm == "gemm_1x1":
+            scalars = _i32(geom.c, geom.o, npix, geom.groups, self.kpad, self.ogpad, ptiles)
+        else:
+            kdim = geom.cg * geom.kh * geom.kw
+            scalars = _i32(geom.c, hp, wp, geom.o, geom.ow, npix, geom.sh, geom.sw, geom.groups, kdim,
+                           self.kpad, self.ogpad, ptiles)
+        return Launch(size, t.local_size, scalars + params)
+
+
+def fit_plan(spec: Conv2dSpec, w, b, limits: DeviceLimits, build, max_threads):
+    """Plan and build a layer's kernel; re-plan once when the built kernel allows fewer work-items
+    per group than the device (register pressure on GPUs). Returns (plan, kernel)."""
+    plan = Plan(spec, w, b, limits)
+    kernel = build(plan)
+    allowed = int(max_threads(kernel))
+    if plan.threads > allowed:
+        plan = Plan(spec, w, b, replace(limits, max_threads=allowed))
+        kernel = build(plan)
+    return plan, kernel
+
+
+class KernelBackend(Backend):
+    """A backend over kernels/: one runtime (context, compiled kernels) per device, made lazily."""
+
+    prepared_class: type
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._runtimes: dict[int, object] = {}
+
+    @abstractmethod
+    def _make_runtime(self, info: DeviceInfo):
+        """The API's context and kernel cache for one device."""
+
+    def runtime(self, device=None):
+        """The runtime of a device, given as `select` takes it."""
+        info = self.select(device)
+        if info.index not in self._runtimes:
+            self._runtimes[info.index] = self._make_runtime(info)
+        return self._runtimes[info.index]
+
+    def prepare(self, spec: Conv2dSpec, w, b, device: DeviceInfo) -> Prepared:
+        return self.prepared_class(self.runtime(device), spec, w, b)
+
+
+class KernelPrepared(Prepared):
+    """A layer on one device: the plan, its built kernels, uploaded weights, per-input-size device
+    buffers, and the launch sequence (pad copy when needed, then the convolution). Subclasses
+    say how to upload, allocate and launch; the runtime gives `info`, `limits`, `kernel` and
+    `max_threads`."""
+
+    def __init__(self, rt, spec: Conv2dSpec, w: np.ndarray, b: np.ndarray | None):
+        self.device = rt.info
+        self._rt = rt
+        self._plan, self._kernel = fit_plan(
+            spec, w, b, rt.limits, lambda p: rt.kernel(p.source, p.kernel_name, p.options), rt.max_threads
+        )
+        self._pad = rt.kernel(self._plan.pad_source, "pad_input", self._plan.pad_options)
+        self._weights = self._upload(self._plan.weights)
+        self._bias = self._upload(self._plan.bias)
+        self._ktabs = GeometryCache(lambda geom: self._upload(self._plan.ktab(geom)))
+        # Input and output buffers reused by every host call of one input size.
+        self._staging = GeometryCache(lambda geom: (self._empty(geom.input_shape), self._empty(geom.output_shape)))
+        self._padded = GeometryCache(lambda geom: self._empty((geom.n, geom.c, *self._plan.padded(geom))))
+
+    @abstractmethod
+    def _upload(self, array: np.ndarray):
+        """A device copy of a host array."""
+
+    @abstractmethod
+    def _empty(self, shape):
+        """A new float32 device array."""
+
+    def _check_open(self) -> None:
+        if self._weights is None:
+            raise ValueError("this layer is closed")
+
+    def _steps(self, x, y, geom: Conv2dGeometry) -> list[tuple[object, Launch, list]]:
+        """(kernel, launch, buffers) in order; x and y are device arrays of this backend."""
+        plan = self._plan
+        steps = []
+        if plan.padded(geom):
+            xp = self._padded.get(geom)
+            steps.append((self._pad, plan.pad_launch(geom), [x, xp]))
+            x = xp
+        buffers = [x, self._weights, self._bias]
+        if plan.uses_ktab:
+            buffers.append(self._ktabs.get(geom))
+        buffers.append(y)
+        steps.append((self._kernel, plan.launch(geom), buffers))
+        return steps
+
+    def close(self) -> None:
+        self._weights = self._bias = None
+        self._ktabs.clear()
+        self._staging.clear()
+        self._padded.clear()
+
+
+class GeometryCache:
+    """Per-input-size device objects (gather tables, staging buffers), a few sizes kept."""
+
+    def __init__(self, make, size: int = 8):
+        self._make = make
+        self._size = size
+        self._items: dict[Conv2dGeometry, object] = {}
+
+    def get(self, geom: Conv2dGeometry):
+        if geom not in self._items:
+            if len(self._items) >= self._size:
+                del self._items[next(iter(self._items))]
+            self._items[geom] = self._make(geom)
+        return self._items[geom]
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+def _linear_launch(total: int, scalars: tuple) -> Launch:
+    size = max(1, math.ceil(total / LINEAR_LOCAL_SIZE)) * LINEAR_LOCAL_SIZE
+    return Launch((size, 1, 1), (LINEAR_LOCAL_SIZE, 1, 1), scalars)
+
+
+def copy_launch(shape, strides, offset) -> Launch:
+    """copy_strided over a 4-D view: element strides and offset, into a contiguous array."""
+    total = math.prod(shape)
+    return _linear_launch(total, _i32(offset, *shape[1:], *strides) + (np.int64(total),))

@@ -1,0 +1,136 @@
+"""The shared kernels/ sources: CUDA compiles (nvcc -ptx, no GPU needed) and the host-side plan.
+
+PoCL runs the OpenCL build of the same sources (tests/test_opencl.py); compiling the CUDA side
+here for sm_80 and sm_90 catches dialect slips that only NVCC would see.
+"""
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from convbackends.backends import _kernels
+from convbackends.spec import ACTIVATION_CODES, Conv2dSpec
+
+GPU = _kernels.DeviceLimits("gpu", 1024, 48 * 1024)
+CPU = _kernels.DeviceLimits("cpu", 4096, 512 * 1024)
+ACTIVATIONS = [
+    None, "relu", "relu6", "sigmoid", "tanh", "silu", "mish", "hardswish", ("leaky_relu", 0.1), ("clip", -1.0, 2.0)
+]
+
+
+def _plan(o, cg, k, *, groups=1, activation=None, limits=GPU, **kwargs):
+    w = np.zeros((o, cg, *k), np.float32)
+    spec = Conv2dSpec.create(w, groups=groups, activation=activation, **kwargs)
+    return _kernels.Plan(spec, w, None, limits)
+
+
+def _representative_plans():
+    """Every GPU tile, every algorithm and every activation at least once."""
+    plans = []
+    for i, og in enumerate((128, 64, 32, 8)):
+        plans.append(_plan(og, 16, (3, 3), activation=ACTIVATIONS[i], padding=1))
+        plans.append(_plan(og, 16, (1, 1), activation=ACTIVATIONS[i + 4]))
+    plans.append(_plan(24, 1, (3, 3), groups=12, activation=ACTIVATIONS[8], padding=1))
+    plans.append(_plan(12, 1, (5, 7), groups=12, activation=ACTIVATIONS[9], dilation=2))
+    return plans
+
+
+PLANS = _representative_plans()
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_cuda_kernels_compile_with_nvcc(tmp_path, arch):
+    sources = [(plan.kernel_name, plan.source, plan.options) for plan in PLANS]
+    sources.append(("copy_strided", _kernels.source("copy_strided"), ()))
+    sources.append(("pad_input", PLANS[0].pad_source, PLANS[0].pad_options))
+    jobs = []
+    for i, (name, source, options) in enumerate(sources):
+        cu, ptx = tmp_path / f"{name}_{i}.cu", tmp_path / f"{name}_{i}.ptx"
+        cu.write_text(source)
+        command = ["nvcc", "-ptx", f"-arch={arch}", "-std=c++17", *options, str(cu), "-o", str(ptx)]
+        jobs.append((name, options, ptx, subprocess.Popen(command, stderr=subprocess.PIPE, text=True)))
+    for name, options, ptx, job in jobs:
+        _, stderr = job.communicate()
+        assert job.returncode == 0, f"{name} {options}: {stderr}"
+        assert f".entry {name}(" in ptx.read_text()
+
+
+def test_plans_cover_every_activation():
+    codes = {int(opt.split("=")[1]) for plan in PLANS for opt in plan.options if opt.startswith("-DACTIVATION=")}
+    assert codes == set(ACTIVATION_CODES.values())
+
+
+@pytest.mark.parametrize("tiles", _kernels.CPU_TILES + _kernels.GPU_TILES, ids=str)
+def test_tile_tables_suit_the_loaders(tiles):
+    assert tiles.is_valid()
+
+
+@pytest.mark.parametrize(
+    "limits", [GPU, CPU, _kernels.DeviceLimits("gpu", 64, 4096), _kernels.DeviceLimits("cpu", 1024, 32 * 1024)], ids=str
+)
+@pytest.mark.parametrize("og, k", [(1, 1), (13, 117), (32, 64), (64, 576), (200, 2304)])
+def test_tile_choice_respects_device_limits(limits, og, k):
+    tiles = _kernels.choose_tiles(og, k, limits)
+    assert tiles.is_valid()
+    assert tiles.threads <= limits.max_threads and tiles.local_bytes <= limits.local_mem
+
+
+def test_plan_shrinks_when_the_built_kernel_allows_fewer_work_items():
+    w = np.zeros((128, 16, 3, 3), np.float32)
+    spec = Conv2dSpec.create(w, padding=1)
+    built = []
+    plan, kernel = _kernels.fit_plan(spec, w, None, GPU, lambda p: built.append(p) or p, lambda k: 128)
+    assert len(built) == 2 and kernel is plan and plan.threads <= 128
+
+
+def test_weights_are_packed_per_group_k_major_and_zero_padded():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 2, 3, 3)).astype(np.float32)
+    spec = Conv2dSpec.create(w, groups=3, padding=1)
+    plan = _kernels.Plan(spec, w, None, GPU)
+    g, kpad, ogpad = plan.weights.shape
+    assert g == 3 and kpad % plan.tiles.tk == 0 and ogpad % plan.tiles.tm == 0
+    np.testing.assert_array_equal(plan.weights[1, :18, :2], w[2:4].reshape(2, 18).T)
+    assert not plan.weights[:, 18:].any() and not plan.weights[:, :, 2:].any()
+    np.testing.assert_array_equal(plan.bias, np.zeros(6, np.float32))
+
+
+def test_gather_table_points_at_the_tap_in_the_padded_input():
+    w = np.zeros((4, 3, 2, 3), np.float32)
+    spec = Conv2dSpec.create(w, dilation=(2, 3), padding=(1, 2, 0, 1))
+    plan = _kernels.Plan(spec, w, None, GPU)
+    geom = spec.geometry((1, 3, 9, 10))
+    assert (geom.oh, geom.ow) == (8, 7)
+    hp, wp = plan.padded(geom)
+    assert (hp, wp) == (7 + 2 + 1, 6 + 6 + 1)  # the taps' reach: (out - 1) * stride + (k - 1) * dilation + 1
+    table = plan.ktab(geom)
+    k = 1 * 6 + 1 * 3 + 2  # c=1, kh=1, kw=2
+    assert table[k] == 1 * hp * wp + 1 * 2 * wp + 2 * 3
+    assert table.shape == (plan.kpad,) and not table[18:].any()
+
+
+def test_only_padded_layers_get_a_padded_copy():
+    unpadded = _plan(8, 4, (3, 3), stride=2)
+    assert unpadded.padded(unpadded.spec.geometry((1, 4, 9, 9))) is None
+    pointwise = _plan(8, 4, (1, 1))
+    assert pointwise.padded(pointwise.spec.geometry((1, 4, 9, 9))) is None
+    depthwise = _plan(8, 1, (3, 3), groups=4, stride=2)
+    geom = depthwise.spec.geometry((2, 4, 9, 11))
+    lx, ly = depthwise.dw_local
+    hp, wp = depthwise.padded(geom)
+    assert hp >= (ly - 1) * 2 + 3 and wp >= (lx - 1) * 2 + 3  # whole work-groups read inside the copy
+    launch = depthwise.pad_launch(geom)
+    gx, gy, _ = launch.global_size
+    assert gx * gy >= 2 * 4 * hp * wp and all(g % l == 0 for g, l in zip(launch.global_size, launch.local_size))
+
+
+def test_launch_covers_the_output_in_whole_work_groups():
+    plan = _plan(40, 13, (3, 3), stride=2, padding=1)
+    geom = plan.spec.geometry((3, 13, 17, 15))
+    launch = plan.launch(geom)
+    assert all(g % l == 0 for g, l in zip(launch.global_size, launch.local_size))
+    gx, gy, _ = launch.grid
+    assert gx * plan.tiles.tn >= geom.n * geom.oh * geom.ow and gy * plan.tiles.tm >= 40
+    assert all(isinstance(s, (np.int32, np.float32)) for s in launch.scalars)

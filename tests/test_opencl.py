@@ -1,0 +1,146 @@
+"""The OpenCL runtime: device arrays stay on the device, device selection, build errors, caching.
+
+Numerics over the whole conv2d surface are in test_parity.py; the layers here reuse a handful of
+programs, since each new one costs PoCL a few seconds.
+"""
+import numpy as np
+import pytest
+
+from conftest import require
+from convbackends import Conv2d, available_backends
+from convbackends.backends import _kernels
+from convbackends.parity import Case
+from convbackends.reference import conv2d_float64
+
+cl = pytest.importorskip("pyopencl")
+cla = pytest.importorskip("pyopencl.array")
+
+from convbackends.backends.opencl import BACKEND  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _available():
+    availability = available_backends()["opencl"]
+    if not availability.available:
+        require("opencl", availability.reason)
+
+
+@pytest.fixture
+def rt():
+    return BACKEND.runtime()
+
+
+def _tensors(x_shape, w_shape, seed=0):
+    return Case("layer", x_shape, w_shape, seed=seed).tensors()
+
+
+def _assert_close(y, ref):
+    assert y.shape == ref.shape
+    assert np.abs(y - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def test_devices_report_their_facts():
+    for device in BACKEND.devices():
+        assert device.type in ("gpu", "integrated-gpu", "cpu", "other")
+        for fact in ("platform", "driver", "opencl", "compute_units", "max_work_group_size", "local_memory", "max_buffer"):
+            assert fact in device.facts
+
+
+def test_device_selection_by_index_and_name_substring():
+    first = BACKEND.devices()[0]
+    x, w, b = _tensors((1, 4, 6, 5), (8, 4, 3, 3))
+    for device in (0, first.name[2:9].upper()):
+        with Conv2d(w, b, padding=1, backend="opencl", device=device) as layer:
+            assert layer.device == first
+            _assert_close(layer(x), conv2d_float64(x, w, b, padding=1))
+    with pytest.raises(ValueError, match="matches no device"):
+        Conv2d(w, b, backend="opencl", device="no such device")
+    with pytest.raises(ValueError, match="out of range"):
+        Conv2d(w, b, backend="opencl", device=len(BACKEND.devices()))
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape, kwargs",
+    [
+        ((3, 6, 9, 7), (9, 2, 3, 3), dict(groups=3, stride=(2, 1), padding=(0, 1, 2, 1), dilation=(1, 2))),
+        ((2, 13, 5, 6), (17, 13, 1, 1), {}),
+        ((3, 5, 8, 9), (10, 1, 3, 3), dict(groups=5, stride=2, padding=1)),
+    ],
+    ids=["implicit_gemm", "gemm_1x1", "depthwise"],
+)
+def test_device_array_in_device_array_out_without_host_copies(rt, monkeypatch, x_shape, w_shape, kwargs):
+    x, w, b = _tensors(x_shape, w_shape)
+    ref = conv2d_float64(x, w, b, **kwargs)
+    xd = cla.to_device(rt.queue, x)
+    with Conv2d(w, b, backend="opencl", **kwargs) as layer:
+        real_copy = cl.enqueue_copy
+
+        def device_only_copy(queue, dest, src, **kw):
+            assert not isinstance(dest, np.ndarray), "a device array input was read back to the host"
+            return real_copy(queue, dest, src, **kw)
+
+        monkeypatch.setattr(cl, "enqueue_copy", device_only_copy)
+        monkeypatch.setattr(cla.Array, "get", lambda *a, **k: pytest.fail("host read of a device array"))
+        y = layer(xd)
+        monkeypatch.undo()
+        assert isinstance(y, cla.Array) and y.dtype == np.float32
+        _assert_close(y.get(), ref)
+
+
+def test_non_contiguous_device_views_are_gathered_on_the_device(rt):
+    x, w, b = _tensors((2, 4, 12, 14), (6, 4, 3, 3))
+    kwargs = dict(padding=1)
+    big = cla.to_device(rt.queue, x)
+    views = {
+        "strided": (big[:, :, 1:, ::2], x[:, :, 1:, ::2]),
+        "offset": (big[1:], x[1:]),
+    }
+    with Conv2d(w, b, backend="opencl", **kwargs) as layer:
+        for name, (view, host) in views.items():
+            assert not (view.flags.c_contiguous and view.offset == 0), name
+            y = layer(view)
+            assert isinstance(y, cla.Array)
+            _assert_close(y.get(), conv2d_float64(np.ascontiguousarray(host), w, b, **kwargs))
+
+
+def test_device_array_from_another_context_is_refused():
+    x, w, b = _tensors((1, 4, 6, 5), (8, 4, 3, 3))
+    other = cl.CommandQueue(cl.Context([BACKEND.runtime().device]))
+    with Conv2d(w, b, padding=1, backend="opencl") as layer, pytest.raises(ValueError, match="another OpenCL context"):
+        layer(cla.to_device(other, x))
+
+
+def test_numpy_calls_reuse_device_buffers_but_return_fresh_arrays():
+    x1, w, b = _tensors((3, 4, 6, 5), (8, 4, 3, 3), seed=1)
+    x2 = _tensors((3, 4, 6, 5), (8, 4, 3, 3), seed=2)[0]
+    with Conv2d(w, b, padding=1, backend="opencl") as layer:
+        y1, y2 = layer(x1), layer(x2)
+        _assert_close(y1, conv2d_float64(x1, w, b, padding=1))
+        _assert_close(y2, conv2d_float64(x2, w, b, padding=1))
+        y, seconds = layer.profile(x1)
+        _assert_close(y, y1)
+        assert seconds is not None and seconds > 0
+
+
+def test_programs_are_built_once_and_kernels_kept(rt):
+    x, w, b = _tensors((1, 4, 6, 5), (8, 4, 3, 3))
+    with Conv2d(w, b, padding=1, backend="opencl") as a, Conv2d(w * 2, None, padding=1, backend="opencl") as c:
+        assert a._prepared._kernel is c._prepared._kernel
+    source = _kernels.source("copy_strided")
+    assert rt.kernel(source, "copy_strided") is rt.kernel(source, "copy_strided")
+
+
+def test_build_error_carries_the_build_log(rt):
+    source = _kernels.read_kernel("prelude.h") + "KERNEL void broken(GLOBAL float* y) { y[0] = no_such_value; }\n"
+    with pytest.raises(_kernels.KernelBuildError, match="no_such_value"):
+        rt.kernel(source, "broken")
+
+
+def test_prepared_close_is_idempotent_and_final():
+    x, w, b = _tensors((1, 4, 6, 5), (8, 4, 3, 3))
+    layer = Conv2d(w, b, padding=1, backend="opencl")
+    prepared = layer._prepared
+    prepared.close()
+    prepared.close()
+    with pytest.raises(ValueError, match="closed"):
+        prepared.run(x, layer.geometry(x))
