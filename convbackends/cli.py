@@ -126,6 +126,13 @@ def _console(stderr: bool = False):
 
 
 _BYTE_KEYS = ("bytes", "mem", "buffer", "range")
+_COUNT_KEYS = ("elements", "count")  # e.g. max_texel_buffer_elements: a count, not a size
+
+
+def _is_size(key: str, value) -> bool:
+    key = key.lower()
+    return (isinstance(value, int) and not isinstance(value, bool) and value >= 1024
+            and any(k in key for k in _BYTE_KEYS) and not any(k in key for k in _COUNT_KEYS))
 
 
 def _fact(key: str, value) -> str:
@@ -135,7 +142,7 @@ def _fact(key: str, value) -> str:
         return " x ".join(parts) if all(isinstance(v, int) for v in value) and "bytes" not in key else ", ".join(parts)
     if isinstance(value, dict):
         return ", ".join(f"{k}={_fact(k, v)}" for k, v in value.items())
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1024 and any(k in key.lower() for k in _BYTE_KEYS):
+    if _is_size(key, value):
         unit = max(u for u in range(4) if value >= 1024 ** u)
         return f"{value} ({value / 1024 ** unit:.4g} {('B', 'KiB', 'MiB', 'GiB')[unit]})"
     return str(value)
