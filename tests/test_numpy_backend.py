@@ -1,4 +1,4 @@
-"""What only the numpy backend has: tiled column buffers, Winograd beside GEMM, stride phases, its epilogue.
+"""What only the numpy backend has: tiled column buffers, Winograd beside GEMM, depthwise columns, its epilogue.
 
 The shared parity suite checks results against cv2.dnn; these tests pin the backend's own paths against
 the float64 oracle, forcing each path and tile split directly.
@@ -112,6 +112,40 @@ def test_winograd_and_gemm_agree_with_float64(hw):
     _assert_matches(gemm, ref)
 
 
+@pytest.mark.parametrize(
+    "hw, dilation, pads, phases_split",
+    [
+        ((32, 40), 2, 2, True),
+        ((36, 42), (2, 3), (2, 3, 4, 0), True),  # asymmetric dilation and pads, still whole phases
+        ((33, 40), 2, 2, False),  # 33 rows do not split into 2 phases: the GEMM
+        ((32, 40), 2, 1, False),  # a pad of 1 is not a whole phase row: the GEMM
+    ],
+)
+def test_dilated_winograd_over_phases(hw, dilation, pads, phases_split):
+    x, w, b = _tensors((2, 64, *hw), (72, 64, 3, 3))
+    kwargs = dict(dilation=dilation, padding=pads, activation="relu")
+    layer = Conv2d(w, b, **kwargs)
+    phases = nc.winograd_phases(layer.spec.geometry(x.shape))
+    assert (phases is not None) == phases_split
+    if phases_split:
+        dh, dw = (dilation, dilation) if isinstance(dilation, int) else dilation
+        assert (phases.n, phases.dh, phases.dw) == (2 * dh * dw, 1, 1)
+        assert nc.winograd_tiles(phases) >= nc.WINOGRAD_MIN_TILES
+    _assert_matches(layer(x), conv2d_float64(x, w, b, **kwargs))
+
+
+def test_dilated_winograd_layer_falls_back_to_gemm_on_non_finite_input():
+    x, w, b = _tensors((1, 64, 32, 32), (64, 64, 3, 3))
+    x[0, 3, 10, 10], x[0, 7, 21, 5] = np.nan, np.inf
+    kwargs = dict(dilation=2, padding=2)
+    with np.errstate(invalid="ignore"):
+        ref = conv2d_float64(x, w, b, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = Conv2d(w, b, **kwargs)(x)
+    assert np.array_equal(np.isnan(y), np.isnan(ref)) and np.array_equal(np.isinf(y), np.isinf(ref))
+
+
 def test_winograd_error_with_512_channels():
     x, w, b = _tensors((1, 512, 16, 16), (512, 512, 3, 3), seed=3)
     spec = Conv2dSpec.create(w, b, padding=1)
@@ -159,18 +193,74 @@ def test_non_contiguous_inputs(view):
 
 
 @pytest.mark.parametrize(
-    "stride, dilation, pads", [((1, 1), (1, 1), 1), ((2, 3), (1, 2), (0, 2, 3, 1)), ((3, 2), (2, 3), (4, 0, 1, 3))]
+    "stride, dilation, pads",
+    [
+        ((1, 1), (1, 1), 1),
+        ((2, 3), (1, 2), (0, 2, 3, 1)),
+        ((3, 2), (2, 3), (4, 0, 1, 3)),
+        ((2, 1), (1, 1), (1, 2)),  # OW == W with a row stride: rows are not one run
+    ],
 )
 @pytest.mark.parametrize("mult", [1, 2])
-def test_depthwise_stride_phases(stride, dilation, pads, mult):
+def test_depthwise_strides_and_dilations(stride, dilation, pads, mult):
     x, w, b = _tensors((2, 5, 17, 16), (5 * mult, 1, 3, 5))
     kwargs = dict(stride=stride, dilation=dilation, padding=pads, groups=5, activation="mish")
     _assert_matches(Conv2d(w, b, **kwargs)(x), conv2d_float64(x, w, b, **kwargs))
 
 
-def test_depthwise_split_across_threads():
-    x, w, b = _tensors((1, 64, 40, 40), (128, 1, 3, 3))
-    kwargs = dict(padding=1, groups=64, activation="relu6")
+@pytest.mark.parametrize(
+    "kernel, dilation, pads",
+    [
+        ((3, 3), (1, 1), 1),
+        ((3, 5), (1, 2), (2, 3, 0, 5)),  # asymmetric: runs shifted 3 columns left, 5 right
+        ((1, 3), (1, 1), (0, 0, 0, 2)),  # every shifted run crosses the row end
+        ((5, 3), (2, 1), (4, 2, 4, 0)),
+    ],
+)
+@pytest.mark.parametrize("mult", [1, 2])
+def test_depthwise_rows_without_pad_columns(kernel, dilation, pads, mult):
+    # Stride 1 with OW == W: taps whose runs cross a row end read pad columns, zeroed in the columns.
+    x, w, b = _tensors((2, 6, 9, 11), (6 * mult, 1, *kernel))
+    kwargs = dict(dilation=dilation, padding=pads, groups=6, activation="silu")
+    y = Conv2d(w, b, **kwargs)(x)
+    assert y.shape[-1] == x.shape[-1]
+    _assert_matches(y, conv2d_float64(x, w, b, **kwargs))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_keeps_non_finite_mask_at_row_ends(stride):
+    # The entries that stand for pad columns read a real pixel of the next row: zeroed, not multiplied.
+    x, w, b = _tensors((1, 4, 9, 9), (4, 1, 3, 3))
+    x[0, 1, 0, 8], x[0, 2, 5, 0], x[0, 3, 8, 8] = np.inf, np.nan, -np.inf
+    kwargs = dict(stride=stride, padding=1, groups=4)
+    with np.errstate(invalid="ignore"):
+        ref = conv2d_float64(x, w, b, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = Conv2d(w, b, **kwargs)(x)
+    assert np.array_equal(np.isnan(y), np.isnan(ref)) and np.array_equal(np.isinf(y), np.isinf(ref))
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape, kwargs",
+    [
+        ((1, 64, 40, 40), (128, 1, 3, 3), dict(padding=1, groups=64)),  # depthwise, channel blocks
+        ((2, 24, 31, 29), (24, 1, 3, 3), dict(stride=2, padding=1, groups=24)),  # depthwise, strided
+        ((2, 32, 20, 20), (48, 32, 1, 1), dict()),  # 1x1
+        ((1, 16, 30, 30), (24, 16, 3, 3), dict(padding=2, dilation=2)),  # whole-row runs
+        ((2, 16, 30, 30), (24, 16, 3, 3), dict(stride=2, padding=1)),  # strided view
+        ((1, 32, 24, 24), (32, 4, 3, 3), dict(padding=1, groups=8)),  # grouped
+        ((2, 64, 46, 46), (72, 64, 3, 3), dict(padding=1)),  # Winograd, wide blocks, cropped
+        ((1, 64, 14, 14), (80, 64, 3, 3), dict(padding=1)),  # Winograd, few tiles
+        ((1, 64, 32, 32), (64, 64, 3, 3), dict(padding=2, dilation=2)),  # Winograd over dilation phases
+    ],
+)
+def test_paths_split_across_threads(x_shape, w_shape, kwargs, monkeypatch):
+    # Three parts whatever the machine: copies, epilogues and depthwise blocks all run on the pool.
+    monkeypatch.setattr(nc, "_workers", lambda: 3)
+    monkeypatch.setattr(nc, "PARALLEL_MIN_ELEMS", 64)
+    x, w, b = _tensors(x_shape, w_shape)
+    kwargs = dict(kwargs, activation="relu6")
     _assert_matches(Conv2d(w, b, **kwargs)(x), conv2d_float64(x, w, b, **kwargs))
 
 
