@@ -19,8 +19,7 @@ DEVICE_FN void gemm_clear(float acc[WM][WN])
 }
 
 // One TK x TM slice of the packed weights into local memory; wk points at its first element.
-// Each work-item copies runs of AC contiguous elements (AC = 1 coalesces on GPUs; a long run
-// lets CPU compilers move whole vectors).
+// Each work-item copies runs of AC contiguous elements (AC = 1 coalesces).
 DEVICE_FN void gemm_load_a(LOCAL float* as, const GLOBAL float* RESTRICT wk, int ogpad, INDEX_T tid)
 {
     const INDEX_T c = tid % (TM / AC) * AC, row = tid / (TM / AC);

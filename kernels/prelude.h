@@ -31,6 +31,14 @@ typedef long int64;
 #define fmaxf fmax
 #define fminf fmin
 
+// The even elements of p[0..15], i.e. 8 inputs at stride 2, for the CPU-only float8 paths (two
+// vload8s: a float16 value warns of an ABI change on AVX2 targets).
+inline float8 vload8_stride2(const __global float* p)
+{
+    const float8 lo = vload8(0, p), hi = vload8(1, p);
+    return (float8)(lo.even, hi.even);
+}
+
 #else
 
 #define KERNEL extern "C" __global__

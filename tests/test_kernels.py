@@ -62,17 +62,15 @@ def test_plans_cover_every_activation():
     assert codes == set(ACTIVATION_CODES.values())
 
 
-@pytest.mark.parametrize("tiles", _kernels.CPU_TILES + _kernels.GPU_TILES, ids=str)
+@pytest.mark.parametrize("tiles", _kernels.GPU_TILES, ids=str)
 def test_tile_tables_suit_the_loaders(tiles):
     assert tiles.is_valid()
 
 
-@pytest.mark.parametrize(
-    "limits", [GPU, CPU, _kernels.DeviceLimits("gpu", 64, 4096), _kernels.DeviceLimits("cpu", 1024, 32 * 1024)], ids=str
-)
-@pytest.mark.parametrize("og, k", [(1, 1), (13, 117), (32, 64), (64, 576), (200, 2304)])
-def test_tile_choice_respects_device_limits(limits, og, k):
-    tiles = _kernels.choose_tiles(og, k, limits)
+@pytest.mark.parametrize("limits", [GPU, _kernels.DeviceLimits("gpu", 64, 4096)], ids=str)
+@pytest.mark.parametrize("og", [1, 13, 32, 64, 200])
+def test_tile_choice_respects_device_limits(limits, og):
+    tiles = _kernels.choose_tiles(og, limits)
     assert tiles.is_valid()
     assert tiles.threads <= limits.max_threads and tiles.local_bytes <= limits.local_mem
 
@@ -134,3 +132,40 @@ def test_launch_covers_the_output_in_whole_work_groups():
     gx, gy, _ = launch.grid
     assert gx * plan.tiles.tn >= geom.n * geom.oh * geom.ow and gy * plan.tiles.tm >= 40
     assert all(isinstance(s, (np.int32, np.float32)) for s in launch.scalars)
+
+
+def test_cpu_devices_run_both_gemm_forms_as_cpu_gemm_with_channel_blocked_weights():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((20, 3, 3, 3)).astype(np.float32)
+    plan = _kernels.Plan(Conv2dSpec.create(w, padding=1), w, None, CPU)
+    assert plan.kernel_name == "conv2d_cpu_gemm" and plan.uses_ktab and plan.threads == 8 * 3
+    g, blocks, k, lanes = plan.weights.shape
+    assert (g, blocks, k, lanes) == (1, 3, 27, 8)
+    np.testing.assert_array_equal(plan.weights[0, 1, :, 2], w[10].reshape(27))
+    assert not plan.weights[0, 2, :, 4:].any()
+    assert "-DKCHUNK=0" in plan.options
+    deep = _plan(8, 512, (3, 3), padding=1, limits=CPU)
+    assert f"-DKCHUNK={_kernels.CPU_K_CHUNK}" in deep.options
+    assert _plan(8, 4, (1, 1), limits=CPU).kernel_name == "conv2d_cpu_gemm"
+    assert _plan(8, 1, (3, 3), groups=8, limits=CPU).kernel_name == "conv2d_depthwise"
+
+
+def test_cpu_gemm_pads_rows_to_whole_vector_reads():
+    pointwise = _plan(8, 4, (1, 1), limits=CPU)
+    assert pointwise.padded(pointwise.spec.geometry((1, 4, 16, 16))) is None
+    assert pointwise.padded(pointwise.spec.geometry((1, 4, 14, 14))) == (14, 16)
+    strided = _plan(8, 4, (3, 3), stride=2, limits=CPU)
+    geom = strided.spec.geometry((1, 4, 33, 33))
+    assert (geom.ow, strided.padded(geom)) == (16, (33, 16 * 2 + 2))  # 16 inputs read per tap at stride 2
+    gathered = _plan(8, 4, (3, 3), stride=3, limits=CPU)
+    assert gathered.padded(gathered.spec.geometry((1, 4, 33, 33))) is None
+
+
+def test_cpu_depthwise_and_pad_copy_work_in_rows():
+    depthwise = _plan(8, 1, (3, 3), groups=8, stride=2, padding=1, limits=CPU)
+    geom = depthwise.spec.geometry((1, 8, 15, 15))
+    lx, ly = depthwise.dw_local
+    hp, wp = depthwise.padded(geom)
+    assert depthwise.dw_vec == 8 and wp == lx * 8 * 2 + 2  # the last 16-input read of a row stays inside it
+    launch = depthwise.pad_launch(geom)
+    assert launch.local_size == (1, _kernels.PAD_CPU_LOCAL[1], 1) and launch.global_size[0] * launch.local_size[1] >= 8 * hp

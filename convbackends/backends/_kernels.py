@@ -21,12 +21,14 @@ KERNEL_NAMES = {
     "implicit_gemm": "conv2d_implicit_gemm",
     "gemm_1x1": "conv2d_gemm_1x1",
     "depthwise": "conv2d_depthwise",
+    "cpu_gemm": "conv2d_cpu_gemm",
 }
 
 _SOURCE_FILES = {
     "implicit_gemm": ("prelude.h", "gemm_tile.h", "conv2d_implicit_gemm.h"),
     "gemm_1x1": ("prelude.h", "gemm_tile.h", "conv2d_gemm_1x1.h"),
     "depthwise": ("prelude.h", "conv2d_depthwise.h"),
+    "cpu_gemm": ("prelude.h", "conv2d_cpu_gemm.h"),
     "copy_strided": ("prelude.h", "copy_strided.h"),
     "pad_input": ("prelude.h", "pad_input.h"),
 }
@@ -34,6 +36,7 @@ _SOURCE_FILES = {
 # Work-group sizes of the one-element-per-work-item kernels: copy_strided, pad_input (columns x rows).
 LINEAR_LOCAL_SIZE = 256
 PAD_LOCAL = (32, 8)
+PAD_CPU_LOCAL = (1, 16)
 
 
 class KernelBuildError(RuntimeError):
@@ -107,11 +110,8 @@ class GemmTiles:
         return {"TM": self.tm, "TN": self.tn, "TK": self.tk, "WM": self.wm, "WN": self.wn, "AC": self.ac, "BC": self.bc}
 
 
-# Largest first. GPU tiles: 256 threads with 4x4..8x4 register blocks, tk = 16, loads coalesced
-# (runs of 1). CPU drivers (PoCL) run a work-group as a loop over its work-items and save what
-# lives across a barrier per work-item, so CPU tiles keep fewer, fatter work-items (8x8 blocks,
-# whose 8-wide rows the compiler vectorises), a deep tk chosen per layer (few barriers) and long
-# contiguous load runs.
+# Largest first: 256 threads with 4x4..8x4 register blocks, tk = 16, loads coalesced (runs of 1).
+# CPU devices do not use these tiles (see conv2d_cpu_gemm).
 GPU_TILES = (
     GemmTiles(128, 64, 16, 8, 4),
     GemmTiles(64, 64, 16, 4, 4),
@@ -119,49 +119,37 @@ GPU_TILES = (
     GemmTiles(16, 64, 16, 1, 4),
     GemmTiles(8, 16, 8, 2, 2),
 )
-# CPU tile shapes; tk and the load runs are set per layer by _cpu_depth.
-CPU_TILES = (
-    GemmTiles(128, 64, 0, 8, 8),
-    GemmTiles(64, 64, 0, 8, 8),
-    GemmTiles(32, 64, 0, 4, 8),
-    GemmTiles(16, 64, 0, 2, 8),
-    GemmTiles(8, 16, 0, 2, 2),
-)
-CPU_DEPTHS = (128, 64, 32, 16)
+# conv2d_cpu_gemm's work-group: 8-pixel blocks x 8-channel blocks (fewer when the group has fewer
+# out-channels or the device allows fewer work-items).
+CPU_PIXEL_BLOCKS = 8
+CPU_CHANNEL_BLOCKS = 8
+# Reductions longer than CPU_K_CHUNK_ABOVE run in passes of CPU_K_CHUNK taps (cache blocking).
+CPU_K_CHUNK = 256
+CPU_K_CHUNK_ABOVE = 1024
 # Depthwise work-group (DW_LX x DW_LY output pixels), shrunk to the device's limit.
 DEPTHWISE_LOCAL = (32, 8)
+DEPTHWISE_CPU_LOCAL = (4, 8)
+# Output pixels per depthwise work-item on CPU devices (float8 rows).
+DEPTHWISE_CPU_VEC = 8
 
 
-def _cpu_depth(tiles: GemmTiles, k: int, local_mem: int) -> GemmTiles | None:
-    """The deepest tk that fits local memory and pads K by at most an eighth (else the least
-    padding), with load runs as long as the tile allows; None when no depth fits."""
-    nt = tiles.threads
-    options = [
-        replace(tiles, tk=d, ac=min(tiles.tm, tiles.tm * d // nt), bc=min(tiles.tn, tiles.tn * d // nt))
-        for d in CPU_DEPTHS
-    ]
-    options = [t for t in options if t.is_valid() and t.local_bytes <= local_mem]
-    if not options:
-        return None
-    padded = {t: math.ceil(k / t.tk) * t.tk for t in options}
-    return next((t for t in options if padded[t] * 8 <= k * 9), min(options, key=lambda t: (padded[t], -t.tk)))
-
-
-def choose_tiles(og: int, k: int, limits: DeviceLimits) -> GemmTiles:
-    """The largest tile that fits the device and whose height does not exceed the group's
-    out-channels (or 16), K = the reduction length."""
-    if limits.is_cpu:
-        table = tuple(filter(None, (_cpu_depth(t, k, limits.local_mem) for t in CPU_TILES)))
-    else:
-        table = GPU_TILES
-    fitting = [t for t in table if t.threads <= limits.max_threads and t.local_bytes <= limits.local_mem]
+def choose_tiles(og: int, limits: DeviceLimits) -> GemmTiles:
+    """The largest GPU tile that fits the device and whose height does not exceed the group's
+    out-channels (or 16)."""
+    fitting = [t for t in GPU_TILES if t.threads <= limits.max_threads and t.local_bytes <= limits.local_mem]
     if not fitting:
         raise RuntimeError(f"no GEMM tile fits a work-group of {limits.max_threads} items and {limits.local_mem} B")
     return next((t for t in fitting if t.tm <= max(og, 16)), fitting[-1])
 
 
+def cpu_gemm_local(og: int, limits: DeviceLimits) -> tuple[int, int]:
+    """conv2d_cpu_gemm's work-group: (pixel blocks, channel blocks)."""
+    lx = min(CPU_PIXEL_BLOCKS, limits.max_threads)
+    return lx, max(1, min(CPU_CHANNEL_BLOCKS, math.ceil(og / 8), limits.max_threads // lx))
+
+
 def depthwise_local(limits: DeviceLimits) -> tuple[int, int]:
-    lx, ly = DEPTHWISE_LOCAL
+    lx, ly = DEPTHWISE_CPU_LOCAL if limits.is_cpu else DEPTHWISE_LOCAL
     while lx * ly > limits.max_threads and ly > 1:
         ly //= 2
     while lx * ly > limits.max_threads and lx > 1:
@@ -183,6 +171,13 @@ class Launch:
         return tuple(g // l for g, l in zip(self.global_size, self.local_size))
 
 
+def _pack(w: np.ndarray, g: int, og: int, k: int, kpad: int, ogpad: int) -> np.ndarray:
+    """Weights as [group][k][out-channel], zero padded to kpad x ogpad."""
+    packed = np.zeros((g, kpad, ogpad), np.float32)
+    packed[:, :k, :og] = w.reshape(g, og, k).transpose(0, 2, 1)
+    return packed
+
+
 def _i32(*values) -> tuple:
     return tuple(np.int32(v) for v in values)
 
@@ -196,7 +191,9 @@ class Plan:
 
     def __init__(self, spec: Conv2dSpec, w: np.ndarray, b: np.ndarray | None, limits: DeviceLimits):
         self.spec = spec
-        self.algorithm = spec.algorithm
+        # CPU devices run both GEMM forms as conv2d_cpu_gemm.
+        cpu_gemm = limits.is_cpu and spec.algorithm != "depthwise"
+        self.algorithm = "cpu_gemm" if cpu_gemm else spec.algorithm
         self.kernel_name = KERNEL_NAMES[self.algorithm]
         self.source = source(self.algorithm)
         g = spec.groups
@@ -205,43 +202,64 @@ class Plan:
         if self.algorithm == "depthwise":
             self.tiles = None
             self.dw_local = depthwise_local(limits)
-            defines.update(KSIZE_H=spec.kh, KSIZE_W=spec.kw, STRIDE_H=spec.stride[0], STRIDE_W=spec.stride[1],
+            self.dw_vec = DEPTHWISE_CPU_VEC if limits.is_cpu else 1
+            defines.update(DW_VEC=self.dw_vec, KSIZE_H=spec.kh, KSIZE_W=spec.kw, STRIDE_H=spec.stride[0], STRIDE_W=spec.stride[1],
                            DIL_H=spec.dilation[0], DIL_W=spec.dilation[1], DW_LX=self.dw_local[0], DW_LY=self.dw_local[1])
             self.weights = np.ascontiguousarray(w.reshape(-1))
+        elif cpu_gemm:
+            self.tiles = None
+            k = (spec.in_channels // g) * spec.kh * spec.kw
+            self.cpu_local = cpu_gemm_local(og, limits)
+            self.kpad = k
+            self.ogpad = math.ceil(og / (8 * self.cpu_local[1])) * 8 * self.cpu_local[1]
+            # [group][8-channel block][k][8]: each work-item's slice of A is one contiguous run.
+            blocks = _pack(w, g, og, k, self.kpad, self.ogpad).reshape(g, k, self.ogpad // 8, 8)
+            self.weights = np.ascontiguousarray(blocks.transpose(0, 2, 1, 3))
+            defines["KCHUNK"] = CPU_K_CHUNK if k > CPU_K_CHUNK_ABOVE else 0
         else:
             k = (spec.in_channels // g) * spec.kh * spec.kw
-            self.tiles = choose_tiles(og, k, limits)
+            self.tiles = choose_tiles(og, limits)
             defines.update(self.tiles.defines())
             self.kpad = math.ceil(k / self.tiles.tk) * self.tiles.tk
             self.ogpad = math.ceil(og / self.tiles.tm) * self.tiles.tm
-            packed = np.zeros((g, self.kpad, self.ogpad), np.float32)
-            packed[:, :k, :og] = w.reshape(g, og, k).transpose(0, 2, 1)
-            self.weights = packed
+            self.weights = _pack(w, g, og, k, self.kpad, self.ogpad)
         self.bias = b if b is not None else np.zeros(spec.out_channels, np.float32)
         self.options = tuple(f"-D{name}={value}" for name, value in defines.items())
         self.pad_source = source("pad_input")
-        self.pad_options = (f"-DPAD_LX={PAD_LOCAL[0]}", f"-DPAD_LY={PAD_LOCAL[1]}", f"-DINDEX_T={defines['INDEX_T']}")
+        self.pad_local = PAD_CPU_LOCAL if limits.is_cpu else PAD_LOCAL
+        self.pad_options = (f"-DPAD_LX={self.pad_local[0]}", f"-DPAD_LY={self.pad_local[1]}",
+                            f"-DINDEX_T={defines['INDEX_T']}")
 
     @property
     def threads(self) -> int:
+        if self.algorithm == "cpu_gemm":
+            return self.cpu_local[0] * self.cpu_local[1]
         if self.tiles is None:
             return self.dw_local[0] * self.dw_local[1]
         return self.tiles.threads
 
     @property
     def uses_ktab(self) -> bool:
-        return self.algorithm == "implicit_gemm"
+        return self.algorithm in ("implicit_gemm", "cpu_gemm")
 
     def padded(self, geom: Conv2dGeometry) -> tuple[int, int] | None:
         """(HP, WP) of the zero-padded input copy the kernel reads, or None when it reads x itself.
-        Depthwise pads to whole work-groups, so its taps need no checks even past the output."""
+        Depthwise pads to whole work-groups and conv2d_cpu_gemm to whole 8-pixel blocks, so their
+        taps need no checks even past the output."""
         unpadded = not any((geom.pt, geom.pl, geom.pb, geom.pr))
-        if self.algorithm == "gemm_1x1" or (self.algorithm == "implicit_gemm" and unpadded):
+        # conv2d_cpu_gemm reads whole 8-pixel rows (16 inputs at stride 2), so they need room.
+        ragged = self.algorithm == "cpu_gemm" and (geom.sw == 2 or (geom.sw == 1 and geom.ow % 8))
+        if self.algorithm == "gemm_1x1" or (self.algorithm != "depthwise" and unpadded and not ragged):
             return None
         oh, ow = geom.oh, geom.ow
-        if self.tiles is None:
+        if self.algorithm == "depthwise":
             lx, ly = self.dw_local
+            lx *= self.dw_vec
             oh, ow = math.ceil(oh / ly) * ly, math.ceil(ow / lx) * lx
+            if self.dw_vec > 1 and geom.sw == 2:  # the last stride-2 read (16 inputs) reaches one element further
+                return (oh - 1) * geom.sh + (geom.kh - 1) * geom.dh + 1, ow * 2 + (geom.kw - 1) * geom.dw
+        elif self.algorithm == "cpu_gemm":
+            return (oh - 1) * geom.sh + (geom.kh - 1) * geom.dh + 1, math.ceil(ow / 8) * 8 * geom.sw + (geom.kw - 1) * geom.dw
         return (oh - 1) * geom.sh + (geom.kh - 1) * geom.dh + 1, (ow - 1) * geom.sw + (geom.kw - 1) * geom.dw + 1
 
     def _input_dims(self, geom: Conv2dGeometry) -> tuple[int, int]:
@@ -249,9 +267,9 @@ class Plan:
 
     def pad_launch(self, geom: Conv2dGeometry) -> Launch:
         hp, wp = self.padded(geom)
-        lx, ly = PAD_LOCAL
+        lx, ly = self.pad_local
         rows = geom.n * geom.c * hp
-        wtiles = math.ceil(wp / lx)
+        wtiles = 1 if lx == 1 else math.ceil(wp / lx)  # lx == 1: a work-item per row
         return Launch((math.ceil(rows / ly) * wtiles * lx, ly, 1), (lx, ly, 1),
                       _i32(geom.h, geom.w, hp, wp, geom.pt, geom.pl, rows, wtiles))
 
@@ -268,9 +286,18 @@ class Plan:
         act = spec.activation
         params = (np.float32(act.alpha), np.float32(act.beta))
         hp, wp = self._input_dims(geom)
+        if self.algorithm == "cpu_gemm":
+            lx, ly = self.cpu_local
+            owb = math.ceil(geom.ow / 8)
+            nblocks = geom.n * geom.groups * geom.oh * owb
+            return Launch(
+                (math.ceil(nblocks / lx) * lx, self.ogpad // 8, 1), (lx, ly, 1),
+                _i32(geom.c, hp, wp, geom.o, geom.oh, geom.ow, geom.sh, geom.sw, geom.groups, self.kpad, self.ogpad,
+                     owb, nblocks) + params,
+            )
         if self.tiles is None:
             lx, ly = self.dw_local
-            owtiles, ohtiles = math.ceil(geom.ow / lx), math.ceil(geom.oh / ly)
+            owtiles, ohtiles = math.ceil(geom.ow / (lx * self.dw_vec)), math.ceil(geom.oh / ly)
             return Launch(
                 (owtiles * ohtiles * geom.n * geom.o * lx, ly, 1), (lx, ly, 1),
                 _i32(geom.c, hp, wp, geom.o, geom.oh, geom.ow, owtiles, ohtiles) + params,
