@@ -27,6 +27,16 @@ def _assert_matches(y, ref):
     assert y.dtype == np.float32 and y.flags.c_contiguous
 
 
+def _assert_same_non_finite(x, w, b, **kwargs):
+    """NaN and inf land exactly where the float64 oracle puts them, with no floating-point warning."""
+    with np.errstate(invalid="ignore"):
+        ref = conv2d_float64(x, w, b, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = Conv2d(w, b, **kwargs)(x)
+    assert np.array_equal(np.isnan(y), np.isnan(ref)) and np.array_equal(np.isinf(y), np.isinf(ref))
+
+
 def _peak_bytes_in_fresh_thread(fn) -> tuple[object, int]:
     """Peak traced allocation of fn(); a new thread starts with empty scratch buffers, so they count."""
     result = {}
@@ -137,13 +147,7 @@ def test_dilated_winograd_over_phases(hw, dilation, pads, phases_split):
 def test_dilated_winograd_layer_falls_back_to_gemm_on_non_finite_input():
     x, w, b = _tensors((1, 64, 32, 32), (64, 64, 3, 3))
     x[0, 3, 10, 10], x[0, 7, 21, 5] = np.nan, np.inf
-    kwargs = dict(dilation=2, padding=2)
-    with np.errstate(invalid="ignore"):
-        ref = conv2d_float64(x, w, b, **kwargs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        y = Conv2d(w, b, **kwargs)(x)
-    assert np.array_equal(np.isnan(y), np.isnan(ref)) and np.array_equal(np.isinf(y), np.isinf(ref))
+    _assert_same_non_finite(x, w, b, dilation=2, padding=2)
 
 
 def test_winograd_error_with_512_channels():
@@ -232,13 +236,7 @@ def test_depthwise_keeps_non_finite_mask_at_row_ends(stride):
     # The entries that stand for pad columns read a real pixel of the next row: zeroed, not multiplied.
     x, w, b = _tensors((1, 4, 9, 9), (4, 1, 3, 3))
     x[0, 1, 0, 8], x[0, 2, 5, 0], x[0, 3, 8, 8] = np.inf, np.nan, -np.inf
-    kwargs = dict(stride=stride, padding=1, groups=4)
-    with np.errstate(invalid="ignore"):
-        ref = conv2d_float64(x, w, b, **kwargs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        y = Conv2d(w, b, **kwargs)(x)
-    assert np.array_equal(np.isnan(y), np.isnan(ref)) and np.array_equal(np.isinf(y), np.isinf(ref))
+    _assert_same_non_finite(x, w, b, stride=stride, padding=1, groups=4)
 
 
 @pytest.mark.parametrize(
