@@ -1,4 +1,12 @@
-"""The `target` fixture: every device of every backend; the CI rule for backends that must run."""
+"""The `target` fixture: every device of every backend; the CI rule for backends that must run.
+
+A CPU device of OpenCL (PoCL) or Vulkan (lavapipe) runs the suite twice: with what a CPU device
+gets (`conv2d_cpu_gemm` and float8 depthwise; direct shaders with subgroup shuffles) and, as
+`opencl:N-gpu-kernels` / `vulkan:N-gpu-kernels`, with the kernels, tiles and shared-memory staging a
+GPU gets. The second run is what proves the GPU code paths without a GPU: CUDA compiles exactly the
+OpenCL GPU kernels' sources, and a GPU's Vulkan driver runs the staged shaders.
+"""
+import dataclasses
 import os
 
 import pytest
@@ -7,15 +15,18 @@ import convbackends
 
 # CI has PoCL and lavapipe: a skip of these there is a defect, so it fails the run instead.
 REQUIRED_IN_CI = ("numpy", "opencl", "vulkan")
+GPU_KERNELS = "gpu-kernels"
 
 
 def _targets():
     for name, availability in convbackends.available_backends().items():
-        if availability.available:
-            for device in convbackends.devices(name):
-                yield pytest.param((name, device.index, ""), id=f"{name}:{device.index}")
-        else:
-            yield pytest.param((name, None, availability.reason), id=name)
+        if not availability.available:
+            yield pytest.param((name, None, availability.reason, ""), id=name)
+            continue
+        for device in convbackends.devices(name):
+            yield pytest.param((name, device.index, "", ""), id=f"{name}:{device.index}")
+            if name in ("opencl", "vulkan") and device.type == "cpu":
+                yield pytest.param((name, device.index, "", GPU_KERNELS), id=f"{name}:{device.index}-{GPU_KERNELS}")
 
 
 def pytest_generate_tests(metafunc):
@@ -30,10 +41,25 @@ def require(name: str, reason: str) -> None:
     pytest.skip(f"backend {name!r} unavailable: {reason}")
 
 
+def force_gpu_kernels(monkeypatch, backend: str, device: int) -> None:
+    """Make a CPU device plan its layers as a GPU would (tiles, shared/local memory, 32-bit indexing)."""
+    if backend == "opencl":
+        from convbackends.backends.opencl import BACKEND
+
+        rt = BACKEND.runtime(device)
+        monkeypatch.setattr(rt, "limits", dataclasses.replace(rt.limits, type="gpu"))
+    else:
+        from convbackends.backends import _vk
+
+        monkeypatch.setattr(_vk.device(device), "type", "gpu")
+
+
 @pytest.fixture
-def target(request):
+def target(request, monkeypatch):
     """(backend name, device index) of an available device."""
-    name, index, reason = request.param
+    name, index, reason, variant = request.param
     if index is None:
         require(name, reason)
+    if variant == GPU_KERNELS:
+        force_gpu_kernels(monkeypatch, name, index)
     return name, index

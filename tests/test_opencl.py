@@ -6,7 +6,7 @@ programs, since each new one costs PoCL a few seconds.
 import numpy as np
 import pytest
 
-from conftest import require
+from conftest import force_gpu_kernels, require
 from convbackends import Conv2d, available_backends
 from convbackends.backends import _kernels
 from convbackends.parity import Case
@@ -57,6 +57,34 @@ def test_device_selection_by_index_and_name_substring():
         Conv2d(w, b, backend="opencl", device="no such device")
     with pytest.raises(ValueError, match="out of range"):
         Conv2d(w, b, backend="opencl", device=len(BACKEND.devices()))
+
+
+@pytest.mark.parametrize(
+    "gpu, w_shape, kwargs, kernel",
+    [
+        (False, (16, 8, 3, 3), dict(padding=1), "conv2d_cpu_gemm"),
+        (False, (16, 8, 1, 1), {}, "conv2d_cpu_gemm"),
+        (False, (16, 1, 3, 3), dict(groups=8, padding=1), "conv2d_depthwise"),
+        (True, (16, 8, 3, 3), dict(padding=1), "conv2d_implicit_gemm"),
+        (True, (16, 8, 1, 1), {}, "conv2d_gemm_1x1"),
+        (True, (16, 1, 3, 3), dict(groups=8, padding=1), "conv2d_depthwise"),
+    ],
+)
+def test_gpu_kernels_variant_runs_the_cuda_kernel_forms(monkeypatch, gpu, w_shape, kwargs, kernel):
+    # The parity suite's opencl:N-gpu-kernels target must run what CUDA runs, not the CPU forms.
+    device = BACKEND.select()
+    if device.type != "cpu":
+        pytest.skip("this device already plans as a GPU")
+    if gpu:
+        force_gpu_kernels(monkeypatch, "opencl", device.index)
+    x, w, b = _tensors((1, 8, 10, 9), w_shape)
+    with Conv2d(w, b, backend="opencl", **kwargs) as layer:
+        plan = layer._prepared._plan
+        assert plan.kernel_name == kernel
+        assert ("-DINDEX_T=int" in plan.options) == gpu
+        if kernel == "conv2d_depthwise":
+            assert plan.dw_vec == (1 if gpu else _kernels.DEPTHWISE_CPU_VEC)
+        _assert_close(layer(x), conv2d_float64(x, w, b, **kwargs))
 
 
 @pytest.mark.parametrize(

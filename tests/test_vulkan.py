@@ -1,5 +1,6 @@
 """The Vulkan runtime: embedded SPIR-V freshness, no GLSL compiler at run time, resource reuse and release,
-the device limits it splits work for, and the GPU (shared-memory) path checked on whatever device is here.
+the device limits it splits work for. The GPU (shared-memory) path runs the parity suite as
+vulkan:N-gpu-kernels (conftest.py).
 
 Numerics over the whole conv2d surface are in test_parity.py. Shapes stay small: lavapipe is slow.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import require
+from conftest import force_gpu_kernels, require
 from convbackends import Conv2d, available_backends
 from convbackends.backends import vulkan_spirv
 from convbackends.parity import Case, compare
@@ -214,19 +215,17 @@ def test_batches_above_the_buffer_limits_are_split_or_refused(vulkan):
         dev.limits.maxStorageBufferRange = original
 
 
-STAGED_CASES = [
-    dict(x=(2, 5, 9, 7), w=(6, 5, 3, 3), kw=dict(padding=(1, 0, 2, 1), stride=(1, 2), activation="mish")),
-    dict(x=(1, 6, 11, 10), w=(9, 2, 3, 2), kw=dict(padding=2, dilation=(2, 1), groups=3, activation="relu6")),
-    dict(x=(3, 13, 6, 5), w=(15, 13, 1, 1), kw=dict(activation=("leaky_relu", 0.2))),
-    dict(x=(1, 4, 9, 9), w=(8, 1, 3, 3), kw=dict(padding=1, stride=2, groups=4, activation="hardswish")),
-]
-
-
-@pytest.mark.parametrize("case", STAGED_CASES, ids=lambda c: f"x{c['x']}-w{c['w']}")
-def test_gpu_tiles_are_exact_on_any_device(vulkan, monkeypatch, case):
-    # The tiles and shared-memory path a GPU gets, forced onto whatever device this machine has.
+@pytest.mark.parametrize("gpu", [False, True])
+@pytest.mark.parametrize("w_shape, kwargs", [((6, 5, 3, 3), dict(padding=1)), ((6, 5, 1, 1), {})], ids=["3x3", "1x1"])
+def test_gpu_kernels_variant_takes_the_staged_path(vulkan, monkeypatch, gpu, w_shape, kwargs):
+    # The parity suite's vulkan:N-gpu-kernels target must run the shared-memory shaders a GPU runs.
     backend, vk_runtime = vulkan
-    monkeypatch.setattr(vk_runtime.device(backend.BACKEND.select().index), "type", "gpu")
-    x, w, b = _tensors(case["x"], case["w"])
-    with Conv2d(w, b, backend="vulkan", **case["kw"]) as layer:
-        _assert_close(layer(x), conv2d_float64(x, w, b, **case["kw"]))
+    device = backend.BACKEND.select()
+    if device.type != "cpu":
+        pytest.skip("this device already plans as a GPU")
+    if gpu:
+        force_gpu_kernels(monkeypatch, "vulkan", device.index)
+    x, w, b = _tensors((2, 5, 9, 7), w_shape)
+    with Conv2d(w, b, backend="vulkan", **kwargs) as layer:
+        assert layer._prepared.tiles.stage == gpu
+        _assert_close(layer(x), conv2d_float64(x, w, b, **kwargs))
