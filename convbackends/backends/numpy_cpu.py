@@ -21,6 +21,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from ..spec import Activation, Conv2dGeometry, Conv2dSpec
+from . import _winograd
 from .base import Backend, DeviceInfo, Prepared
 
 # Column buffers (im2col, Winograd tiles) stay under this size: large layers are tiled, never held whole.
@@ -42,41 +43,15 @@ WINOGRAD_BLOCK_BYTES = 2 << 20
 WINOGRAD_BLOCK_MIN_TILES = 256
 # Below this many tiles in a block (deep layers on small images), the GEMMs run tiles x C by C x O.
 WINOGRAD_WIDE_TILES = 64
-# Inputs beyond this (or non-finite) take the GEMM path: a Winograd tile spreads inf/NaN to its neighbours.
-WINOGRAD_MAX_ABS = 1e30
-
 # Copies and elementwise passes split over the cores from this many elements per part (512 KB, ~50-100 us):
 # below it, waking a worker for a part (~20-30 us) costs about what it saves.
 PARALLEL_MIN_ELEMS = 1 << 17
 
 _F32 = np.dtype(np.float32).itemsize
 
-# Winograd F(4,3) (Lavin & Gray), interpolation points 0, +-1, +-2, inf.
-_WINO_BT = np.array([
-    [4, 0, -5, 0, 1, 0],
-    [0, -4, -4, 1, 1, 0],
-    [0, 4, -4, -1, 1, 0],
-    [0, -2, -1, 2, 1, 0],
-    [0, 2, -1, -2, 1, 0],
-    [0, 4, 0, -5, 0, 1],
-], dtype=np.float64)
-_WINO_G = np.array([
-    [1 / 4, 0, 0],
-    [-1 / 6, -1 / 6, -1 / 6],
-    [-1 / 6, 1 / 6, -1 / 6],
-    [1 / 24, 1 / 12, 1 / 6],
-    [1 / 24, -1 / 12, 1 / 6],
-    [0, 0, 1],
-], dtype=np.float64)
-_WINO_AT = np.array([
-    [1, 1, 1, 1, 1, 0],
-    [0, 1, -1, 2, -2, 0],
-    [0, 1, 1, 4, 4, 0],
-    [0, 1, -1, 8, -8, 1],
-], dtype=np.float64)
 # Both 2-D transforms as one matrix over the flattened tile, so each is a single GEMM.
-_WINO_IN = np.kron(_WINO_BT, _WINO_BT).astype(np.float32)
-_WINO_OUT = np.kron(_WINO_AT, _WINO_AT).astype(np.float32)
+_WINO_IN = np.kron(_winograd.BT, _winograd.BT).astype(np.float32)
+_WINO_OUT = np.kron(_winograd.AT, _winograd.AT).astype(np.float32)
 
 _local = threading.local()
 _pool: ThreadPoolExecutor | None = None
@@ -411,15 +386,10 @@ def conv2d_depthwise(x, w, bias, act, geom: Conv2dGeometry, out) -> None:
         list(_threads().map(run, *zip(*starts)))
 
 
-def winograd_weights(w: np.ndarray) -> np.ndarray:
-    """U = G w G^T per (o, c), computed in float64 once: (36, C, O), read either way round by BLAS."""
-    u = np.einsum("ai,ocij,bj->abco", _WINO_G, w.astype(np.float64), _WINO_G)
-    return np.ascontiguousarray(u.reshape(36, w.shape[1], w.shape[0]), dtype=np.float32)
-
-
 def winograd_tiles(geom: Conv2dGeometry) -> int:
     """4x4 output tiles per image."""
-    return -(-geom.oh // 4) * -(-geom.ow // 4)
+    th, tw = _winograd.tile_grid(geom)
+    return th * tw
 
 
 def conv2d_winograd(x, u, bias, act, geom: Conv2dGeometry, out, tile_bytes: int = TILE_BYTES) -> None:
@@ -430,7 +400,7 @@ def conv2d_winograd(x, u, bias, act, geom: Conv2dGeometry, out, tile_bytes: int 
     inf in one tile spreads over its 16 outputs (the caller checks).
     """
     g = geom
-    th, tw = -(-g.oh // 4), -(-g.ow // 4)
+    th, tw = _winograd.tile_grid(g)
     # The last tile row/column may reach past the input: pad it with zeros, crop its outputs.
     xp = _padded(x, (g.pt, g.pl, g.pb, g.pr), 4 * th + 2 - (g.h + g.pt + g.pb), 4 * tw + 2 - (g.w + g.pl + g.pr))
     full = out if (4 * th, 4 * tw) == (g.oh, g.ow) else np.empty((g.n, g.o, 4 * th, 4 * tw), np.float32)
@@ -512,15 +482,11 @@ def conv2d_winograd_dilated(x, u, bias, act, geom: Conv2dGeometry, phases: Conv2
 
 
 def _winograd_safe(x: np.ndarray) -> bool:
-    """Finite and far from overflow (the transforms scale by up to 100): two reductions, no temporary.
-
-    NaN propagates through min/max and fails both comparisons. Channel ranges run on the cores.
-    """
+    """`_winograd.safe` over channel ranges on the cores."""
     safe = [True] * x.shape[1]
 
     def check(c0: int, c1: int) -> None:
-        part = x[:, c0:c1]
-        safe[c0] = bool(-WINOGRAD_MAX_ABS < part.min() and part.max() < WINOGRAD_MAX_ABS)
+        safe[c0] = _winograd.safe(x[:, c0:c1])
 
     _in_parts(x.shape[1], x.size, check)
     return all(safe)
@@ -550,7 +516,7 @@ class NumpyPrepared(Prepared):
             (spec.kh, spec.kw, spec.stride, groups) == (3, 3, (1, 1), 1)
             and min(spec.in_channels, o) >= WINOGRAD_MIN_CHANNELS
         ):
-            self.winograd = winograd_weights(w)
+            self.winograd = _winograd.weights(w)
 
     def run(self, x, geom: Conv2dGeometry):
         out = np.empty(geom.output_shape, np.float32)

@@ -1,0 +1,55 @@
+"""Winograd F(4,3) for 3x3 stride-1 layers, as the numpy and Vulkan backends share it: the transform
+matrices, the weight transform (done once, in float64) and the input check.
+
+Y = A^T [(G w G^T) * (B^T d B)] A per 6x6 input tile d and 4x4 output tile (Lavin & Gray), points 0,
++-1, +-2 and infinity. The transforms scale by up to 25 and mix a tile's 36 inputs, so an input with a
+NaN, an inf or a value near float32's range takes the direct GEMM instead: there Winograd would spread
+it over the tile's 16 outputs or overflow.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..spec import Conv2dGeometry
+
+BT = np.array([
+    [4, 0, -5, 0, 1, 0],
+    [0, -4, -4, 1, 1, 0],
+    [0, 4, -4, -1, 1, 0],
+    [0, -2, -1, 2, 1, 0],
+    [0, 2, -1, -2, 1, 0],
+    [0, 4, 0, -5, 0, 1],
+], dtype=np.float64)
+G = np.array([
+    [1 / 4, 0, 0],
+    [-1 / 6, -1 / 6, -1 / 6],
+    [-1 / 6, 1 / 6, -1 / 6],
+    [1 / 24, 1 / 12, 1 / 6],
+    [1 / 24, -1 / 12, 1 / 6],
+    [0, 0, 1],
+], dtype=np.float64)
+AT = np.array([
+    [1, 1, 1, 1, 1, 0],
+    [0, 1, -1, 2, -2, 0],
+    [0, 1, 1, 4, 4, 0],
+    [0, 1, -1, 8, -8, 1],
+], dtype=np.float64)
+
+# Inputs at or beyond this magnitude (or non-finite) take the GEMM: the transforms would overflow.
+MAX_ABS = 1e30
+
+
+def weights(w: np.ndarray) -> np.ndarray:
+    """U = G w G^T per (o, c), computed in float64: (36, C, O) float32, the 36 GEMMs' C x O matrices."""
+    u = np.einsum("ai,ocij,bj->abco", G, w.astype(np.float64), G)
+    return np.ascontiguousarray(u.reshape(36, w.shape[1], w.shape[0]), dtype=np.float32)
+
+
+def tile_grid(geom: Conv2dGeometry) -> tuple[int, int]:
+    """4x4 output tiles per image: (rows, columns)."""
+    return -(-geom.oh // 4), -(-geom.ow // 4)
+
+
+def safe(x: np.ndarray) -> bool:
+    """Finite and far from overflow: two reductions, no temporary; NaN fails both comparisons."""
+    return bool(-MAX_ABS < x.min() and x.max() < MAX_ABS)
