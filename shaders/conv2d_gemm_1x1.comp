@@ -47,13 +47,7 @@ void direct_gemm(int image, int group) {
         accumulate(rows);
     }
 
-    int pixel[TN];
-    bool live[TN];
-    [[unroll]] for (int j = 0; j < TN; ++j) {
-        pixel[j] = p0 + j;
-        live[j] = p0 + j < npix;
-    }
-    store_tile(image, group, m_tile * TM, pixel, live);
+    store_run(image, group, m_tile * TM, p0, clamp(npix - p0, 0, TN));
 }
 
 void main() {

@@ -50,13 +50,7 @@ void direct_gemm(int image, int group) {
         accumulate(rows);
     }
 
-    int pixel[TN];
-    bool live[TN];
-    [[unroll]] for (int j = 0; j < TN; ++j) {
-        pixel[j] = oh * shape.OW + ow0 + j;
-        live[j] = oh < shape.OH && ow0 + j < shape.OW;
-    }
-    store_tile(image, group, m_tile * TM, pixel, live);
+    store_run(image, group, m_tile * TM, oh * shape.OW + ow0, oh < shape.OH ? min(TN, shape.OW - ow0) : 0);
 }
 
 void main() {

@@ -28,9 +28,11 @@ layout(constant_id = 15) const bool STAGE = true;
 // Shapes change per input and arrive as push constants; image and group come from gl_WorkGroupID.z.
 // The host writes x zero-padded: planes of HP x WP (padding included, WP a multiple of 4) PS floats
 // apart, so no shader checks bounds and row segments are 16-byte aligned. OGP is the row length of
-// the packed weights: output channels per group, padded to whole tiles.
+// the packed weights: output channels per group, padded to whole tiles. For the Winograd transforms
+// only: N, the images of the dispatch, whose tiles form one GEMM row of N * tiles, and TPS, the floats
+// between the planes of transformed input tiles (a multiple of 4).
 layout(push_constant) uniform Shape {
-    int C, HP, WP, PS, O, OH, OW, GROUPS, OGP;
+    int C, HP, WP, PS, O, OH, OW, GROUPS, OGP, N, TPS;
 } shape;
 
 // Tensors are read through texel buffers (float and vec4 views of the same memory): a plain fetch on
@@ -41,6 +43,9 @@ layout(set = 0, binding = 2) uniform samplerBuffer w;
 layout(set = 0, binding = 3) uniform samplerBuffer w4;
 layout(set = 0, binding = 4) uniform samplerBuffer b;
 layout(std430, set = 0, binding = 5) writeonly buffer Output { float y[]; };
+// The same output as vec4s, for aligned runs of four: llvmpipe loops over the lanes for every storage
+// store, so one vec4 store costs about what one float store does.
+layout(std430, set = 0, binding = 5) writeonly buffer Output4 { vec4 y4[]; };
 
 #include "activation.glsl"
 

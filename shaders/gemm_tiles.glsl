@@ -85,6 +85,29 @@ void store_tile(int image, int group, int m0, int pixel[TN], bool live[TN]) {
     }
 }
 
+// Direct paths: the TN outputs of each row are consecutive pixels first, first + 1, ..., `valid` of
+// them live. A whole, 16-byte aligned run goes out as TN / 4 vec4 stores.
+void store_run(int image, int group, int m0, int first, int valid) {
+    const int og = shape.O / shape.GROUPS;
+    const int npix = shape.OH * shape.OW;
+    [[unroll]] for (int i = 0; i < TM; ++i) {
+        const int o = m0 + i;
+        if (o >= og)
+            continue;
+        const int channel = group * og + o;
+        const int base = (image * shape.O + channel) * npix + first;
+        if (valid == TN && (base & 3) == 0) {
+            [[unroll]] for (int q = 0; q < TN / 4; ++q)
+                y4[base / 4 + q] = vec4(epilogue(acc[i][4 * q], channel), epilogue(acc[i][4 * q + 1], channel),
+                                        epilogue(acc[i][4 * q + 2], channel), epilogue(acc[i][4 * q + 3], channel));
+        } else {
+            [[unroll]] for (int j = 0; j < TN; ++j)
+                if (j < valid)
+                    y[base + j] = epilogue(acc[i][j], channel);
+        }
+    }
+}
+
 void staged_gemm(int image, int group, int K) {
     const int tx = int(gl_LocalInvocationID.x);
     const int ty = int(gl_LocalInvocationID.y);

@@ -199,20 +199,16 @@ def test_work_group_counts_above_the_limit_are_split(vulkan):
         dev.limits.maxComputeWorkGroupCount[0:3] = original
 
 
-def test_batches_above_the_buffer_limits_are_split_or_refused(vulkan):
+def test_batches_above_the_buffer_limits_are_split_or_refused(vulkan, monkeypatch):
     backend, vk_runtime = vulkan
-    dev = vk_runtime.device(backend.BACKEND.select().index)
+    limits = vk_runtime.device(backend.BACKEND.select().index).limits
     x, w, b = _tensors((3, 4, 8, 8), (5, 4, 3, 3))
-    original = dev.limits.maxStorageBufferRange
-    try:
-        dev.limits.maxStorageBufferRange = 4 * 5 * 8 * 8 + 16  # one output image per buffer
-        with Conv2d(w, b, padding=1, backend="vulkan") as layer:
-            _assert_close(layer(x), conv2d_float64(x, w, b, padding=1))
-            dev.limits.maxStorageBufferRange = 64
-            with pytest.raises(ValueError, match="maxStorageBufferRange"):
-                layer(np.zeros((1, 4, 9, 9), np.float32))
-    finally:
-        dev.limits.maxStorageBufferRange = original
+    monkeypatch.setattr(limits, "maxStorageBufferRange", 4 * 5 * 8 * 8 + 16)  # one output image per buffer
+    with Conv2d(w, b, padding=1, backend="vulkan") as layer:
+        _assert_close(layer(x), conv2d_float64(x, w, b, padding=1))
+        limits.maxStorageBufferRange = 64
+        with pytest.raises(ValueError, match="maxStorageBufferRange"):
+            layer(np.zeros((1, 4, 9, 9), np.float32))
 
 
 @pytest.mark.parametrize("gpu", [False, True])
@@ -227,5 +223,54 @@ def test_gpu_kernels_variant_takes_the_staged_path(vulkan, monkeypatch, gpu, w_s
         force_gpu_kernels(monkeypatch, "vulkan", device.index)
     x, w, b = _tensors((2, 5, 9, 7), w_shape)
     with Conv2d(w, b, backend="vulkan", **kwargs) as layer:
-        assert layer._prepared.tiles.stage == gpu
+        assert layer._prepared.conv.tiles.stage == gpu
         _assert_close(layer(x), conv2d_float64(x, w, b, **kwargs))
+
+
+WINOGRAD_CASES = [
+    dict(x=(1, 128, 28, 24), w=(128, 128, 3, 3), kw=dict(padding=1, activation="relu")),  # OW % 4 == 0: vec4 rows
+    dict(x=(2, 128, 13, 18), w=(130, 128, 3, 3), kw=dict(padding=(1, 0, 2, 1), activation="silu")),  # ragged tiles
+    dict(x=(3, 130, 11, 13), w=(128, 130, 3, 3), kw=dict(padding="same")),  # 3 images' tiles in one GEMM row
+]
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=lambda c: f"x{c['x']}-w{c['w']}")
+def test_winograd_matches_float64(vulkan, monkeypatch, gpu, case):
+    backend, vk_runtime = vulkan
+    if gpu:
+        force_gpu_kernels(monkeypatch, "vulkan", backend.BACKEND.select().index)
+    x, w, b = _tensors(case["x"], case["w"])
+    with Conv2d(w, b, backend="vulkan", **case["kw"]) as layer:
+        assert layer._prepared.uses_winograd(x, layer.geometry(x))
+        assert layer._prepared.winograd.gemm.tiles.stage == (gpu or backend.BACKEND.select().type != "cpu")
+        _assert_close(layer(x), conv2d_float64(x, w, b, **case["kw"]))
+
+
+def test_winograd_layer_takes_the_direct_shader_for_non_finite_or_huge_input(vulkan):
+    x, w, b = _tensors((1, 128, 24, 24), (128, 128, 3, 3))
+    with Conv2d(w, b, padding=1, backend="vulkan") as layer:
+        geom = layer.geometry(x)
+        assert layer._prepared.uses_winograd(x, geom)
+        for value in (np.nan, np.inf, 3e37):  # 3e37 is finite, but the transforms would overflow it
+            bad = x.copy()
+            bad[0, 5, 7, 9] = value
+            assert not layer._prepared.uses_winograd(bad, geom)
+            with np.errstate(invalid="ignore", over="ignore"):
+                ref = conv2d_float64(bad, w, b, padding=1)
+            y = layer(bad)
+            assert np.array_equal(np.isnan(y), np.isnan(ref)) and np.array_equal(np.isinf(y), np.isinf(ref))
+            finite = np.isfinite(ref)
+            assert np.abs(y[finite] - ref[finite]).max() <= 1e-4 * max(1.0, np.abs(ref[finite]).max())
+
+
+def test_winograd_batches_above_the_buffer_limits_are_split(vulkan, monkeypatch):
+    backend, vk_runtime = vulkan
+    limits = vk_runtime.device(backend.BACKEND.select().index).limits
+    x, w, b = _tensors((3, 128, 16, 16), (128, 128, 3, 3))
+    monkeypatch.setattr(limits, "maxStorageBufferRange", 4 * 36 * 128 * (16 + 8))  # one image's tiles per buffer
+    with Conv2d(w, b, padding=1, backend="vulkan") as layer:
+        geom = layer.geometry(x)
+        assert layer._prepared.uses_winograd(x, geom)
+        _assert_close(layer(x), conv2d_float64(x, w, b, padding=1))
+        assert len(layer._prepared._plan(geom, True).chunks) == 3

@@ -3,7 +3,9 @@
 Per-layer values (kernel, stride, dilation, activation, tiles) are specialization constants, shapes are push
 constants, so one pipeline serves every input size of a layer. Each input geometry gets its buffers and a
 command buffer recorded once; a call then only writes x (zero-padded, see conv2d_layout.glsl), submits,
-waits and reads y.
+waits and reads y. 3x3 stride-1 layers with enough channels run Winograd F(4,3) for finite inputs: three
+dispatches in the one command buffer (input transform, 36 GEMMs as one grouped conv2d_gemm_1x1, output
+transform with bias and activation).
 """
 from __future__ import annotations
 
@@ -11,20 +13,28 @@ import math
 import struct
 import threading
 from collections import OrderedDict
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import vulkan as vk
 
 from ..spec import Conv2dGeometry, Conv2dSpec
-from . import _vk
+from . import _vk, _winograd
 from .base import Backend, BackendUnavailable, DeviceInfo, Prepared
 from .vulkan_spirv import SPIRV
 
 _PLANS_KEPT = 4  # recorded geometries kept per layer; older ones go back to the pool
 # x, x as vec4, w, w as vec4, b, y: the bindings of shaders/conv2d_layout.glsl.
 _BINDINGS = (_vk.TEXEL_FLOAT, _vk.TEXEL_VEC4, _vk.TEXEL_FLOAT, _vk.TEXEL_VEC4, _vk.TEXEL_FLOAT, _vk.STORAGE)
-_PUSH = struct.Struct("<9i")  # C, HP, WP, PS, O, OH, OW, GROUPS, OGP
+_PUSH = struct.Struct("<11i")  # C, HP, WP, PS, O, OH, OW, GROUPS, OGP, N, TPS
+# Winograd pays once both channel counts reach this (its transforms cost ~36/C and ~16/O of its GEMMs,
+# whose K is C) and the batch has this many 4x4 tiles (its 36 GEMMs are that wide), by device kind.
+# CPU (llvmpipe, measured): 1.35-1.9x faster from 128 channels and 32 tiles, about even at 64 channels,
+# slower below. GPU: conventional, not yet measured.
+WINOGRAD_MIN_CHANNELS = {"cpu": 128, "gpu": 32}
+WINOGRAD_MIN_TILES = {"cpu": 32, "gpu": 16}
+_TRANSFORM_LANES = 64  # work-group width of the Winograd transforms
 
 
 class VulkanBackend(Backend):
@@ -55,8 +65,8 @@ class Tiles:
     cb: int = 1
 
 
-def choose_tiles(spec: Conv2dSpec, dev: _vk.Device) -> Tiles:
-    """Tiles by device kind, shrunk to the device's limits.
+def choose_tiles(algorithm: str, dev: _vk.Device) -> Tiles:
+    """Tiles by device kind for one of the shaders (`conv2d_<algorithm>`), shrunk to the device's limits.
 
     llvmpipe runs a work group as SIMD lanes of one CPU thread and emulates shared memory and barriers
     slowly, so CPU devices take the direct path: one subgroup per work group, a 16 x 4 register tile,
@@ -68,14 +78,14 @@ def choose_tiles(spec: Conv2dSpec, dev: _vk.Device) -> Tiles:
     lanes = dev.subgroup_size
     direct = (dev.type == "cpu" and 4 <= lanes <= limits.maxComputeWorkGroupSize[0]
               and lanes <= limits.maxComputeWorkGroupInvocations)
-    if spec.algorithm == "depthwise":  # no subgroup operations: any work-group width
+    if algorithm == "depthwise":  # no subgroup operations: any work-group width
         width = min(64, limits.maxComputeWorkGroupSize[0], limits.maxComputeWorkGroupInvocations)
         return Tiles(width, 1, 1, 8 if direct else 4, 1, False)
     if not dev.subgroup_shuffle:
         raise ValueError("vulkan: the device has no subgroup shuffles in compute shaders, which the GEMM "
                          "shaders declare (Vulkan's subgroupSupportedOperations)")
     if direct:
-        return Tiles(lanes, 1, 16, 4, 1, False, 8 if spec.algorithm == "gemm_1x1" else 1)
+        return Tiles(lanes, 1, 16, 4, 1, False, 8 if algorithm == "gemm_1x1" else 1)
     lx, ly, bk = 16, 8, 16
     while lx * ly > limits.maxComputeWorkGroupInvocations or ly > limits.maxComputeWorkGroupSize[1]:
         ly //= 2
@@ -93,32 +103,117 @@ def _round_up(value: int, step: int) -> int:
     return -(-value // step) * step
 
 
-class _Plan:
-    """Buffers and a recorded command buffer for one input geometry, split by batch where a buffer would
-    exceed maxTexelBufferElements or maxStorageBufferRange."""
+def pack_weights(w: np.ndarray, groups: int, t: Tiles, depthwise: bool) -> tuple[np.ndarray, int]:
+    """Weights (O, C/groups, kh, kw) in the order the shader walks them, zero-padded to whole tiles so it
+    never checks bounds, and the padded output channels per group (the shaders' OGP).
 
-    def __init__(self, layer: "VulkanConv2d", geom: Conv2dGeometry):
+    Staged: [group][k][o], a K step reads a run of output channels. Direct: [group][channel tile][c]
+    [kh*kw][tm] with c padded to whole blocks of cb, plus one lane-fetch of slack at the end.
+    Depthwise: as given, (O, kh*kw).
+    """
+    o, cg, kh, kw = w.shape
+    taps = kh * kw
+    if depthwise:
+        return np.ascontiguousarray(w.reshape(o, taps)), 0
+    og = o // groups
+    ogp = _round_up(og, t.tm * t.ly)
+    if t.stage:
+        packed = np.zeros((groups, _round_up(cg * taps, t.bk), ogp), np.float32)
+        packed[:, :cg * taps, :og] = w.reshape(groups, og, cg * taps).transpose(0, 2, 1)
+        return packed.reshape(-1), ogp
+    cg_padded = _round_up(cg, t.cb)
+    padded = np.zeros((groups, ogp, cg_padded, taps), np.float32)
+    padded[:, :og, :cg] = w.reshape(groups, og, cg, taps)
+    blocks = padded.reshape(groups, ogp // t.tm, t.tm, cg_padded, taps).transpose(0, 1, 3, 4, 2)
+    return np.concatenate([blocks.reshape(-1), np.zeros(4 * t.lx, np.float32)]), ogp
+
+
+def work_groups(t: Tiles, algorithm: str, oh: int, ow: int, og: int, planes: int) -> tuple[int, int, int]:
+    """Work-group counts of one shader over `planes` (images x groups, or output planes for depthwise)
+    of oh x ow outputs and og output channels per group."""
+    row_items = oh * math.ceil(ow / t.tn)  # an item: tn neighbouring outputs of a row
+    if algorithm == "depthwise":
+        return (math.ceil(row_items / t.lx), 1, planes)
+    channel_tiles = math.ceil(og / (t.tm * t.ly))
+    if t.stage:
+        return (math.ceil(oh * ow / (t.tn * t.lx)), channel_tiles, planes)
+    items = math.ceil(oh * ow / t.tn) if algorithm == "gemm_1x1" else row_items
+    return (math.ceil(items / t.lx), channel_tiles, planes)
+
+
+class _Shader:
+    """One GEMM-shaped or depthwise pass of a layer: its tiles, packed weights on the device, pipeline."""
+
+    def __init__(self, dev: _vk.Device, algorithm: str, w: np.ndarray, groups: int, constants: dict,
+                 tiles: Tiles | None = None):
+        self.algorithm = algorithm
+        t = self.tiles = tiles or choose_tiles(algorithm, dev)
+        packed, self.row_stride = pack_weights(w, groups, t, algorithm == "depthwise")
+        if packed.size > dev.limits.maxTexelBufferElements:
+            raise ValueError(
+                f"vulkan: the packed weights ({packed.size} floats) exceed the device's maxTexelBufferElements "
+                f"({dev.limits.maxTexelBufferElements})"
+            )
+        constants = {**constants, 0: t.lx, 1: t.ly, 12: t.tm, 13: t.tn, 14: t.bk, 15: t.stage, 16: t.cb}
+        name = f"conv2d_{algorithm}"
+        self.pipeline = dev.pipeline(name, SPIRV[name], constants, _BINDINGS, _PUSH.size)
+        self.w = _vk.upload(dev, packed)
+
+
+class _Winograd:
+    """The Winograd form of a 3x3 stride-1 layer: transform pipelines and the 36 GEMMs' weights."""
+
+    def __init__(self, dev: _vk.Device, spec: Conv2dSpec, w: np.ndarray, epilogue: dict):
+        u = _winograd.weights(w)  # (36, C, O): as a grouped 1x1 layer, (36 * O, C, 1, 1)
+        gemm_w = np.ascontiguousarray(u.transpose(0, 2, 1)).reshape(36 * spec.out_channels, spec.in_channels, 1, 1)
+        tiles = choose_tiles("gemm_1x1", dev)
+        if not tiles.stage:  # its K is only C: 8 pixels per lane halve llvmpipe's per-work-group cost
+            tiles = dataclasses.replace(tiles, tn=8)
+        self.gemm = _Shader(dev, "gemm_1x1", gemm_w, 36, {11: False}, tiles)
+        lanes = min(_TRANSFORM_LANES, dev.limits.maxComputeWorkGroupSize[0], dev.limits.maxComputeWorkGroupInvocations)
+        self.lanes = lanes
+        self.input = dev.pipeline("conv2d_winograd_input", SPIRV["conv2d_winograd_input"], {0: lanes, 1: 1},
+                                  _BINDINGS, _PUSH.size)
+        self.output = dev.pipeline("conv2d_winograd_output", SPIRV["conv2d_winograd_output"],
+                                   {0: lanes, 1: 1, **epilogue}, _BINDINGS, _PUSH.size)
+
+    def tile_plane(self, tiles: int) -> int:
+        """TPS: floats between V's tile planes, whole vec4s and whole GEMM pixel tiles."""
+        return _round_up(tiles, max(4, self.gemm.tiles.tn))
+
+
+class _Plan:
+    """Buffers and a recorded command buffer for one input geometry and path, split by batch where a
+    buffer would exceed maxTexelBufferElements or maxStorageBufferRange."""
+
+    def __init__(self, layer: "VulkanConv2d", geom: Conv2dGeometry, winograd: bool):
         dev = self.device = layer.dev
         self.geom = geom
-        hp, wp, ps = self.padded = layer.padded_input(geom)
+        hp, wp, ps = self.padded = layer.padded_input(geom, winograd)
         in_image, out_image = geom.c * ps, geom.o * geom.oh * geom.ow
+        textures, writes = [in_image], [out_image]
+        if winograd:  # per image: V (up to a GEMM pixel tile of padding per chunk) and M
+            th, tw = _winograd.tile_grid(geom)
+            self.tiles = th * tw
+            textures += [36 * geom.c * (self.tiles + layer.winograd.tile_plane(1)), 36 * geom.o * self.tiles]
+            writes += textures[1:]
         limits = dev.limits
-        per_chunk = min(limits.maxTexelBufferElements // in_image, limits.maxStorageBufferRange // (4 * out_image))
+        per_chunk = min(min(limits.maxTexelBufferElements // t for t in textures),
+                        min(limits.maxStorageBufferRange // (4 * s) for s in writes))
         if per_chunk < 1:
             raise ValueError(
                 f"vulkan: one image of input {geom.input_shape[1:]} or output {geom.output_shape[1:]} exceeds the "
                 f"device's maxTexelBufferElements ({limits.maxTexelBufferElements} floats) or "
                 f"maxStorageBufferRange ({limits.maxStorageBufferRange} bytes)"
             )
-        push = _PUSH.pack(geom.c, hp, wp, ps, geom.o, geom.oh, geom.ow, geom.groups, layer.row_stride)
         self.chunks, self._owned = [], []
         try:
-            self.recording = self._record(layer, geom, per_chunk, push)
+            self.recording = self._record(layer, geom, per_chunk, winograd)
         except BaseException:
             self._release()
             raise
 
-    def _record(self, layer: "VulkanConv2d", geom: Conv2dGeometry, per_chunk: int, push: bytes) -> _vk.Recording:
+    def _record(self, layer: "VulkanConv2d", geom: Conv2dGeometry, per_chunk: int, winograd: bool) -> _vk.Recording:
         dev, (hp, wp, ps) = self.device, self.padded
         in_image, out_image = geom.c * ps, geom.o * geom.oh * geom.ow
         dispatches, copies_in, copies_out = [], [], []
@@ -136,9 +231,35 @@ class _Plan:
             interior = x_host.array[: n * in_image].reshape(n, geom.c, ps)[:, :, : hp * wp].reshape(n, geom.c, hp, wp)
             interior = interior[:, :, geom.pt:geom.pt + geom.h, geom.pl:geom.pl + geom.w]
             self.chunks.append((start, n, interior, y_host))
-            buffers = [x_dev, x_dev, layer.w, layer.w, layer.b, y_dev]
-            dispatches.append(_vk.Dispatch(layer.pipeline, buffers, push, layer.groups(geom, n)))
+            if winograd:
+                dispatches += self._winograd_dispatches(layer, geom, n, x_dev, y_dev)
+            else:
+                conv = layer.conv
+                push = _PUSH.pack(geom.c, hp, wp, ps, geom.o, geom.oh, geom.ow, geom.groups, conv.row_stride, n, 0)
+                planes = n * geom.o if conv.algorithm == "depthwise" else n * geom.groups
+                groups = work_groups(conv.tiles, conv.algorithm, geom.oh, geom.ow, geom.og, planes)
+                dispatches.append(_vk.Dispatch(conv.pipeline, [x_dev, x_dev, conv.w, conv.w, layer.b, y_dev], push, groups))
         return _vk.Recording(dev, dispatches, copies_in, copies_out)
+
+    def _winograd_dispatches(self, layer: "VulkanConv2d", geom: Conv2dGeometry, n: int, x_dev, y_dev) -> list:
+        """V = B^T d B per tile; M = U V as 36 GEMMs over the n images' tiles (one image of a 1x1 layer of
+        36 groups, a pixel per tile); y = A^T M A."""
+        (hp, wp, ps), wino = self.padded, layer.winograd
+        pixels = n * self.tiles
+        tps = wino.tile_plane(pixels)
+        v = self._buffer(4 * 36 * geom.c * tps, False)
+        m = self._buffer(4 * 36 * geom.o * pixels, False)
+        gemm, unused = wino.gemm, wino.gemm.w  # bindings a shader does not read still need a buffer
+        transform_push = _PUSH.pack(geom.c, hp, wp, ps, geom.o, geom.oh, geom.ow, 1, 0, n, tps)
+        gemm_push = _PUSH.pack(36 * geom.c, 1, pixels, tps, 36 * geom.o, 1, pixels, 36, gemm.row_stride, 1, 0)
+        return [
+            _vk.Dispatch(wino.input, [x_dev, x_dev, unused, unused, layer.b, v], transform_push,
+                         (math.ceil(pixels / (4 * wino.lanes)), 1, geom.c)),  # 4 tiles per invocation
+            _vk.Dispatch(gemm.pipeline, [v, v, gemm.w, gemm.w, layer.b, m], gemm_push,
+                         work_groups(gemm.tiles, "gemm_1x1", 1, pixels, geom.o, 36)),
+            _vk.Dispatch(wino.output, [m, m, unused, unused, layer.b, y_dev], transform_push,
+                         (math.ceil(pixels / wino.lanes), 1, geom.o)),
+        ]
 
     def _buffer(self, nbytes: int, host: bool) -> _vk.Buffer:
         buf = self.device.acquire(nbytes, host)
@@ -167,56 +288,36 @@ class _Plan:
 
 
 class VulkanConv2d(Prepared):
-    """A layer on one Vulkan device: packed weights, a specialized pipeline, recorded plans per geometry."""
+    """A layer on one Vulkan device: packed weights, specialized pipelines, recorded plans per geometry."""
 
     def __init__(self, spec: Conv2dSpec, w: np.ndarray, b: np.ndarray | None, device: DeviceInfo):
         self.device, self.spec = device, spec
         dev = self.dev = _vk.device(device.index)
-        t = self.tiles = choose_tiles(spec, dev)
-        packed, self.row_stride = self._pack(w)
-        if packed.size > dev.limits.maxTexelBufferElements:
-            raise ValueError(
-                f"vulkan: the packed weights ({packed.size} floats) exceed the device's maxTexelBufferElements "
-                f"({dev.limits.maxTexelBufferElements})"
-            )
         act = spec.activation
-        constants = {0: t.lx, 1: t.ly, 2: spec.kh, 3: spec.kw, 4: spec.stride[0], 5: spec.stride[1],
-                     6: spec.dilation[0], 7: spec.dilation[1], 8: act.code, 9: act.alpha, 10: act.beta,
-                     11: b is not None, 12: t.tm, 13: t.tn, 14: t.bk, 15: t.stage, 16: t.cb}
-        shader = f"conv2d_{spec.algorithm}"
-        self.pipeline = dev.pipeline(shader, SPIRV[shader], constants, _BINDINGS, _PUSH.size)
-        self.w = _vk.upload(dev, packed)
-        self.b = _vk.upload(dev, b if b is not None else np.zeros(1, np.float32))
-        self._plans: OrderedDict[Conv2dGeometry, _Plan] = OrderedDict()
+        epilogue = {8: act.code, 9: act.alpha, 10: act.beta, 11: b is not None}
+        constants = {2: spec.kh, 3: spec.kw, 4: spec.stride[0], 5: spec.stride[1],
+                     6: spec.dilation[0], 7: spec.dilation[1], **epilogue}
+        self.b = self.conv = self.winograd = None
+        try:
+            self.b = _vk.upload(dev, b if b is not None else np.zeros(1, np.float32))
+            self.conv = _Shader(dev, spec.algorithm, w, spec.groups, constants)
+            if ((spec.kh, spec.kw, spec.stride, spec.dilation, spec.groups) == (3, 3, (1, 1), (1, 1), 1)
+                    and min(spec.in_channels, spec.out_channels) >= WINOGRAD_MIN_CHANNELS[self._kind]):
+                self.winograd = _Winograd(dev, spec, w, epilogue)
+        except BaseException:
+            self._release_weights()
+            raise
+        self._plans: OrderedDict[tuple[Conv2dGeometry, bool], _Plan] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _pack(self, w: np.ndarray) -> tuple[np.ndarray, int]:
-        """Weights in the order the shader walks them, zero-padded to whole tiles so it never checks bounds,
-        and the padded output channels per group (the shaders' OGP).
-
-        Staged: [group][k][o], a K step reads a run of output channels. Direct: [group][channel tile][c]
-        [kh*kw][tm] with c padded to whole blocks of cb, plus one lane-fetch of slack at the end.
-        Depthwise: as given, (O, kh*kw).
-        """
-        spec, t = self.spec, self.tiles
-        if spec.is_depthwise:
-            return np.ascontiguousarray(w.reshape(spec.out_channels, spec.kh * spec.kw)), 0
-        g, og, cg = spec.groups, spec.out_channels // spec.groups, w.shape[1]
-        taps = spec.kh * spec.kw
-        ogp = _round_up(og, t.tm * t.ly)
-        if t.stage:
-            packed = np.zeros((g, _round_up(cg * taps, t.bk), ogp), np.float32)
-            packed[:, :cg * taps, :og] = w.reshape(g, og, cg * taps).transpose(0, 2, 1)
-            return packed.reshape(-1), ogp
-        cg_padded = _round_up(cg, t.cb)
-        padded = np.zeros((g, ogp, cg_padded, taps), np.float32)
-        padded[:, :og, :cg] = w.reshape(g, og, cg, taps)
-        blocks = padded.reshape(g, ogp // t.tm, t.tm, cg_padded, taps).transpose(0, 1, 3, 4, 2)
-        return np.concatenate([blocks.reshape(-1), np.zeros(4 * t.lx, np.float32)]), ogp
-
-    def padded_input(self, geom: Conv2dGeometry) -> tuple[int, int, int]:
+    def padded_input(self, geom: Conv2dGeometry, winograd: bool) -> tuple[int, int, int]:
         """(HP, WP, PS): the zero-padded planes the shaders read, large enough for every fetch they make."""
-        t = self.tiles
+        if winograd:  # whole 6x6 tiles, each row two vec4s
+            th, tw = _winograd.tile_grid(geom)
+            hp = max(geom.pt + geom.h, 4 * th + 2)
+            wp = _round_up(max(geom.pl + geom.w, 4 * tw + 4), 4)
+            return hp, wp, hp * wp
+        t = self.conv.tiles
         if self.spec.algorithm == "gemm_1x1":
             return geom.h, geom.w, _round_up(geom.h * geom.w, max(4, t.tn))
         span4 = -(-((t.tn - 1) * geom.sw + (geom.kw - 1) * geom.dw + 1) // 4)
@@ -225,44 +326,49 @@ class VulkanConv2d(Prepared):
         wp = _round_up(max(geom.pl + geom.w, last_tile * geom.sw + 4 * span4), 4)
         return hp, wp, hp * wp
 
-    def groups(self, geom: Conv2dGeometry, n: int) -> tuple[int, int, int]:
-        """Work-group counts for n images; batch (and group or channel plane) ride on z."""
-        t = self.tiles
-        row_items = geom.oh * math.ceil(geom.ow / t.tn)  # an item: tn neighbouring outputs of a row
-        if self.spec.is_depthwise:
-            return (math.ceil(row_items / t.lx), 1, n * geom.o)
-        channel_tiles = math.ceil(geom.og / (t.tm * t.ly))
-        if t.stage:
-            return (math.ceil(geom.oh * geom.ow / (t.tn * t.lx)), channel_tiles, n * geom.groups)
-        items = math.ceil(geom.oh * geom.ow / t.tn) if self.spec.algorithm == "gemm_1x1" else row_items
-        return (math.ceil(items / t.lx), channel_tiles, n * geom.groups)
+    @property
+    def _kind(self) -> str:
+        return "cpu" if self.dev.type == "cpu" else "gpu"
 
-    def _plan(self, geom: Conv2dGeometry) -> _Plan:
-        plan = self._plans.pop(geom, None) or _Plan(self, geom)
-        self._plans[geom] = plan
+    def uses_winograd(self, x: np.ndarray, geom: Conv2dGeometry) -> bool:
+        """Winograd for enough tiles and a finite input well inside float32's range (`_winograd.safe`)."""
+        th, tw = _winograd.tile_grid(geom)
+        return (self.winograd is not None and geom.n * th * tw >= WINOGRAD_MIN_TILES[self._kind]
+                and _winograd.safe(x))
+
+    def _plan(self, geom: Conv2dGeometry, winograd: bool) -> _Plan:
+        key = (geom, winograd)
+        plan = self._plans.pop(key, None) or _Plan(self, geom, winograd)
+        self._plans[key] = plan
         while len(self._plans) > _PLANS_KEPT:
             self._plans.popitem(last=False)[1].close()
         return plan
 
     def profile(self, x, geom: Conv2dGeometry):
         with self._lock:
-            if self.w is None:
+            if self.b is None:
                 raise ValueError("this Vulkan layer is closed")
-            return self._plan(geom).run(x)
+            return self._plan(geom, self.uses_winograd(x, geom)).run(x)
 
     def run(self, x, geom: Conv2dGeometry):
         return self.profile(x, geom)[0]
 
     def close(self) -> None:
         with self._lock:
-            if self.w is None:
+            if self.b is None:
                 return
             for plan in self._plans.values():
                 plan.close()
             self._plans.clear()
-            self.dev.release(self.w)
+            self._release_weights()
+
+    def _release_weights(self) -> None:
+        for shader in (self.conv, self.winograd and self.winograd.gemm):
+            if shader is not None:
+                self.dev.release(shader.w)
+        if self.b is not None:
             self.dev.release(self.b)
-            self.w = self.b = None
+        self.b = self.conv = self.winograd = None
 
 
 BACKEND = VulkanBackend()
