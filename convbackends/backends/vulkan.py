@@ -13,8 +13,7 @@ import math
 import struct
 import threading
 from collections import OrderedDict
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import vulkan as vk
@@ -166,18 +165,18 @@ class _Winograd:
     """The Winograd form of a 3x3 stride-1 layer: transform pipelines and the 36 GEMMs' weights."""
 
     def __init__(self, dev: _vk.Device, spec: Conv2dSpec, w: np.ndarray, epilogue: dict):
-        u = _winograd.weights(w)  # (36, C, O): as a grouped 1x1 layer, (36 * O, C, 1, 1)
-        gemm_w = np.ascontiguousarray(u.transpose(0, 2, 1)).reshape(36 * spec.out_channels, spec.in_channels, 1, 1)
-        tiles = choose_tiles("gemm_1x1", dev)
-        if not tiles.stage:  # its K is only C: 8 pixels per lane halve llvmpipe's per-work-group cost
-            tiles = dataclasses.replace(tiles, tn=8)
-        self.gemm = _Shader(dev, "gemm_1x1", tiles, gemm_w, 36, {11: False})
         lanes = min(_TRANSFORM_LANES, dev.limits.maxComputeWorkGroupSize[0], dev.limits.maxComputeWorkGroupInvocations)
         self.lanes = lanes
         self.input = dev.pipeline("conv2d_winograd_input", SPIRV["conv2d_winograd_input"], {0: lanes, 1: 1},
                                   _BINDINGS, _PUSH.size)
         self.output = dev.pipeline("conv2d_winograd_output", SPIRV["conv2d_winograd_output"],
                                    {0: lanes, 1: 1, **epilogue}, _BINDINGS, _PUSH.size)
+        u = _winograd.weights(w)  # (36, C, O): as a grouped 1x1 layer, (36 * O, C, 1, 1)
+        gemm_w = np.ascontiguousarray(u.transpose(0, 2, 1)).reshape(36 * spec.out_channels, spec.in_channels, 1, 1)
+        tiles = choose_tiles("gemm_1x1", dev)
+        if not tiles.stage:  # its K is only C: 8 pixels per lane halve llvmpipe's per-work-group cost
+            tiles = replace(tiles, tn=8)
+        self.gemm = _Shader(dev, "gemm_1x1", tiles, gemm_w, 36, {11: False})  # uploads last: nothing to undo
 
     def tile_plane(self, tiles: int) -> int:
         """TPS: floats between V's tile planes, whole vec4s and whole GEMM pixel tiles."""
