@@ -9,9 +9,11 @@ OpenCL GPU kernels' sources, and a GPU's Vulkan driver runs the staged shaders.
 import dataclasses
 import os
 
+import numpy as np
 import pytest
 
 import convbackends
+from convbackends.reference import conv2d_float64
 
 # CI has PoCL and lavapipe: a skip of these there is a defect, so it fails the run instead.
 REQUIRED_IN_CI = ("numpy", "opencl", "vulkan")
@@ -63,3 +65,20 @@ def target(request, monkeypatch):
     if variant == GPU_KERNELS:
         force_gpu_kernels(monkeypatch, name, index)
     return name, index
+
+
+def assert_winograd_leaves_non_finite_input(layer, x, w, b, **kwargs):
+    """A NaN, an inf or a finite value the transforms would overflow sends the layer to its direct
+    kernels, whose outputs keep IEEE semantics: non-finite exactly where the float64 oracle has them."""
+    geom = layer.geometry(x)
+    assert layer._prepared.uses_winograd(x, geom)
+    for value in (np.nan, np.inf, 3e37):
+        bad = x.copy()
+        bad[0, 5, 7, 9] = value
+        assert not layer._prepared.uses_winograd(bad, geom)
+        with np.errstate(invalid="ignore", over="ignore"):
+            ref = conv2d_float64(bad, w, b, **kwargs)
+        y = layer(bad)
+        assert np.array_equal(np.isnan(y), np.isnan(ref)) and np.array_equal(np.isinf(y), np.isinf(ref))
+        finite = np.isfinite(ref)
+        assert np.abs(y[finite] - ref[finite]).max() <= 1e-4 * max(1.0, np.abs(ref[finite]).max())

@@ -82,3 +82,18 @@ def test_build_error_carries_the_nvrtc_log():
     source = _kernels.read_kernel("prelude.h") + "KERNEL void broken(GLOBAL float* y) { y[0] = no_such_value; }\n"
     with pytest.raises(_kernels.KernelBuildError, match="no_such_value"):
         BACKEND.runtime().kernel(source, "broken")
+
+
+@needs_gpu
+def test_winograd_for_host_input_direct_kernels_for_cupy_arrays():
+    import cupy as cp
+
+    x, w, b = _tensors((2, 64, 30, 28), (96, 64, 3, 3))
+    ref = conv2d_float64(x, w, b, padding=1, activation="relu")
+    tol = 1e-4 * max(1.0, np.abs(ref).max())
+    with Conv2d(w, b, backend="cuda", padding=1, activation="relu") as layer:
+        geom = layer.geometry(x)
+        assert layer._prepared.uses_winograd(x, geom)
+        assert np.abs(layer(x) - ref).max() <= tol
+        assert not layer._prepared.uses_winograd(cp.asarray(x), geom)
+        assert np.abs(layer(cp.asarray(x)).get() - ref).max() <= tol

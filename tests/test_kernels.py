@@ -39,12 +39,23 @@ def _representative_plans():
 PLANS = _representative_plans()
 
 
+def _winograd_plan(limits=GPU, o=64, c=32, activation="silu"):
+    w = np.random.default_rng(0).standard_normal((o, c, 3, 3)).astype(np.float32)
+    spec = Conv2dSpec.create(w, padding=1, activation=activation)
+    return _kernels.WinogradPlan(spec, w, None, limits, lambda plan: None, lambda kernel: limits.max_threads)
+
+
+WINOGRAD_PLAN = _winograd_plan()
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_cuda_kernels_compile_with_nvcc(tmp_path, arch):
     sources = [(plan.kernel_name, plan.source, plan.options) for plan in PLANS]
     sources.append(("copy_strided", _kernels.source("copy_strided"), ()))
     sources.append(("pad_input", PLANS[0].pad_source, PLANS[0].pad_options))
+    winograd = WINOGRAD_PLAN
+    sources += [(name, winograd.source, winograd.options) for name in ("conv2d_winograd_input", "conv2d_winograd_output")]
     jobs = []
     for i, (name, source, options) in enumerate(sources):
         cu, ptx = tmp_path / f"{name}_{i}.cu", tmp_path / f"{name}_{i}.ptx"
@@ -169,3 +180,20 @@ def test_cpu_depthwise_and_pad_copy_work_in_rows():
     assert depthwise.dw_vec == 8 and wp == lx * 8 * 2 + 2  # the last 16-input read of a row stays inside it
     launch = depthwise.pad_launch(geom)
     assert launch.local_size == (1, _kernels.PAD_CPU_LOCAL[1], 1) and launch.global_size[0] * launch.local_size[1] >= 8 * hp
+
+
+def test_winograd_plan_runs_the_36_gemms_as_one_grouped_1x1_layer_over_the_batch():
+    for limits, kernel in ((GPU, "conv2d_gemm_1x1"), (CPU, "conv2d_cpu_gemm")):
+        plan = _winograd_plan(limits, o=40, c=24)
+        assert plan.gemm.kernel_name == kernel and plan.gemm.spec.groups == 36
+        geom = plan.spec.geometry((3, 24, 13, 18))  # 4 x 5 tiles of 4x4 per image
+        assert plan.pixels(geom) == 3 * 20 and plan.tile_plane(geom) == 64
+        assert plan.padded(geom) == (4 * 4 + 2, 4 * 5 + 2)
+        gemm = plan.gemm_geometry(geom)
+        assert (gemm.n, gemm.c, gemm.o, gemm.oh, gemm.ow) == (1, 36 * 24, 36 * 40, 1, 64)
+        assert plan.gemm.padded(gemm) is None  # V is read in place: whole 8-pixel blocks
+        launch = plan.input_launch(geom)
+        assert launch.global_size[1] == 24 and launch.global_size[0] >= 64
+    assert not _kernels.WinogradPlan.eligible(Conv2dSpec.create(np.zeros((64, 64, 3, 3), np.float32), stride=2), GPU)
+    assert _kernels.WinogradPlan.eligible(Conv2dSpec.create(np.zeros((64, 64, 3, 3), np.float32)), GPU)
+    assert not _kernels.WinogradPlan.eligible(Conv2dSpec.create(np.zeros((64, 64, 3, 3), np.float32)), CPU)

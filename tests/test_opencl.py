@@ -6,7 +6,7 @@ programs, since each new one costs PoCL a few seconds.
 import numpy as np
 import pytest
 
-from conftest import force_gpu_kernels, require
+from conftest import assert_winograd_leaves_non_finite_input, force_gpu_kernels, require
 from convbackends import Conv2d, available_backends
 from convbackends.backends import _kernels
 from convbackends.parity import Case
@@ -153,7 +153,7 @@ def test_numpy_calls_reuse_device_buffers_but_return_fresh_arrays():
 def test_programs_are_built_once_and_kernels_kept(rt):
     x, w, b = _tensors((1, 4, 6, 5), (8, 4, 3, 3))
     with Conv2d(w, b, padding=1, backend="opencl") as a, Conv2d(w * 2, None, padding=1, backend="opencl") as c:
-        assert a._prepared._kernel is c._prepared._kernel
+        assert a._prepared._direct.kernel is c._prepared._direct.kernel
     source = _kernels.source("copy_strided")
     assert rt.kernel(source, "copy_strided") is rt.kernel(source, "copy_strided")
 
@@ -172,3 +172,30 @@ def test_prepared_close_is_idempotent_and_final():
     prepared.close()
     with pytest.raises(ValueError, match="closed"):
         prepared.run(x, layer.geometry(x))
+
+
+WINOGRAD_CASES = [
+    ((1, 128, 16, 16), (128, 128, 3, 3), dict(padding=1, activation="relu")),
+    ((2, 128, 13, 18), (130, 128, 3, 3), dict(padding=(1, 0, 2, 1), activation="silu")),  # ragged tiles
+    ((3, 130, 11, 13), (128, 130, 3, 3), dict(padding="same")),  # 3 images' tiles in one GEMM
+]
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["device-kernels", "gpu-kernels"])
+@pytest.mark.parametrize("x_shape, w_shape, kwargs", WINOGRAD_CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_winograd_matches_float64(monkeypatch, gpu, x_shape, w_shape, kwargs):
+    device = BACKEND.select()
+    if gpu and device.type == "cpu":
+        force_gpu_kernels(monkeypatch, "opencl", device.index)
+    x, w, b = _tensors(x_shape, w_shape)
+    with Conv2d(w, b, backend="opencl", **kwargs) as layer:
+        assert layer._prepared.uses_winograd(x, layer.geometry(x))
+        _assert_close(layer(x), conv2d_float64(x, w, b, **kwargs))
+
+
+def test_winograd_layer_takes_the_direct_kernels_for_non_finite_input_and_device_arrays(rt):
+    x, w, b = _tensors((1, 128, 16, 16), (128, 128, 3, 3))
+    with Conv2d(w, b, padding=1, backend="opencl") as layer:
+        assert not layer._prepared.uses_winograd(cla.to_device(rt.queue, x), layer.geometry(x))
+        _assert_close(layer(cla.to_device(rt.queue, x)).get(), conv2d_float64(x, w, b, padding=1))
+        assert_winograd_leaves_non_finite_input(layer, x, w, b, padding=1)

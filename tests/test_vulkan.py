@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import force_gpu_kernels, require
+from conftest import assert_winograd_leaves_non_finite_input, force_gpu_kernels, require
 from convbackends import Conv2d, available_backends
 from convbackends.backends import vulkan_spirv
 from convbackends.parity import Case, compare
@@ -250,18 +250,7 @@ def test_winograd_matches_float64(vulkan, monkeypatch, gpu, case):
 def test_winograd_layer_takes_the_direct_shader_for_non_finite_or_huge_input(vulkan):
     x, w, b = _tensors((1, 128, 24, 24), (128, 128, 3, 3))
     with Conv2d(w, b, padding=1, backend="vulkan") as layer:
-        geom = layer.geometry(x)
-        assert layer._prepared.uses_winograd(x, geom)
-        for value in (np.nan, np.inf, 3e37):  # 3e37 is finite, but the transforms would overflow it
-            bad = x.copy()
-            bad[0, 5, 7, 9] = value
-            assert not layer._prepared.uses_winograd(bad, geom)
-            with np.errstate(invalid="ignore", over="ignore"):
-                ref = conv2d_float64(bad, w, b, padding=1)
-            y = layer(bad)
-            assert np.array_equal(np.isnan(y), np.isnan(ref)) and np.array_equal(np.isinf(y), np.isinf(ref))
-            finite = np.isfinite(ref)
-            assert np.abs(y[finite] - ref[finite]).max() <= 1e-4 * max(1.0, np.abs(ref[finite]).max())
+        assert_winograd_leaves_non_finite_input(layer, x, w, b, padding=1)
 
 
 def test_winograd_batches_above_the_buffer_limits_are_split(vulkan, monkeypatch):

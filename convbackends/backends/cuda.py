@@ -59,6 +59,7 @@ class CudaPrepared(_kernels.KernelPrepared):
         with rt.device:
             stream = cp.cuda.get_current_stream()
             host = isinstance(x, np.ndarray)
+            winograd = self.uses_winograd(x, geom)
             if host:
                 xdev, y = self._staging.get(geom)
                 xdev.set(x, stream=stream)
@@ -68,7 +69,7 @@ class CudaPrepared(_kernels.KernelPrepared):
                 xdev = cp.ascontiguousarray(x)
                 y = cp.empty(geom.output_shape, np.float32)
             start = stream.record() if timed else None
-            for kernel, launch, buffers in self._steps(xdev, y, geom):
+            for kernel, launch, buffers in self._steps(xdev, y, geom, winograd):
                 kernel(launch.grid, launch.local_size, (*buffers, *launch.scalars))
             seconds = None
             if timed:

@@ -73,11 +73,11 @@ class OpenCLPrepared(_kernels.KernelPrepared):
     def _empty(self, shape) -> cla.Array:
         return cla.empty(self._rt.queue, shape, np.float32, allocator=self._rt.pool)
 
-    def _enqueue(self, x: cla.Array, y: cla.Array, geom: Conv2dGeometry, wait_for) -> list[cl.Event]:
+    def _enqueue(self, x: cla.Array, y: cla.Array, geom: Conv2dGeometry, wait_for, winograd: bool = False) -> list[cl.Event]:
         events = []
-        for kernel, launch, arrays in self._steps(x, y, geom):
+        for kernel, launch, arrays in self._steps(x, y, geom, winograd):
             # A 0-sized input has no buffer; no kernel reads it, so any buffer stands in.
-            buffers = [a.data if a.size else self._bias.data for a in arrays]
+            buffers = [a.data if a.size else self._direct.bias.data for a in arrays]
             events.append(kernel(self._rt.queue, launch.global_size, launch.local_size, *buffers, *launch.scalars,
                                  wait_for=wait_for))
             wait_for = events[-1:]
@@ -89,7 +89,7 @@ class OpenCLPrepared(_kernels.KernelPrepared):
         if isinstance(x, np.ndarray):
             xdev, ydev = self._staging.get(geom)
             upload = cl.enqueue_copy(rt.queue, xdev.base_data, x, is_blocking=False) if x.size else None
-            events = self._enqueue(xdev, ydev, geom, [upload] if upload else None)
+            events = self._enqueue(xdev, ydev, geom, [upload] if upload else None, self.uses_winograd(x, geom))
             y = np.empty(geom.output_shape, np.float32)
             cl.enqueue_copy(rt.queue, y, ydev.base_data, wait_for=events[-1:])
             return y, events
