@@ -15,6 +15,7 @@ from .parity import Case, compare, reference_output
 
 LAYERS = [
     Case("3x3 64->64 56x56 relu", (1, 64, 56, 56), (64, 64, 3, 3), True, dict(padding="same", activation="relu")),
+    Case("3x3 256->256 28x28", (1, 256, 28, 28), (256, 256, 3, 3), True, dict(padding=1)),  # Winograd where it pays
     Case("depthwise 3x3 s2 96 112x112", (1, 96, 112, 112), (96, 1, 3, 3), True, dict(stride=2, padding=1, groups=96, activation="relu6")),
     Case("1x1 64->256 56x56", (1, 64, 56, 56), (256, 64, 1, 1), False, {}),
 ]
