@@ -382,16 +382,17 @@ class WinogradPlan:
     def gemm_geometry(self, geom: Conv2dGeometry) -> Conv2dGeometry:
         return self.gemm.spec.geometry((1, 36 * geom.c, 1, self.tile_plane(geom)))
 
-    def _transform(self, geom: Conv2dGeometry, work: int, planes: int, scalars: tuple) -> Launch:
+    def _transform(self, work: int, planes: int, scalars: tuple) -> Launch:
+        """A work-item per tile (x), a channel per work-group row (y)."""
         return Launch((math.ceil(work / self.local) * self.local, planes, 1), (self.local, 1, 1), scalars)
 
     def input_launch(self, geom: Conv2dGeometry) -> Launch:
         (hp, wp), (th, tw), tps = self.padded(geom), _winograd.tile_grid(geom), self.tile_plane(geom)
-        return self._transform(geom, tps, geom.c, _i32(geom.c, hp, wp, tw, th * tw, self.pixels(geom), tps))
+        return self._transform(tps, geom.c, _i32(geom.c, hp, wp, tw, th * tw, self.pixels(geom), tps))
 
     def output_launch(self, geom: Conv2dGeometry) -> Launch:
         (th, tw), pixels, act = _winograd.tile_grid(geom), self.pixels(geom), self.spec.activation
-        return self._transform(geom, pixels, geom.o, _i32(geom.o, geom.oh, geom.ow, tw, th * tw, pixels,
+        return self._transform(pixels, geom.o, _i32(geom.o, geom.oh, geom.ow, tw, th * tw, pixels,
                                                           self.tile_plane(geom))
                                + (np.float32(act.alpha), np.float32(act.beta)))
 
@@ -466,7 +467,7 @@ class _WinogradStage:
     def steps(self, x, y, geom: Conv2dGeometry) -> list[tuple[object, Launch, list]]:
         wino, gemm = self.plan, self.gemm
         xp, v, m = self.buffers.get(geom)
-        return [
+        return [  # gemm.pad: the device's pad_input, which every plan on it builds alike
             (gemm.pad, wino.gemm.pad_launch(geom, wino.padded(geom)), [x, xp]),
             (self.input, wino.input_launch(geom), [xp, v]),
             *gemm.steps(v, m, wino.gemm_geometry(geom)),

@@ -73,7 +73,7 @@ class OpenCLPrepared(_kernels.KernelPrepared):
     def _empty(self, shape) -> cla.Array:
         return cla.empty(self._rt.queue, shape, np.float32, allocator=self._rt.pool)
 
-    def _enqueue(self, x: cla.Array, y: cla.Array, geom: Conv2dGeometry, wait_for, winograd: bool = False) -> list[cl.Event]:
+    def _enqueue(self, x: cla.Array, y: cla.Array, geom: Conv2dGeometry, wait_for, winograd: bool) -> list[cl.Event]:
         events = []
         for kernel, launch, arrays in self._steps(x, y, geom, winograd):
             # A 0-sized input has no buffer; no kernel reads it, so any buffer stands in.
@@ -97,7 +97,7 @@ class OpenCLPrepared(_kernels.KernelPrepared):
             raise ValueError(f"x lives in another OpenCL context; create it on the queue of runtime({self.device.index})")
         x = rt.contiguous(x)
         y = self._empty(geom.output_shape)
-        events = self._enqueue(x, y, geom, x.events)
+        events = self._enqueue(x, y, geom, x.events, winograd=False)  # device arrays: see uses_winograd
         y.add_event(events[-1])
         return y, events
 
