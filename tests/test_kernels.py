@@ -197,3 +197,12 @@ def test_winograd_plan_runs_the_36_gemms_as_one_grouped_1x1_layer_over_the_batch
     assert not _kernels.WinogradPlan.eligible(Conv2dSpec.create(np.zeros((64, 64, 3, 3), np.float32), stride=2), GPU)
     assert _kernels.WinogradPlan.eligible(Conv2dSpec.create(np.zeros((64, 64, 3, 3), np.float32)), GPU)
     assert not _kernels.WinogradPlan.eligible(Conv2dSpec.create(np.zeros((64, 64, 3, 3), np.float32)), CPU)
+
+
+def test_winograd_leaves_geometries_whose_transformed_copies_exceed_the_buffer_limit():
+    plan = _winograd_plan(GPU, o=64, c=64)
+    geom = plan.spec.geometry((2, 64, 32, 32))  # 2 x 64 tiles: V is 36 * 64 * 128 floats
+    v_bytes = 4 * 36 * 64 * 128
+    assert plan.pays(geom, GPU)
+    assert plan.pays(geom, _kernels.DeviceLimits("gpu", 1024, 48 * 1024, v_bytes))
+    assert not plan.pays(geom, _kernels.DeviceLimits("gpu", 1024, 48 * 1024, v_bytes - 1))

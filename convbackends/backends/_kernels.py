@@ -46,6 +46,9 @@ WINOGRAD_LOCAL = 64
 # 0.94-1.2x at 64. GPU: conventional, not yet measured.
 WINOGRAD_MIN_CHANNELS = {"cpu": 128, "gpu": 32}
 WINOGRAD_MIN_TILES = {"cpu": 16, "gpu": 16}
+# Its transformed input and products (V, M) are 36 / 16 times the input and output: past this size
+# (or the device's largest buffer) a geometry takes the direct kernels, which need no such copies.
+WINOGRAD_MAX_BUFFER_BYTES = 1 << 30
 
 
 class KernelBuildError(RuntimeError):
@@ -76,6 +79,7 @@ class DeviceLimits:
     type: str  # a DeviceInfo.type
     max_threads: int  # work-items per work-group
     local_mem: int  # bytes of local/shared memory per work-group
+    max_alloc: int = 1 << 62  # bytes of the largest buffer
 
     @property
     def is_cpu(self) -> bool:
@@ -362,7 +366,10 @@ class WinogradPlan:
                 and min(spec.in_channels, spec.out_channels) >= WINOGRAD_MIN_CHANNELS[kind])
 
     def pays(self, geom: Conv2dGeometry, limits: DeviceLimits) -> bool:
-        return self.pixels(geom) >= WINOGRAD_MIN_TILES["cpu" if limits.is_cpu else "gpu"]
+        """Enough tiles to pay for the transforms, and V and M within the buffer limits."""
+        largest = 4 * 36 * max(geom.c, geom.o) * self.tile_plane(geom)
+        return (self.pixels(geom) >= WINOGRAD_MIN_TILES["cpu" if limits.is_cpu else "gpu"]
+                and largest <= min(WINOGRAD_MAX_BUFFER_BYTES, limits.max_alloc))
 
     @staticmethod
     def pixels(geom: Conv2dGeometry) -> int:

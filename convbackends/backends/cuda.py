@@ -23,7 +23,8 @@ class Runtime:
         self.info = info
         self.device = cp.cuda.Device(info.index)
         facts = info.facts
-        self.limits = _kernels.DeviceLimits(info.type, facts["max_threads_per_block"], facts["shared_memory_per_block"])
+        self.limits = _kernels.DeviceLimits(info.type, facts["max_threads_per_block"], facts["shared_memory_per_block"],
+                                            facts["global_memory"] // 4)
         self._kernels: dict[tuple[str, str, tuple[str, ...]], cp.RawKernel] = {}
 
     def kernel(self, source: str, name: str, options: tuple[str, ...] = ()) -> cp.RawKernel:

@@ -34,7 +34,8 @@ class Runtime:
         self.context = cl.Context([device])
         self.queue = cl.CommandQueue(self.context, properties=cl.command_queue_properties.PROFILING_ENABLE)
         self.pool = MemoryPool(ImmediateAllocator(self.queue))
-        self.limits = _kernels.DeviceLimits(info.type, device.max_work_group_size, device.local_mem_size)
+        self.limits = _kernels.DeviceLimits(info.type, device.max_work_group_size, device.local_mem_size,
+                                            device.max_mem_alloc_size)
         self._kernels: dict[tuple[str, str, tuple[str, ...]], cl.Kernel] = {}
 
     def kernel(self, source: str, name: str, options: tuple[str, ...] = ()) -> cl.Kernel:
