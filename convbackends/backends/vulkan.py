@@ -207,7 +207,7 @@ class _Plan:
                 f"device's maxTexelBufferElements ({limits.maxTexelBufferElements} floats) or "
                 f"maxStorageBufferRange ({limits.maxStorageBufferRange} bytes)"
             )
-        self.chunks, self._owned = [], []
+        self.chunks, self._owned, self._transformed = [], [], None
         try:
             self.recording = self._record(layer, geom, per_chunk, winograd)
         except BaseException:
@@ -248,8 +248,9 @@ class _Plan:
         (hp, wp, ps), wino = self.padded, layer.winograd
         pixels = n * self.tiles
         tps = wino.tile_plane(pixels)
-        v = self._buffer(4 * 36 * geom.c * tps, False)
-        m = self._buffer(4 * 36 * geom.o * pixels, False)
+        if self._transformed is None:  # one V and M serve every chunk: the barriers order their reuse
+            self._transformed = (self._buffer(4 * 36 * geom.c * tps, False), self._buffer(4 * 36 * geom.o * pixels, False))
+        v, m = self._transformed
         gemm, unused = wino.gemm, wino.gemm.w  # bindings a shader does not read still need a buffer
         transform_push = _PUSH.pack(geom.c, hp, wp, ps, geom.o, geom.oh, geom.ow, 1, 0, n, tps)
         gemm_push = _PUSH.pack(36 * geom.c, 1, pixels, tps, 36 * geom.o, 1, pixels, 36, gemm.row_stride, 1, 0)
