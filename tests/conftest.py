@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import convbackends
+from convbackends.backends import get_backend
 from convbackends.reference import conv2d_float64
 
 # CI has PoCL and lavapipe: a skip of these there is a defect, so it fails the run instead.
@@ -54,6 +55,17 @@ def force_gpu_kernels(monkeypatch, backend: str, device: int) -> None:
         from convbackends.backends import _vk
 
         monkeypatch.setattr(_vk.device(device), "type", "gpu")
+
+
+def cpu_device(monkeypatch, backend: str, as_gpu: bool) -> int:
+    """The backend's default device, which these checks need to be a CPU device (else the test skips),
+    planned as a GPU when `as_gpu`; its index."""
+    device = get_backend(backend).select()
+    if device.type != "cpu":
+        pytest.skip("this device already plans as a GPU")
+    if as_gpu:
+        force_gpu_kernels(monkeypatch, backend, device.index)
+    return device.index
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ programs, since each new one costs PoCL a few seconds.
 import numpy as np
 import pytest
 
-from conftest import assert_winograd_leaves_non_finite_input, force_gpu_kernels, require
+from conftest import assert_winograd_leaves_non_finite_input, cpu_device, require
 from convbackends import Conv2d, available_backends
 from convbackends.backends import _kernels
 from convbackends.parity import Case
@@ -72,11 +72,7 @@ def test_device_selection_by_index_and_name_substring():
 )
 def test_gpu_kernels_variant_runs_the_cuda_kernel_forms(monkeypatch, gpu, w_shape, kwargs, kernel):
     # The parity suite's opencl:N-gpu-kernels target must run what CUDA runs, not the CPU forms.
-    device = BACKEND.select()
-    if device.type != "cpu":
-        pytest.skip("this device already plans as a GPU")
-    if gpu:
-        force_gpu_kernels(monkeypatch, "opencl", device.index)
+    cpu_device(monkeypatch, "opencl", gpu)
     x, w, b = _tensors((1, 8, 10, 9), w_shape)
     with Conv2d(w, b, backend="opencl", **kwargs) as layer:
         plan = layer._prepared._plan
@@ -184,9 +180,8 @@ WINOGRAD_CASES = [
 @pytest.mark.parametrize("gpu", [False, True], ids=["device-kernels", "gpu-kernels"])
 @pytest.mark.parametrize("x_shape, w_shape, kwargs", WINOGRAD_CASES, ids=lambda v: str(v).replace(" ", ""))
 def test_winograd_matches_float64(monkeypatch, gpu, x_shape, w_shape, kwargs):
-    device = BACKEND.select()
-    if gpu and device.type == "cpu":
-        force_gpu_kernels(monkeypatch, "opencl", device.index)
+    if gpu:
+        cpu_device(monkeypatch, "opencl", as_gpu=True)
     x, w, b = _tensors(x_shape, w_shape)
     with Conv2d(w, b, backend="opencl", **kwargs) as layer:
         assert layer._prepared.uses_winograd(x, layer.geometry(x))

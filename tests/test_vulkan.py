@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_winograd_leaves_non_finite_input, force_gpu_kernels, require
+from conftest import assert_winograd_leaves_non_finite_input, cpu_device, force_gpu_kernels, require
 from convbackends import Conv2d, available_backends
 from convbackends.backends import vulkan_spirv
 from convbackends.parity import Case, compare
@@ -215,12 +215,7 @@ def test_batches_above_the_buffer_limits_are_split_or_refused(vulkan, monkeypatc
 @pytest.mark.parametrize("w_shape, kwargs", [((6, 5, 3, 3), dict(padding=1)), ((6, 5, 1, 1), {})], ids=["3x3", "1x1"])
 def test_gpu_kernels_variant_takes_the_staged_path(vulkan, monkeypatch, gpu, w_shape, kwargs):
     # The parity suite's vulkan:N-gpu-kernels target must run the shared-memory shaders a GPU runs.
-    backend, vk_runtime = vulkan
-    device = backend.BACKEND.select()
-    if device.type != "cpu":
-        pytest.skip("this device already plans as a GPU")
-    if gpu:
-        force_gpu_kernels(monkeypatch, "vulkan", device.index)
+    cpu_device(monkeypatch, "vulkan", gpu)
     x, w, b = _tensors((2, 5, 9, 7), w_shape)
     with Conv2d(w, b, backend="vulkan", **kwargs) as layer:
         assert layer._prepared.conv.tiles.stage == gpu
