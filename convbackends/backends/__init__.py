@@ -14,7 +14,7 @@ BACKEND_MODULES = {
 }
 
 # `backend="auto"` takes the first of these that has a GPU, else numpy: on CPU-only machines the
-# numpy backend beats the CPU stand-in drivers (PoCL, llvmpipe).
+# numpy backend is as fast as PoCL and faster than llvmpipe (docs/benchmarks-standard-cpu.md).
 AUTO_ORDER = ("cuda", "vulkan", "opencl")
 
 _loaded: dict[str, Backend | BackendUnavailable] = {}
