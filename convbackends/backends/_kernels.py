@@ -362,8 +362,7 @@ class WinogradPlan:
     @staticmethod
     def eligible(spec: Conv2dSpec, limits: DeviceLimits) -> bool:
         kind = "cpu" if limits.is_cpu else "gpu"
-        return ((spec.kh, spec.kw, spec.stride, spec.dilation, spec.groups) == (3, 3, (1, 1), (1, 1), 1)
-                and min(spec.in_channels, spec.out_channels) >= WINOGRAD_MIN_CHANNELS[kind])
+        return _winograd.fits(spec) and min(spec.in_channels, spec.out_channels) >= WINOGRAD_MIN_CHANNELS[kind]
 
     def pays(self, geom: Conv2dGeometry, limits: DeviceLimits) -> bool:
         """Enough tiles to pay for the transforms, and V and M within the buffer limits."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..spec import Conv2dGeometry
+from ..spec import Conv2dGeometry, Conv2dSpec
 
 BT = np.array([
     [4, 0, -5, 0, 1, 0],
@@ -37,6 +37,13 @@ AT = np.array([
 
 # Inputs at or beyond this magnitude (or non-finite) take the GEMM: the transforms would overflow.
 MAX_ABS = 1e30
+
+
+def fits(spec: Conv2dSpec, dilated: bool = False) -> bool:
+    """A dense (groups = 1) 3x3 stride-1 layer; dilated ones too where the backend splits the input into
+    its dilation phases (`dilated`). How many channels make it pay is each backend's own threshold."""
+    return ((spec.kh, spec.kw, spec.stride, spec.groups) == (3, 3, (1, 1), 1)
+            and (dilated or spec.dilation == (1, 1)))
 
 
 def weights(w: np.ndarray) -> np.ndarray:

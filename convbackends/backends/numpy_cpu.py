@@ -512,10 +512,7 @@ class NumpyPrepared(Prepared):
         self.bias = None if b is None else b.reshape(groups, o // groups, 1).copy()
         # Winograd sits beside the GEMM weights: unsafe inputs, small images and dilated inputs that do
         # not split evenly into phases still take the GEMM.
-        if (
-            (spec.kh, spec.kw, spec.stride, groups) == (3, 3, (1, 1), 1)
-            and min(spec.in_channels, o) >= WINOGRAD_MIN_CHANNELS
-        ):
+        if _winograd.fits(spec, dilated=True) and min(spec.in_channels, o) >= WINOGRAD_MIN_CHANNELS:
             self.winograd = _winograd.weights(w)
 
     def run(self, x, geom: Conv2dGeometry):

@@ -304,7 +304,7 @@ class VulkanConv2d(Prepared):
             self.b = _vk.upload(dev, b if b is not None else np.zeros(1, np.float32))
             tiles = choose_tiles(spec.algorithm, dev, spec.kw, spec.stride[1])
             self.conv = _Shader(dev, spec.algorithm, tiles, w, spec.groups, constants)
-            if ((spec.kh, spec.kw, spec.stride, spec.dilation, spec.groups) == (3, 3, (1, 1), (1, 1), 1)
+            if (_winograd.fits(spec)
                     and min(spec.in_channels, spec.out_channels) >= WINOGRAD_MIN_CHANNELS[self._kind]):
                 self.winograd = _Winograd(dev, spec, w, epilogue)
         except BaseException:
