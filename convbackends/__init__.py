@@ -1,9 +1,10 @@
-"""convbackends: one conv2d interface over numpy, OpenCL, CUDA and Vulkan, checked against cv2.dnn.
+"""convbackends: convolution operators over numpy, OpenCL, CUDA and Vulkan, checked against cv2.dnn.
 
 Importing the package loads no GPU library: backends are imported when first asked for.
 """
-from .backends import Availability, BackendUnavailable, DeviceInfo, available_backends, devices
-from .op import Conv2d, conv2d
+from .ops.base import clear_one_shot_cache
+from .ops.conv2d import Conv2d, conv2d
+from .runtime import Availability, BackendUnavailable, DeviceInfo, available_backends, devices
 from .spec import Activation, Conv2dGeometry, Conv2dSpec
 
 __version__ = "0.1.0"
@@ -17,6 +18,7 @@ __all__ = [
     "Conv2dSpec",
     "DeviceInfo",
     "available_backends",
+    "clear_one_shot_cache",
     "conv2d",
     "devices",
 ]

@@ -20,8 +20,9 @@ from importlib import metadata
 import numpy as np
 
 from . import __version__
-from .backends import available_backends, check_name, get_backend
-from .op import Conv2d
+from .backends import unsupported
+from .runtime import available_backends, check_name, get_backend
+from .ops.conv2d import Conv2d
 from .parity import Case, compare, reference_output
 from .spec import Conv2dGeometry, Conv2dSpec
 
@@ -228,7 +229,8 @@ class BackendTarget:
         return self.reason or None
 
     def supports(self, case: Case) -> str | None:
-        return get_backend(self.backend).supports(spec(case))
+        backend = get_backend(self.backend)
+        return unsupported("conv2d", backend, spec(case), backend.select(self.index))
 
     def prepare(self, case: Case, w, b):
         return Conv2d(w, b, backend=self.backend, device=self.index, **case.kwargs)

@@ -13,7 +13,7 @@ import os
 import sys
 
 from . import __version__, bench, parity
-from .backends import available_backends, get_backend
+from .runtime import available_backends, get_backend
 from .peers import PEER_NAMES
 
 BENCH_EPILOG = f"""\

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .op import Conv2d
+from .ops.conv2d import Conv2d
 
 ACTIVATIONS = (
     None, "relu", "relu6", "sigmoid", "tanh", "silu", "mish", "hardswish", ("leaky_relu", 0.1), ("clip", -0.3, 0.4),

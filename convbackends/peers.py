@@ -174,7 +174,7 @@ class Cv2DnnOpenCL(Peer):
 
 
 def _opencl_has_gpu() -> bool:
-    from .backends import BackendUnavailable, get_backend
+    from .runtime import BackendUnavailable, get_backend
 
     try:
         return any(d.type != "cpu" for d in get_backend("opencl").devices())

@@ -1,1 +1,1 @@
-"""GLSL compute shaders; their SPIR-V is embedded in convbackends/backends/vulkan_spirv.py."""
+"""GLSL compute shaders; their SPIR-V is embedded in convbackends/backends/vulkan/spirv.py."""

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import convbackends
-from convbackends.backends import get_backend
+from convbackends.runtime import get_backend
 from convbackends.reference import conv2d_float64
 
 # CI has PoCL and lavapipe: a skip of these there is a defect, so it fails the run instead.
@@ -47,12 +47,12 @@ def require(name: str, reason: str) -> None:
 def force_gpu_kernels(monkeypatch, backend: str, device: int) -> None:
     """Make a CPU device plan its layers as a GPU would (tiles, shared/local memory, 32-bit indexing)."""
     if backend == "opencl":
-        from convbackends.backends.opencl import BACKEND
+        from convbackends.runtime.opencl import BACKEND
 
         rt = BACKEND.runtime(device)
         monkeypatch.setattr(rt, "limits", dataclasses.replace(rt.limits, type="gpu"))
     else:
-        from convbackends.backends import _vk
+        from convbackends.runtime import vulkan as _vk
 
         monkeypatch.setattr(_vk.device(device), "type", "gpu")
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from convbackends import Conv2d, available_backends
-from convbackends.backends import BackendUnavailable, get_backend
+from convbackends.runtime import BackendUnavailable, get_backend
 from convbackends.parity import Case
 from convbackends.reference import conv2d_float64
 
@@ -16,7 +16,7 @@ needs_gpu = pytest.mark.skipif(not _availability.available, reason=f"no CUDA GPU
 
 def test_module_imports_without_a_driver():
     pytest.importorskip("cupy")
-    module = importlib.import_module("convbackends.backends.cuda")
+    module = importlib.import_module("convbackends.runtime.cuda")
     assert module.BACKEND.name == "cuda"
 
 
@@ -76,11 +76,11 @@ def test_non_contiguous_cupy_view():
 
 @needs_gpu
 def test_build_error_carries_the_nvrtc_log():
-    from convbackends.backends import _kernels
-    from convbackends.backends.cuda import BACKEND
+    from convbackends.runtime import kernels as kernel_runtime
+    from convbackends.runtime.cuda import BACKEND
 
-    source = _kernels.read_kernel("prelude.h") + "KERNEL void broken(GLOBAL float* y) { y[0] = no_such_value; }\n"
-    with pytest.raises(_kernels.KernelBuildError, match="no_such_value"):
+    source = kernel_runtime.read_kernel("prelude.h") + "KERNEL void broken(GLOBAL float* y) { y[0] = no_such_value; }\n"
+    with pytest.raises(kernel_runtime.KernelBuildError, match="no_such_value"):
         BACKEND.runtime().kernel(source, "broken")
 
 

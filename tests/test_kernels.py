@@ -9,11 +9,12 @@ import subprocess
 import numpy as np
 import pytest
 
-from convbackends.backends import _kernels
+from convbackends.backends.kernel import conv2d as _kernels
+from convbackends.runtime import kernels as kernel_runtime
 from convbackends.spec import ACTIVATION_CODES, Conv2dSpec
 
-GPU = _kernels.DeviceLimits("gpu", 1024, 48 * 1024)
-CPU = _kernels.DeviceLimits("cpu", 4096, 512 * 1024)
+GPU = kernel_runtime.DeviceLimits("gpu", 1024, 48 * 1024)
+CPU = kernel_runtime.DeviceLimits("cpu", 4096, 512 * 1024)
 ACTIVATIONS = [
     None, "relu", "relu6", "sigmoid", "tanh", "silu", "mish", "hardswish", ("leaky_relu", 0.1), ("clip", -1.0, 2.0)
 ]
@@ -52,7 +53,7 @@ WINOGRAD_PLAN = _winograd_plan()
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_cuda_kernels_compile_with_nvcc(tmp_path, arch):
     sources = [(plan.kernel_name, plan.source, plan.options) for plan in PLANS]
-    sources.append(("copy_strided", _kernels.source("copy_strided"), ()))
+    sources.append(("copy_strided", kernel_runtime.source("copy_strided.h"), ()))
     sources.append(("pad_input", PLANS[0].pad_source, PLANS[0].pad_options))
     winograd = WINOGRAD_PLAN
     sources += [(name, winograd.source, winograd.options) for name in ("conv2d_winograd_input", "conv2d_winograd_output")]
@@ -78,7 +79,7 @@ def test_tile_tables_suit_the_loaders(tiles):
     assert tiles.is_valid()
 
 
-@pytest.mark.parametrize("limits", [GPU, _kernels.DeviceLimits("gpu", 64, 4096)], ids=str)
+@pytest.mark.parametrize("limits", [GPU, kernel_runtime.DeviceLimits("gpu", 64, 4096)], ids=str)
 @pytest.mark.parametrize("og", [1, 13, 32, 64, 200])
 def test_tile_choice_respects_device_limits(limits, og):
     tiles = _kernels.choose_tiles(og, limits)
@@ -204,5 +205,5 @@ def test_winograd_leaves_geometries_whose_transformed_copies_exceed_the_buffer_l
     geom = plan.spec.geometry((2, 64, 32, 32))  # 2 x 64 tiles: V is 36 * 64 * 128 floats
     v_bytes = 4 * 36 * 64 * 128
     assert plan.pays(geom, GPU)
-    assert plan.pays(geom, _kernels.DeviceLimits("gpu", 1024, 48 * 1024, v_bytes))
-    assert not plan.pays(geom, _kernels.DeviceLimits("gpu", 1024, 48 * 1024, v_bytes - 1))
+    assert plan.pays(geom, kernel_runtime.DeviceLimits("gpu", 1024, 48 * 1024, v_bytes))
+    assert not plan.pays(geom, kernel_runtime.DeviceLimits("gpu", 1024, 48 * 1024, v_bytes - 1))

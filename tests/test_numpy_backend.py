@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from convbackends import Conv2d
-from convbackends.backends import _winograd, numpy_cpu as nc
+from convbackends.backends import _winograd
+from convbackends.backends.numpy import conv2d as nc
+from convbackends.runtime import numpy as numpy_runtime
 from convbackends.parity import Case, compare
 from convbackends.reference import activation_float64, conv2d_float64
 from convbackends.spec import Activation, Conv2dSpec
@@ -56,7 +58,7 @@ def _peak_bytes_in_fresh_thread(fn) -> tuple[object, int]:
 
 
 def test_device_names_numpy_and_blas():
-    (device,) = nc.BACKEND.devices()
+    (device,) = numpy_runtime.BACKEND.devices()
     assert device.type == "cpu" and device.facts["numpy"] == np.__version__
     assert np.__version__ in device.name and device.facts["blas"] in device.name
     assert device.facts["cores"] >= 1
@@ -110,7 +112,7 @@ def test_winograd_and_gemm_agree_with_float64(hw):
     x, w, b = _tensors((2, 64, *hw), (72, 64, 3, 3))
     spec = Conv2dSpec.create(w, b, padding=(1, 0, 2, 1), activation="hardswish")
     geom = spec.geometry(x.shape)
-    prepared = nc.BACKEND.prepare(spec, w, b, nc.BACKEND.devices()[0])
+    prepared = nc.prepare(numpy_runtime.BACKEND, spec, w, b, numpy_runtime.BACKEND.devices()[0])
     assert prepared.winograd is not None
     ref = conv2d_float64(x, w, b, padding=(1, 0, 2, 1), activation="hardswish")
     for tile_bytes in (nc.TILE_BYTES, 36 * 72 * 4 * 5):  # whole batch, and runs of 5 tiles

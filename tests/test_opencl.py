@@ -8,14 +8,15 @@ import pytest
 
 from conftest import assert_winograd_leaves_non_finite_input, cpu_device, require
 from convbackends import Conv2d, available_backends
-from convbackends.backends import _kernels
+from convbackends.backends.kernel import conv2d as _kernels
+from convbackends.runtime import kernels as kernel_runtime
 from convbackends.parity import Case
 from convbackends.reference import conv2d_float64
 
 cl = pytest.importorskip("pyopencl")
 cla = pytest.importorskip("pyopencl.array")
 
-from convbackends.backends.opencl import BACKEND  # noqa: E402
+from convbackends.runtime.opencl import BACKEND  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -150,13 +151,13 @@ def test_programs_are_built_once_and_kernels_kept(rt):
     x, w, b = _tensors((1, 4, 6, 5), (8, 4, 3, 3))
     with Conv2d(w, b, padding=1, backend="opencl") as a, Conv2d(w * 2, None, padding=1, backend="opencl") as c:
         assert a._prepared._direct.kernel is c._prepared._direct.kernel
-    source = _kernels.source("copy_strided")
+    source = kernel_runtime.source("copy_strided.h")
     assert rt.kernel(source, "copy_strided") is rt.kernel(source, "copy_strided")
 
 
 def test_build_error_carries_the_build_log(rt):
-    source = _kernels.read_kernel("prelude.h") + "KERNEL void broken(GLOBAL float* y) { y[0] = no_such_value; }\n"
-    with pytest.raises(_kernels.KernelBuildError, match="no_such_value"):
+    source = kernel_runtime.read_kernel("prelude.h") + "KERNEL void broken(GLOBAL float* y) { y[0] = no_such_value; }\n"
+    with pytest.raises(kernel_runtime.KernelBuildError, match="no_such_value"):
         rt.kernel(source, "broken")
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import assert_winograd_leaves_non_finite_input, cpu_device, force_gpu_kernels, require
 from convbackends import Conv2d, available_backends
-from convbackends.backends import vulkan_spirv
+from convbackends.backends.vulkan import spirv as vulkan_spirv
 from convbackends.parity import Case, compare
 from convbackends.reference import conv2d_float64
 
@@ -57,9 +57,9 @@ def vulkan():
     availability = available_backends()["vulkan"]
     if not availability.available:
         require("vulkan", availability.reason)
-    from convbackends.backends import _vk, vulkan as backend
+    from convbackends.runtime import vulkan as vk_runtime
 
-    return backend, _vk
+    return vk_runtime, vk_runtime
 
 
 def _tensors(x_shape, w_shape):
@@ -161,7 +161,7 @@ def test_shutdown_destroys_every_handle_even_with_layers_open(vulkan):
     # What atexit runs; in a subprocess, since it ends this process's devices.
     script = textwrap.dedent("""
         import numpy as np, convbackends
-        from convbackends.backends import _vk
+        from convbackends.runtime import vulkan as _vk
         x = np.ones((1, 3, 8, 8), np.float32)
         layers = [convbackends.Conv2d(np.ones((4, 3, k, k), np.float32), backend="vulkan") for k in (1, 3)]
         for layer in layers:

@@ -1,4 +1,4 @@
-"""Compile shaders/*.comp to SPIR-V, validate it, and embed it in convbackends/backends/vulkan_spirv.py.
+"""Compile shaders/*.comp to SPIR-V, validate it, and embed it in convbackends/backends/vulkan/spirv.py.
 
 Run after editing a shader: `python tools/build_spirv.py`. The generated module records the sha256 of each
 shader with its includes; tests/test_vulkan.py recomputes them with `source_hashes()` to catch a stale
@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SHADERS = ROOT / "shaders"
-OUTPUT = ROOT / "convbackends" / "backends" / "vulkan_spirv.py"
+OUTPUT = ROOT / "convbackends" / "backends" / "vulkan" / "spirv.py"
 TARGET_ENV = "vulkan1.1"
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
 

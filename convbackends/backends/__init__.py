@@ -1,101 +1,62 @@
-"""Backend registry. Modules are imported on first use, so `import convbackends` loads no GPU library."""
+"""Op implementations, one module per (op, backend family): `backends/<family>/<op>.py`.
+
+Each module has `prepare(runtime_backend, spec, *weights, device) -> Prepared`. The registry finds a
+module by its file name, as ncnn finds a layer's Vulkan twin, so adding an op to a backend is adding one
+file. OpenCL and CUDA share the family `kernel` (one C dialect in kernels/).
+"""
 from __future__ import annotations
 
+import functools
 import importlib
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
 
-from .base import Backend, BackendUnavailable, DeviceInfo, Prepared
-
-BACKEND_MODULES = {
-    "numpy": "numpy_cpu",
-    "opencl": "opencl",
-    "cuda": "cuda",
-    "vulkan": "vulkan",
-}
-
-# `backend="auto"` takes the first of these that has a GPU, else numpy: on CPU-only machines the
-# numpy backend is as fast as PoCL and faster than llvmpipe (docs/benchmarks-standard-cpu.md).
-AUTO_ORDER = ("cuda", "vulkan", "opencl")
-
-_loaded: dict[str, Backend | BackendUnavailable] = {}
+from ..runtime import Backend, DeviceInfo
 
 
-@dataclass(frozen=True)
-class Availability:
-    name: str
-    available: bool
-    reason: str  # empty when available
+class Prepared(ABC):
+    """An op's weights repacked and uploaded for one device. `run` only binds and dispatches."""
 
-    def __str__(self) -> str:
-        return f"{self.name}: {'available' if self.available else 'unavailable (' + self.reason + ')'}"
+    device: DeviceInfo
 
+    @abstractmethod
+    def run(self, x, geom):
+        """x is a C-contiguous float32 numpy array or a device array this backend owns; same kind out.
+        `geom` is the op's resolved geometry for this input."""
 
-def _load(name: str) -> Backend | BackendUnavailable:
-    if name not in _loaded:
-        try:
-            module = importlib.import_module(f"{__name__}.{BACKEND_MODULES[name]}")
-            backend = module.BACKEND
-            backend.probe()
-            _loaded[name] = backend
-        except BackendUnavailable as exc:
-            _loaded[name] = exc
-        except Exception as exc:  # noqa: BLE001 - a driver's failure must not crash discovery
-            # Mostly a missing Python package or shared library (libOpenCL, libvulkan, libcuda);
-            # whatever it is, the backend is unusable and the reason is shown (CI fails on it).
-            _loaded[name] = BackendUnavailable(f"{type(exc).__name__}: {exc}")
-    return _loaded[name]
+    def profile(self, x, geom) -> tuple[object, float | None]:
+        """Run once and return the device-side time in seconds where the API measures it, else None."""
+        return self.run(x, geom), None
+
+    def close(self) -> None:
+        """Release device memory and objects held for this layer; idempotent."""
 
 
-def check_name(name) -> str:
-    choices = ", ".join(repr(n) for n in (*BACKEND_MODULES, "auto"))
-    if not isinstance(name, str):
-        raise TypeError(f"backend must be a string ({choices}), got {name!r}")
-    if name.lower() not in (*BACKEND_MODULES, "auto"):
-        raise ValueError(f"backend must be one of {choices}, got {name!r}")
-    return name.lower()
+@functools.cache
+def _module(family: str, op: str):
+    try:
+        return importlib.import_module(f"{__name__}.{family}.{op}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{family}.{op}":
+            raise
+        return None
 
 
-def get_backend(name: str) -> Backend:
-    """The loaded backend; ValueError for an unknown name, BackendUnavailable (a ValueError) naming the reason if unavailable."""
-    name = check_name(name)
-    if name == "auto":
-        return _auto()
-    loaded = _load(name)
-    if isinstance(loaded, BackendUnavailable):
-        raise BackendUnavailable(f"backend {name!r} is not available: {loaded}")
-    return loaded
+def implementation(op: str, backend: Backend):
+    """The module implementing `op` on `backend`; ValueError where the backend has none."""
+    module = _module(backend.family, op)
+    if module is None:
+        raise ValueError(f"backend {backend.name!r} has no implementation of {op}")
+    return module
 
 
-def _auto() -> Backend:
-    for name in AUTO_ORDER:
-        loaded = _load(name)
-        if isinstance(loaded, Backend) and any(d.type != "cpu" for d in loaded.devices()):
-            return loaded
-    return get_backend("numpy")
+def unsupported(op: str, backend: Backend, spec, device: DeviceInfo) -> str | None:
+    """None when `backend` runs this layer of `op` on `device`, else the reason it cannot. A module may
+    define `unsupported(spec, device)`; without it, every valid spec runs."""
+    module = _module(backend.family, op)
+    if module is None:
+        return f"backend {backend.name!r} has no implementation of {op}"
+    check = getattr(module, "unsupported", None)
+    return check(spec, device) if check else None
 
 
-def available_backends() -> dict[str, Availability]:
-    """Every backend with whether it runs here and, when not, why."""
-    result = {}
-    for name in BACKEND_MODULES:
-        loaded = _load(name)
-        ok = isinstance(loaded, Backend)
-        result[name] = Availability(name, ok, "" if ok else str(loaded))
-    return result
-
-
-def devices(backend: str = "numpy") -> list[DeviceInfo]:
-    """The devices of one backend."""
-    return get_backend(backend).devices()
-
-
-__all__ = [
-    "Availability",
-    "Backend",
-    "BackendUnavailable",
-    "DeviceInfo",
-    "Prepared",
-    "available_backends",
-    "devices",
-    "get_backend",
-]
+__all__ = ["Prepared", "implementation", "unsupported"]

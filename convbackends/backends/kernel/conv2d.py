@@ -1,22 +1,19 @@
-"""What the OpenCL and CUDA runtimes share: kernel sources, -D defines, tile choice, weight packing and
-launch sizes. A `Plan` is everything about a layer that does not depend on the compute API, so the
-two runtime modules only compile, upload and dispatch.
+"""conv2d on OpenCL and CUDA, from one kernel source: -D defines, tile choice, weight packing and launch
+sizes. A `Plan` is everything about a layer that does not depend on the compute API; the runtime
+(runtime/opencl.py or runtime/cuda.py, one `KernelRuntime` interface) compiles, uploads and launches.
 """
 from __future__ import annotations
 
-import functools
+import contextlib
 import math
-import os
-from abc import abstractmethod
+import threading
 from dataclasses import dataclass, replace
-from pathlib import Path
-from importlib.resources import files
 
 import numpy as np
 
-from ..spec import Conv2dGeometry, Conv2dSpec
-from . import _winograd
-from .base import Backend, DeviceInfo, Prepared
+from ...runtime.kernels import DeviceLimits, GeometryCache, KernelRuntime, Launch, i32 as _i32, source as _source
+from ...spec import Conv2dGeometry, Conv2dSpec
+from .. import Prepared, _winograd
 
 KERNEL_NAMES = {
     "implicit_gemm": "conv2d_implicit_gemm",
@@ -26,18 +23,22 @@ KERNEL_NAMES = {
 }
 
 _SOURCE_FILES = {
-    "implicit_gemm": ("prelude.h", "gemm_tile.h", "conv2d_implicit_gemm.h"),
-    "gemm_1x1": ("prelude.h", "gemm_tile.h", "conv2d_gemm_1x1.h"),
-    "depthwise": ("prelude.h", "conv2d_depthwise.h"),
-    "cpu_gemm": ("prelude.h", "conv2d_cpu_gemm.h"),
-    "winograd": ("prelude.h", "conv2d_winograd.h"),
-    "copy_strided": ("prelude.h", "copy_strided.h"),
-    "pad_input": ("prelude.h", "pad_input.h"),
+    "implicit_gemm": ("gemm_tile.h", "conv2d_implicit_gemm.h"),
+    "gemm_1x1": ("gemm_tile.h", "conv2d_gemm_1x1.h"),
+    "depthwise": ("conv2d_depthwise.h",),
+    "cpu_gemm": ("conv2d_cpu_gemm.h",),
+    "winograd": ("conv2d_winograd.h",),
+    "pad_input": ("pad_input.h",),
 }
 
-# Work-group sizes of the one-element-per-work-item kernels: copy_strided, pad_input (columns x rows),
-# the Winograd transforms (tiles).
-LINEAR_LOCAL_SIZE = 256
+
+def source(program: str) -> str:
+    """The full source of one of conv2d's programs, prelude first."""
+    return _source(*_SOURCE_FILES[program])
+
+
+# Work-group sizes of the one-element-per-work-item kernels: pad_input (columns x rows), the Winograd
+# transforms (tiles).
 PAD_LOCAL = (32, 8)
 PAD_CPU_LOCAL = (1, 16)
 WINOGRAD_LOCAL = 64
@@ -49,41 +50,6 @@ WINOGRAD_MIN_TILES = {"cpu": 16, "gpu": 16}
 # Its transformed input and products (V, M) are 36 / 16 times the input and output: past this size
 # (or the device's largest buffer) a geometry takes the direct kernels, which need no such copies.
 WINOGRAD_MAX_BUFFER_BYTES = 1 << 30
-
-
-class KernelBuildError(RuntimeError):
-    """A kernel failed to compile; the message holds the compiler's log."""
-
-
-def cache_dir(api: str) -> Path:
-    """Where compiled binaries persist between processes."""
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "convbackends" / api
-
-
-@functools.cache
-def read_kernel(name: str) -> str:
-    return files("convbackends.kernels").joinpath(name).read_text(encoding="utf-8")
-
-
-@functools.cache
-def source(program: str) -> str:
-    """The full source of one program: the prelude, then its kernel files, in one string."""
-    return "\n".join(read_kernel(name) for name in _SOURCE_FILES[program])
-
-
-@dataclass(frozen=True)
-class DeviceLimits:
-    """What tile choice needs to know about a device, queried from the driver."""
-
-    type: str  # a DeviceInfo.type
-    max_threads: int  # work-items per work-group
-    local_mem: int  # bytes of local/shared memory per work-group
-    max_alloc: int = 1 << 62  # bytes of the largest buffer
-
-    @property
-    def is_cpu(self) -> bool:
-        return self.type == "cpu"
 
 
 @dataclass(frozen=True)
@@ -170,29 +136,11 @@ def depthwise_local(limits: DeviceLimits) -> tuple[int, int]:
     return lx, ly
 
 
-@dataclass(frozen=True)
-class Launch:
-    """One dispatch in OpenCL terms: global and local sizes in work-items, then the scalar arguments."""
-
-    global_size: tuple[int, int, int]
-    local_size: tuple[int, int, int]
-    scalars: tuple
-
-    @property
-    def grid(self) -> tuple[int, int, int]:
-        """CUDA's grid: work-groups per dimension."""
-        return tuple(g // l for g, l in zip(self.global_size, self.local_size))
-
-
 def _pack(w: np.ndarray, g: int, og: int, k: int, kpad: int, ogpad: int) -> np.ndarray:
     """Weights as [group][k][out-channel], zero padded to kpad x ogpad."""
     packed = np.zeros((g, kpad, ogpad), np.float32)
     packed[:, :k, :og] = w.reshape(g, og, k).transpose(0, 2, 1)
     return packed
-
-
-def _i32(*values) -> tuple:
-    return tuple(np.int32(v) for v in values)
 
 
 class Plan:
@@ -211,7 +159,7 @@ class Plan:
         self.source = source(self.algorithm)
         g = spec.groups
         og = spec.out_channels // g
-        defines = {"ACTIVATION": spec.activation.code, "INDEX_T": "long" if limits.is_cpu else "int"}
+        defines = {"ACTIVATION": spec.activation.code, "INDEX_T": limits.index_type}
         if self.algorithm == "depthwise":
             self.tiles = None
             self.dw_local = depthwise_local(limits)
@@ -355,7 +303,7 @@ class WinogradPlan:
         self.gemm, self.gemm_kernel = fit_plan(Conv2dSpec.create(gemm_w, groups=36), gemm_w, None, limits, build,
                                                max_threads)
         self.source = source("winograd")
-        self.options = (f"-DACTIVATION={spec.activation.code}", f"-DINDEX_T={'long' if limits.is_cpu else 'int'}")
+        self.options = (f"-DACTIVATION={spec.activation.code}", f"-DINDEX_T={limits.index_type}")
         self.local = min(WINOGRAD_LOCAL, limits.max_threads)
         self.bias = b if b is not None else np.zeros(o, np.float32)
 
@@ -403,30 +351,6 @@ class WinogradPlan:
                                + (np.float32(act.alpha), np.float32(act.beta)))
 
 
-class KernelBackend(Backend):
-    """A backend over kernels/: one runtime (context, compiled kernels) per device, made lazily."""
-
-    prepared_class: type
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._runtimes: dict[int, object] = {}
-
-    @abstractmethod
-    def _make_runtime(self, info: DeviceInfo):
-        """The API's context and kernel cache for one device."""
-
-    def runtime(self, device=None):
-        """The runtime of a device, given as `select` takes it."""
-        info = self.select(device)
-        if info.index not in self._runtimes:
-            self._runtimes[info.index] = self._make_runtime(info)
-        return self._runtimes[info.index]
-
-    def prepare(self, spec: Conv2dSpec, w, b, device: DeviceInfo) -> Prepared:
-        return self.prepared_class(self.runtime(device), spec, w, b)
-
-
 class _Stage:
     """A `Plan` on one device: its kernels, uploaded weights, and per-geometry gather tables and padded
     copies. `steps` is its launch sequence: the pad copy when the kernel needs one, then the kernel."""
@@ -434,10 +358,10 @@ class _Stage:
     def __init__(self, owner: "KernelPrepared", plan: Plan, kernel):
         self.plan, self.kernel = plan, kernel
         self.pad = owner._rt.kernel(plan.pad_source, "pad_input", plan.pad_options)
-        self.weights = owner._upload(plan.weights)
-        self.bias = owner._upload(plan.bias)
-        self.ktabs = GeometryCache(lambda geom: owner._upload(plan.ktab(geom)))
-        self.padded = GeometryCache(lambda geom: owner._empty((geom.n, geom.c, *plan.padded(geom))))
+        self.weights = owner._rt.upload(plan.weights)
+        self.bias = owner._rt.upload(plan.bias)
+        self.ktabs = GeometryCache(lambda geom: owner._rt.upload(plan.ktab(geom)))
+        self.padded = GeometryCache(lambda geom: owner._rt.empty((geom.n, geom.c, *plan.padded(geom))))
 
     def steps(self, x, y, geom: Conv2dGeometry) -> list[tuple[object, Launch, list]]:
         plan, steps = self.plan, []
@@ -463,11 +387,11 @@ class _WinogradStage:
         self.input = owner._rt.kernel(wino.source, "conv2d_winograd_input", wino.options)
         self.output = owner._rt.kernel(wino.source, "conv2d_winograd_output", wino.options)
         self.gemm = _Stage(owner, wino.gemm, wino.gemm_kernel)
-        self.bias = owner._upload(wino.bias)
+        self.bias = owner._rt.upload(wino.bias)
         self.buffers = GeometryCache(lambda geom: (
-            owner._empty((geom.n, geom.c, *wino.padded(geom))),
-            owner._empty((36 * geom.c * wino.tile_plane(geom),)),
-            owner._empty((36 * geom.o * wino.tile_plane(geom),)),
+            owner._rt.empty((geom.n, geom.c, *wino.padded(geom))),
+            owner._rt.empty((36 * geom.c * wino.tile_plane(geom),)),
+            owner._rt.empty((36 * geom.o * wino.tile_plane(geom),)),
         ))
 
     def steps(self, x, y, geom: Conv2dGeometry) -> list[tuple[object, Launch, list]]:
@@ -487,12 +411,16 @@ class _WinogradStage:
 
 class KernelPrepared(Prepared):
     """A layer on one device: the direct stage (its plan, built kernels, uploaded weights), the
-    Winograd stage where it pays, and per-input-size staging buffers. Subclasses say how to upload,
-    allocate and launch; the runtime gives `info`, `limits`, `kernel` and `max_threads`."""
+    Winograd stage where it pays, and per-input-size staging buffers.
 
-    def __init__(self, rt, spec: Conv2dSpec, w: np.ndarray, b: np.ndarray | None):
+    A call uses the layer's per-geometry buffers (staging, padded copies, Winograd scratch), so calls
+    on one layer are serialised by `_lock`; calls on different layers run concurrently.
+    """
+
+    def __init__(self, rt: KernelRuntime, spec: Conv2dSpec, w: np.ndarray, b: np.ndarray | None):
         self.device = rt.info
         self._rt = rt
+        self._lock = threading.Lock()
 
         def build(plan):
             return rt.kernel(plan.source, plan.kernel_name, plan.options)
@@ -502,23 +430,11 @@ class KernelPrepared(Prepared):
         if WinogradPlan.eligible(spec, rt.limits):
             self._winograd = _WinogradStage(self, WinogradPlan(spec, w, b, rt.limits, build, rt.max_threads))
         # Input and output buffers reused by every host call of one input size.
-        self._staging = GeometryCache(lambda geom: (self._empty(geom.input_shape), self._empty(geom.output_shape)))
+        self._staging = GeometryCache(lambda geom: (rt.empty(geom.input_shape), rt.empty(geom.output_shape)))
 
     @property
     def _plan(self) -> Plan:
         return self._direct.plan
-
-    @abstractmethod
-    def _upload(self, array: np.ndarray):
-        """A device copy of a host array."""
-
-    @abstractmethod
-    def _empty(self, shape):
-        """A new float32 device array."""
-
-    def _check_open(self) -> None:
-        if self._direct is None:
-            raise ValueError("this layer is closed")
 
     def uses_winograd(self, x, geom: Conv2dGeometry) -> bool:
         """Winograd for a host input with enough tiles that is finite and well inside float32's range
@@ -531,39 +447,37 @@ class KernelPrepared(Prepared):
         """(kernel, launch, buffers) in order; x and y are device arrays of this backend."""
         return (self._winograd if winograd else self._direct).steps(x, y, geom)
 
+    def _run(self, x, geom: Conv2dGeometry, timed: bool):
+        rt = self._rt
+        with self._lock:
+            if self._direct is None:
+                raise ValueError("this layer is closed")
+            host = isinstance(x, np.ndarray)
+            winograd = self.uses_winograd(x, geom)
+            if host:
+                xdev, ydev = self._staging.get(geom)
+                rt.write(xdev, x)
+            else:
+                xdev, ydev = rt.device_input(x), rt.empty(geom.output_shape)
+            with rt.timer() if timed else contextlib.nullcontext([None]) as seconds:
+                for kernel, launch, buffers in self._steps(xdev, ydev, geom, winograd):
+                    rt.launch(kernel, launch, buffers)
+            return (rt.read(ydev) if host else rt.returned(ydev)), seconds[0]
+
+    def run(self, x, geom: Conv2dGeometry):
+        return self._run(x, geom, timed=False)[0]
+
+    def profile(self, x, geom: Conv2dGeometry):
+        return self._run(x, geom, timed=True)
+
     def close(self) -> None:
-        for stage in (self._direct, self._winograd):
-            if stage is not None:
-                stage.clear()
-        self._direct = self._winograd = None
-        self._staging.clear()
+        with self._lock:
+            for stage in (self._direct, self._winograd):
+                if stage is not None:
+                    stage.clear()
+            self._direct = self._winograd = None
+            self._staging.clear()
 
 
-class GeometryCache:
-    """Per-input-size device objects (gather tables, staging buffers), a few sizes kept."""
-
-    def __init__(self, make, size: int = 8):
-        self._make = make
-        self._size = size
-        self._items: dict[Conv2dGeometry, object] = {}
-
-    def get(self, geom: Conv2dGeometry):
-        if geom not in self._items:
-            if len(self._items) >= self._size:
-                del self._items[next(iter(self._items))]
-            self._items[geom] = self._make(geom)
-        return self._items[geom]
-
-    def clear(self) -> None:
-        self._items.clear()
-
-
-def _linear_launch(total: int, scalars: tuple) -> Launch:
-    size = max(1, math.ceil(total / LINEAR_LOCAL_SIZE)) * LINEAR_LOCAL_SIZE
-    return Launch((size, 1, 1), (LINEAR_LOCAL_SIZE, 1, 1), scalars)
-
-
-def copy_launch(shape, strides, offset) -> Launch:
-    """copy_strided over a 4-D view: element strides and offset, into a contiguous array."""
-    total = math.prod(shape)
-    return _linear_launch(total, _i32(offset, *shape[1:], *strides) + (np.int64(total),))
+def prepare(backend, spec: Conv2dSpec, w: np.ndarray, b: np.ndarray | None, device) -> KernelPrepared:
+    return KernelPrepared(backend.runtime(device), spec, w, b)

@@ -1,4 +1,4 @@
-"""Vulkan backend: embedded SPIR-V (shaders/ via tools/build_spirv.py) run through the `vulkan` bindings.
+"""conv2d on Vulkan: embedded SPIR-V (shaders/ via tools/build_spirv.py) run through the `vulkan` bindings.
 
 Per-layer values (kernel, stride, dilation, activation, tiles) are specialization constants, shapes are push
 constants, so one pipeline serves every input size of a layer. Each input geometry gets its buffers and a
@@ -18,10 +18,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 import vulkan as vk
 
-from ..spec import Conv2dGeometry, Conv2dSpec
-from . import _vk, _winograd
-from .base import Backend, BackendUnavailable, DeviceInfo, Prepared
-from .vulkan_spirv import SPIRV
+from ...runtime import DeviceInfo
+from ...runtime import vulkan as _vk
+from ...spec import Conv2dGeometry, Conv2dSpec
+from .. import Prepared, _winograd
+from .spirv import SPIRV
 
 _PLANS_KEPT = 4  # recorded geometries kept per layer; older ones go back to the pool
 # x, x as vec4, w, w as vec4, b, y: the bindings of shaders/conv2d_layout.glsl.
@@ -34,20 +35,6 @@ _PUSH = struct.Struct("<11i")  # C, HP, WP, PS, O, OH, OW, GROUPS, OGP, N, TPS
 WINOGRAD_MIN_CHANNELS = {"cpu": 128, "gpu": 32}
 WINOGRAD_MIN_TILES = {"cpu": 32, "gpu": 16}
 _TRANSFORM_LANES = 64  # work-group width of the Winograd transforms
-
-
-class VulkanBackend(Backend):
-    name = "vulkan"
-
-    def _enumerate(self) -> list[DeviceInfo]:
-        try:
-            found = _vk.physical_devices()
-            return [DeviceInfo(self.name, i, *_vk.describe(p)) for i, p in enumerate(found)]
-        except vk.VkError as exc:
-            raise BackendUnavailable(f"vulkan: no usable driver ({type(exc).__name__})") from None
-
-    def prepare(self, spec: Conv2dSpec, w, b, device: DeviceInfo) -> Prepared:
-        return VulkanConv2d(spec, w, b, device)
 
 
 @dataclass(frozen=True)
@@ -374,4 +361,5 @@ class VulkanConv2d(Prepared):
         self.b = self.conv = self.winograd = None
 
 
-BACKEND = VulkanBackend()
+def prepare(backend, spec: Conv2dSpec, w: np.ndarray, b: np.ndarray | None, device: DeviceInfo) -> Prepared:
+    return VulkanConv2d(spec, w, b, device)

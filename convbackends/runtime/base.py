@@ -1,10 +1,12 @@
-"""The one protocol every backend implements: probe the driver, list devices, prepare weights once, run many."""
+"""What every backend's runtime implements: probe the driver, list and select devices, recognise its device arrays.
+
+A runtime knows no op: each op's implementation for a backend lives in `backends/<family>/<op>.py` and is
+found by `backends.implementation(op, backend)`.
+"""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-
-from ..spec import Conv2dGeometry, Conv2dSpec
 
 # Default device preference: a real GPU first, CPU stand-ins (PoCL, llvmpipe) last.
 DEVICE_TYPE_ORDER = ("gpu", "integrated-gpu", "other", "cpu")
@@ -28,27 +30,15 @@ class DeviceInfo:
         return f"{self.backend}:{self.index} {self.name} ({self.type})"
 
 
-class Prepared(ABC):
-    """A layer's weights repacked and uploaded for one device. `run` only binds and dispatches."""
-
-    device: DeviceInfo
-
-    @abstractmethod
-    def run(self, x, geom: Conv2dGeometry):
-        """x is a C-contiguous float32 numpy array or a device array this backend owns; same kind out."""
-
-    def profile(self, x, geom: Conv2dGeometry) -> tuple[object, float | None]:
-        """Run once and return the device-side time in seconds where the API measures it, else None."""
-        return self.run(x, geom), None
-
-    def close(self) -> None:
-        """Release device memory and objects held for this layer; idempotent."""
-
-
 class Backend(ABC):
-    """A compute API. Subclasses live one per module and import their driver library at module level."""
+    """A compute API. Subclasses live one per module and import their driver library at module level.
+
+    `family` names the folder of op implementations it runs (`backends/<family>/`): OpenCL and CUDA share
+    `kernel`, as they share the kernels/ sources.
+    """
 
     name: str
+    family: str
 
     def __init__(self) -> None:
         self._devices: list[DeviceInfo] | None = None
@@ -88,14 +78,6 @@ class Backend(ABC):
                 return d
         raise ValueError(f"device {device!r} matches no device of backend {self.name!r} (devices: {listing})")
 
-    def supports(self, spec: Conv2dSpec) -> str | None:
-        """None when the backend runs this layer, else the reason it cannot."""
-        return None
-
     def owns(self, x) -> bool:
         """Whether x is a device array of this backend, to be returned in the same kind."""
         return False
-
-    @abstractmethod
-    def prepare(self, spec: Conv2dSpec, w, b, device: DeviceInfo) -> Prepared:
-        """Repack and upload w (O, C/g, kh, kw) and b (O,) or None, both C-contiguous float32 numpy."""

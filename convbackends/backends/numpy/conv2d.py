@@ -1,4 +1,4 @@
-"""CPU backend: numpy strided views feed BLAS GEMMs; the reference point every GPU backend must beat.
+"""conv2d on the CPU: numpy strided views feed BLAS GEMMs; the reference point every GPU backend must beat.
 
 Four paths, named after the GPU kernels: `conv2d_gemm_1x1` (a plain GEMM), `conv2d_depthwise`
 (per block of channels, every tap gathered by one copy, then small GEMVs), `conv2d_implicit_gemm`
@@ -20,9 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from ..spec import Activation, Conv2dGeometry, Conv2dSpec
-from . import _winograd
-from .base import Backend, DeviceInfo, Prepared
+from ...runtime import DeviceInfo
+from ...spec import Activation, Conv2dGeometry, Conv2dSpec
+from .. import Prepared, _winograd
 
 # Column buffers (im2col, Winograd tiles) stay under this size: large layers are tiled, never held whole.
 TILE_BYTES = 16 << 20
@@ -535,26 +535,5 @@ class NumpyPrepared(Prepared):
         return out
 
 
-def _blas_name() -> str:
-    """The BLAS numpy was built against, from its build config (no printing, no import of extras)."""
-    try:
-        blas = np.__config__.CONFIG["Build Dependencies"]["blas"]
-    except (AttributeError, KeyError, TypeError):
-        return "unknown BLAS"
-    name, version = blas.get("name", "unknown BLAS"), blas.get("version", "")
-    return f"{name} {version}".strip()
-
-
-class NumpyBackend(Backend):
-    name = "numpy"
-
-    def _enumerate(self) -> list[DeviceInfo]:
-        blas = _blas_name()
-        facts = {"cores": os.cpu_count(), "numpy": np.__version__, "blas": blas}
-        return [DeviceInfo(self.name, 0, f"CPU (numpy {np.__version__}, {blas})", "cpu", facts)]
-
-    def prepare(self, spec: Conv2dSpec, w, b, device: DeviceInfo) -> Prepared:
-        return NumpyPrepared(spec, w, b, device)
-
-
-BACKEND = NumpyBackend()
+def prepare(backend, spec: Conv2dSpec, w: np.ndarray, b: np.ndarray | None, device: DeviceInfo) -> Prepared:
+    return NumpyPrepared(spec, w, b, device)

@@ -1,5 +1,6 @@
-"""Vulkan boilerplate for the vulkan backend: instance, devices, pooled buffers, cached pipelines, replayable
-command buffers. Importing it raises OSError where libvulkan is missing, which the registry reports.
+"""Vulkan runtime: instance, devices, pooled buffers, cached pipelines, replayable command buffers; it knows
+no op (those are in backends/vulkan/). Importing it raises OSError where libvulkan is missing, which the
+registry reports.
 
 Every handle made here is counted in `LIVE` (created minus destroyed, per kind), so tests can prove that
 closing releases everything; devices and the instance are destroyed at interpreter exit.
@@ -13,6 +14,8 @@ from collections import Counter
 
 import numpy as np
 import vulkan as vk
+
+from .base import Backend, BackendUnavailable, DeviceInfo
 
 LIVE: Counter = Counter()
 FENCE_TIMEOUT_NS = 600 * 10**9
@@ -546,3 +549,18 @@ def upload(dev: Device, array: np.ndarray) -> Buffer:
         recording.close()
         dev.release(staging)
     return buf
+
+
+class VulkanBackend(Backend):
+    name = "vulkan"
+    family = "vulkan"
+
+    def _enumerate(self) -> list[DeviceInfo]:
+        try:
+            found = physical_devices()
+            return [DeviceInfo(self.name, i, *describe(p)) for i, p in enumerate(found)]
+        except vk.VkError as exc:
+            raise BackendUnavailable(f"vulkan: no usable driver ({type(exc).__name__})") from None
+
+
+BACKEND = VulkanBackend()

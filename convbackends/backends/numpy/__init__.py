@@ -1,0 +1,1 @@
+"""numpy implementations of the ops: strided views feed BLAS GEMMs."""

@@ -1,0 +1,187 @@
+"""What the OpenCL and CUDA runtimes share: kernel sources, the device facts tile choice needs, launch sizes,
+and the one interface (`KernelRuntime`) that the ops in backends/kernel/ program against. A runtime compiles,
+allocates, copies and launches; it knows no op.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+
+from .base import Backend, DeviceInfo
+
+# Work-group size of the one-element-per-work-item kernels (copy_strided).
+LINEAR_LOCAL_SIZE = 256
+
+
+class KernelBuildError(RuntimeError):
+    """A kernel failed to compile; the message holds the compiler's log."""
+
+
+def cache_dir(api: str) -> Path:
+    """Where compiled binaries persist between processes."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "convbackends" / api
+
+
+@functools.cache
+def read_kernel(name: str) -> str:
+    return files("convbackends.kernels").joinpath(name).read_text(encoding="utf-8")
+
+
+@functools.cache
+def source(*names: str) -> str:
+    """One program's source: kernels/prelude.h, then the named kernel files, in one string."""
+    return "\n".join(read_kernel(name) for name in ("prelude.h", *names))
+
+
+@dataclass(frozen=True)
+class DeviceLimits:
+    """What tile choice needs to know about a device, queried from the driver."""
+
+    type: str  # a DeviceInfo.type
+    max_threads: int  # work-items per work-group
+    local_mem: int  # bytes of local/shared memory per work-group
+    max_alloc: int = 1 << 62  # bytes of the largest buffer
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.type == "cpu"
+
+    @property
+    def index_type(self) -> str:
+        """INDEX_T of kernels/prelude.h: 64-bit on CPU compilers, which vectorise only then."""
+        return "long" if self.is_cpu else "int"
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One dispatch in OpenCL terms: global and local sizes in work-items, then the scalar arguments."""
+
+    global_size: tuple[int, int, int]
+    local_size: tuple[int, int, int]
+    scalars: tuple
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """CUDA's grid: work-groups per dimension."""
+        return tuple(g // l for g, l in zip(self.global_size, self.local_size))
+
+
+def i32(*values) -> tuple:
+    return tuple(np.int32(v) for v in values)
+
+
+def linear_launch(total: int, scalars: tuple) -> Launch:
+    size = max(1, math.ceil(total / LINEAR_LOCAL_SIZE)) * LINEAR_LOCAL_SIZE
+    return Launch((size, 1, 1), (LINEAR_LOCAL_SIZE, 1, 1), scalars)
+
+
+def copy_launch(shape, strides, offset) -> Launch:
+    """copy_strided over a 4-D view: element strides and offset, into a contiguous array."""
+    total = math.prod(shape)
+    return linear_launch(total, i32(offset, *shape[1:], *strides) + (np.int64(total),))
+
+
+class GeometryCache:
+    """Per-input-size device objects (gather tables, staging buffers), a few sizes kept."""
+
+    def __init__(self, make, size: int = 8):
+        self._make = make
+        self._size = size
+        self._items: dict = {}
+
+    def get(self, geom):
+        if geom not in self._items:
+            if len(self._items) >= self._size:
+                del self._items[next(iter(self._items))]
+            self._items[geom] = self._make(geom)
+        return self._items[geom]
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+class KernelRuntime(ABC):
+    """One device of a kernel API: compiled kernels, device arrays, launches, a device timer.
+
+    Launches go to one in-order queue (OpenCL) or the caller's current stream (CUDA), so a sequence of
+    launches needs no events between them.
+    """
+
+    info: DeviceInfo
+    limits: DeviceLimits
+
+    @abstractmethod
+    def kernel(self, source: str, name: str, options: tuple[str, ...] = ()):
+        """The kernel `name` of `source` built with `options`, built once; KernelBuildError with the log."""
+
+    @abstractmethod
+    def max_threads(self, kernel) -> int:
+        """Work-items per group the built kernel allows (register pressure can lower the device's)."""
+
+    @abstractmethod
+    def upload(self, array: np.ndarray):
+        """A new device array holding a copy of `array`."""
+
+    @abstractmethod
+    def empty(self, shape):
+        """A new float32 device array."""
+
+    @abstractmethod
+    def write(self, dst, array: np.ndarray) -> None:
+        """Copy a host array into the device array `dst` (ordered before later launches)."""
+
+    @abstractmethod
+    def read(self, src) -> np.ndarray:
+        """A host copy of a device array, after every launch before it."""
+
+    @abstractmethod
+    def device_input(self, x):
+        """A device array of this runtime given by the user, as a C-contiguous array of this device
+        (a copy only when x is a strided view); ValueError when x lives elsewhere."""
+
+    @abstractmethod
+    def launch(self, kernel, launch: Launch, buffers: list) -> None:
+        """Enqueue one kernel over device arrays then scalars; safe to call from several threads."""
+
+    @abstractmethod
+    def returned(self, y):
+        """A device array being handed back to the user: the API's completion marker attached."""
+
+    @contextlib.contextmanager
+    def timer(self):
+        """Time the launches made inside, on the device: yields a list that gets the seconds (or None)."""
+        result = [None]
+        yield result
+
+
+class KernelBackend(Backend):
+    """A backend over kernels/: one runtime (context, compiled kernels) per device, made lazily."""
+
+    family = "kernel"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._runtimes: dict[int, KernelRuntime] = {}
+        self._runtimes_lock = threading.Lock()
+
+    @abstractmethod
+    def _make_runtime(self, info: DeviceInfo) -> KernelRuntime:
+        """The API's context and kernel cache for one device."""
+
+    def runtime(self, device=None) -> KernelRuntime:
+        """The runtime of a device, given as `select` takes it."""
+        info = self.select(device)
+        with self._runtimes_lock:
+            if info.index not in self._runtimes:
+                self._runtimes[info.index] = self._make_runtime(info)
+            return self._runtimes[info.index]

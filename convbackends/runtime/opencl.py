@@ -1,0 +1,162 @@
+"""OpenCL runtime: pyopencl over the shared kernels/ sources.
+
+One context and one in-order profiling queue per device; programs are built once per (source, options)
+and their kernel objects kept. Built binaries persist on disk between processes: pyopencl caches them
+under ~/.cache/convbackends/opencl (keyed by source, options, device and driver) where the driver does
+not, and PoCL and NVIDIA keep their own build caches.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import numpy as np
+import pyopencl as cl
+import pyopencl.array as cla
+from pyopencl.tools import ImmediateAllocator, MemoryPool
+
+from .base import BackendUnavailable, DeviceInfo
+from .kernels import DeviceLimits, KernelBackend, KernelBuildError, KernelRuntime, cache_dir, copy_launch, source
+
+
+def _device_type(device: cl.Device) -> str:
+    if device.type & cl.device_type.GPU:
+        return "integrated-gpu" if device.host_unified_memory else "gpu"
+    if device.type & cl.device_type.CPU:
+        return "cpu"
+    return "other"
+
+
+class Runtime(KernelRuntime):
+    """One device's context, in-order profiling queue, memory pool and built kernels.
+
+    A pyopencl kernel call sets the kernel object's arguments, then enqueues it: two threads sharing
+    a kernel object could interleave those steps, so every launch holds `_launch_lock`.
+    """
+
+    def __init__(self, device: cl.Device, info: DeviceInfo):
+        self.device = device
+        self.info = info
+        self.context = cl.Context([device])
+        self.queue = cl.CommandQueue(self.context, properties=cl.command_queue_properties.PROFILING_ENABLE)
+        self.pool = MemoryPool(ImmediateAllocator(self.queue))
+        self.limits = DeviceLimits(info.type, device.max_work_group_size, device.local_mem_size,
+                                   device.max_mem_alloc_size)
+        self._kernels: dict[tuple[str, str, tuple[str, ...]], cl.Kernel] = {}
+        self._build_lock = threading.Lock()
+        self._launch_lock = threading.Lock()
+        self._timing = threading.local()
+        self._placeholder = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, 4)
+
+    def kernel(self, source: str, name: str, options: tuple[str, ...] = ()) -> cl.Kernel:
+        key = (source, name, tuple(options))
+        with self._build_lock:
+            if key not in self._kernels:
+                try:
+                    program = cl.Program(self.context, source).build(
+                        options=list(options), cache_dir=str(cache_dir("opencl")))
+                except cl.Error as exc:
+                    raise KernelBuildError(f"OpenCL build of {name} failed on {self.info}: {exc}") from exc
+                self._kernels[key] = cl.Kernel(program, name)
+            return self._kernels[key]
+
+    def max_threads(self, kernel: cl.Kernel) -> int:
+        return kernel.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE, self.device)
+
+    def upload(self, array: np.ndarray) -> cla.Array:
+        return cla.to_device(self.queue, array, allocator=self.pool)
+
+    def empty(self, shape) -> cla.Array:
+        return cla.empty(self.queue, shape, np.float32, allocator=self.pool)
+
+    def write(self, dst: cla.Array, array: np.ndarray) -> None:
+        if array.size:
+            cl.enqueue_copy(self.queue, dst.base_data, array, is_blocking=False)
+
+    def read(self, src: cla.Array) -> np.ndarray:
+        out = np.empty(src.shape, np.float32)
+        if out.size:
+            cl.enqueue_copy(self.queue, out, src.base_data)
+        return out
+
+    def device_input(self, x: cla.Array) -> cla.Array:
+        if x.context != self.context:
+            raise ValueError(f"x lives in another OpenCL context; create it on the queue of runtime({self.info.index})")
+        if x.events:  # work queued on another queue of this context
+            cl.wait_for_events(x.events)
+        if x.flags.c_contiguous and x.offset == 0:
+            return x
+        kernel = self.kernel(source("copy_strided.h"), "copy_strided")
+        out = self.empty(x.shape)
+        shape = (1,) * (4 - x.ndim) + tuple(x.shape)
+        strides = (0,) * (4 - x.ndim) + tuple(s // x.dtype.itemsize for s in x.strides)
+        self.launch(kernel, copy_launch(shape, strides, x.offset // x.dtype.itemsize), [x, out])
+        return out
+
+    def launch(self, kernel, launch, buffers) -> None:
+        # A 0-sized array has no buffer; no kernel reads it, so a placeholder stands in.
+        args = [a.base_data if a.size else self._placeholder for a in buffers]
+        with self._launch_lock:
+            event = kernel(self.queue, launch.global_size, launch.local_size, *args, *launch.scalars)
+        events = getattr(self._timing, "events", None)
+        if events is not None:
+            events.append(event)
+
+    def returned(self, y: cla.Array) -> cla.Array:
+        y.add_event(cl.enqueue_marker(self.queue))
+        return y
+
+    @contextlib.contextmanager
+    def timer(self):
+        result, self._timing.events = [None], []
+        try:
+            yield result
+        finally:
+            events, self._timing.events = self._timing.events, None
+        if events:
+            cl.wait_for_events(events)
+            result[0] = (events[-1].profile.end - events[0].profile.start) * 1e-9
+
+
+class OpenCLBackend(KernelBackend):
+    name = "opencl"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cl_devices: list[cl.Device] = []
+
+    def _enumerate(self) -> list[DeviceInfo]:
+        try:
+            platforms = cl.get_platforms()
+        except cl.Error as exc:
+            raise BackendUnavailable(f"no OpenCL platform: {exc}") from exc
+        found = []
+        for platform in platforms:
+            try:
+                devices = platform.get_devices()
+            except cl.Error:  # a platform without devices answers DEVICE_NOT_FOUND
+                continue
+            for device in devices:
+                facts = {
+                    "platform": platform.name.strip(),
+                    "vendor": device.vendor.strip(),
+                    "driver": device.driver_version.strip(),
+                    "opencl": device.version.strip(),
+                    "compute_units": device.max_compute_units,
+                    "global_memory": device.global_mem_size,
+                    "max_work_group_size": device.max_work_group_size,
+                    "local_memory": device.local_mem_size,
+                    "max_buffer": device.max_mem_alloc_size,
+                }
+                self._cl_devices.append(device)
+                found.append(DeviceInfo(self.name, len(found), device.name.strip(), _device_type(device), facts))
+        return found
+
+    def _make_runtime(self, info: DeviceInfo) -> Runtime:
+        return Runtime(self._cl_devices[info.index], info)
+
+    def owns(self, x) -> bool:
+        return isinstance(x, cla.Array)
+
+
+BACKEND = OpenCLBackend()
