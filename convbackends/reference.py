@@ -145,3 +145,71 @@ def conv2d_float64(x, w, b=None, **conv_kwargs) -> np.ndarray:
     if b is not None:
         y += np.asarray(b, np.float64)[None, :, None, None]
     return activation_float64(y, spec.activation)
+
+
+def _resolve_transposed(x, w, b, kwargs):
+    from .ops.conv_transpose2d import ConvTranspose2dSpec
+
+    kwargs = dict(kwargs)
+    output_size = kwargs.pop("output_size", None)
+    spec = ConvTranspose2dSpec.create(w, b, **kwargs)
+    return spec, spec.geometry(np.shape(x), output_size)
+
+
+def onnx_conv_transpose_model(geom, w: np.ndarray, b: np.ndarray | None, activation: Activation) -> bytes:
+    """A serialized one-node ONNX graph (ConvTranspose + activation) for a fixed input shape, explicit
+    pads and output_padding."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.ascontiguousarray(w, np.float32), name="W")]
+    inputs = ["x", "W"]
+    if b is not None:
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(b, np.float32), name="B"))
+        inputs.append("B")
+    conv_out = "y" if activation.kind == "none" else "conv"
+    nodes = [helper.make_node(
+        "ConvTranspose", inputs, [conv_out], kernel_shape=[geom.kh, geom.kw], strides=[geom.sh, geom.sw],
+        dilations=[geom.dh, geom.dw], pads=[geom.pt, geom.pl, geom.pb, geom.pr],
+        output_padding=[geom.oph, geom.opw], group=geom.groups)]
+    if activation.kind != "none":
+        act_nodes, act_inits = _activation_nodes(helper, numpy_helper, activation, conv_out, "y")
+        nodes += act_nodes
+        inits += act_inits
+    graph = helper.make_graph(
+        nodes, "conv_transpose2d",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(geom.input_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(geom.output_shape))],
+        initializer=inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)]).SerializeToString()
+
+
+def cv2_conv_transpose2d(x, w, b=None, **kwargs) -> np.ndarray:
+    """cv2.dnn's float32 result for ONNX ConvTranspose (+ activation)."""
+    import cv2
+
+    spec, geom = _resolve_transposed(x, w, b, kwargs)
+    net = cv2.dnn.readNetFromONNX(np.frombuffer(onnx_conv_transpose_model(geom, w, b, spec.activation), np.uint8))
+    net.setInput(np.ascontiguousarray(x, np.float32))
+    return net.forward().reshape(geom.output_shape)
+
+
+def conv_transpose2d_float64(x, w, b=None, **kwargs) -> np.ndarray:
+    """Transposed convolution in float64 by its definition: every input pixel scatters w's taps into the
+    uncropped output (stride apart, dilation between taps), then the pads are cut off. No phases."""
+    spec, g = _resolve_transposed(x, w, b, kwargs)
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    cg, og = g.c // g.groups, g.o // g.groups
+    full = np.zeros((g.n, g.o, g.sh * (g.h - 1) + g.dh * (g.kh - 1) + 1 + g.oph,
+                     g.sw * (g.w - 1) + g.dw * (g.kw - 1) + 1 + g.opw))
+    for grp in range(g.groups):
+        xs = x64[:, grp * cg:(grp + 1) * cg]
+        for i in range(g.kh):
+            for j in range(g.kw):
+                contribution = np.einsum("nchw,co->nohw", xs, w64[grp * cg:(grp + 1) * cg, :, i, j])
+                full[:, grp * og:(grp + 1) * og, i * g.dh:i * g.dh + g.sh * (g.h - 1) + 1:g.sh,
+                     j * g.dw:j * g.dw + g.sw * (g.w - 1) + 1:g.sw] += contribution
+    y = full[:, :, g.pt:g.pt + g.oh, g.pl:g.pl + g.ow]
+    if b is not None:
+        y = y + np.asarray(b, np.float64)[None, :, None, None]
+    return activation_float64(y, spec.activation)
