@@ -4,6 +4,7 @@ Importing the package loads no GPU library: backends are imported when first ask
 """
 from .ops.base import clear_one_shot_cache
 from .ops.conv2d import Conv2d, conv2d
+from .ops.conv_transpose2d import ConvTranspose2d, ConvTranspose2dGeometry, ConvTranspose2dSpec, conv_transpose2d
 from .runtime import Availability, BackendUnavailable, DeviceInfo, available_backends, devices
 from .spec import Activation, Conv2dGeometry, Conv2dSpec
 
@@ -16,9 +17,13 @@ __all__ = [
     "Conv2d",
     "Conv2dGeometry",
     "Conv2dSpec",
+    "ConvTranspose2d",
+    "ConvTranspose2dGeometry",
+    "ConvTranspose2dSpec",
     "DeviceInfo",
     "available_backends",
     "clear_one_shot_cache",
     "conv2d",
+    "conv_transpose2d",
     "devices",
 ]

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .ops.conv2d import Conv2d
+from .ops.conv_transpose2d import ConvTranspose2d
 
 ACTIVATIONS = (
     None, "relu", "relu6", "sigmoid", "tanh", "silu", "mish", "hardswish", ("leaky_relu", 0.1), ("clip", -0.3, 0.4),
@@ -29,13 +30,22 @@ class Case:
     bias: bool = True
     kwargs: dict = field(default_factory=dict, hash=False)
     seed: int = 0
+    op: str = "conv2d"  # a key of OPS
+
+    @property
+    def out_channels(self) -> int:
+        return self.w_shape[1] * self.kwargs.get("groups", 1) if self.op == "conv_transpose2d" else self.w_shape[0]
 
     def tensors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         rng = np.random.default_rng(self.seed)
         x = rng.uniform(-1, 1, self.x_shape).astype(np.float32)
         w = rng.uniform(-1, 1, self.w_shape).astype(np.float32)
-        b = rng.uniform(-1, 1, self.w_shape[0]).astype(np.float32) if self.bias else None
+        b = rng.uniform(-1, 1, self.out_channels).astype(np.float32) if self.bias else None
         return x, w, b
+
+    def layer(self, w, b, **options):
+        """The case's op object for these weights (options: backend, device)."""
+        return OPS[self.op](w, b, **options, **self.kwargs)
 
     def __str__(self) -> str:
         return self.name
@@ -61,6 +71,13 @@ def _case(x_shape, o, kernel, *, bias=True, seed=0, **kwargs) -> Case:
         f"-{k}={_short(v)}" for k, v in kwargs.items()
     ) + ("" if bias else "-nobias")
     return Case(name, tuple(x_shape), (o, c // groups, kh, kw), bias, kwargs, seed)
+
+
+def _transposed(x_shape, o, kernel, *, bias=True, seed=0, **kwargs) -> Case:
+    """A conv_transpose2d case: w is (C, O/groups, kh, kw)."""
+    case = _case(x_shape, o, kernel, bias=bias, seed=seed, **kwargs)
+    c, groups = x_shape[1], kwargs.get("groups", 1)
+    return Case("T" + case.name, case.x_shape, (c, o // groups, *kernel), bias, kwargs, seed, "conv_transpose2d")
 
 
 def _short(value) -> str:
@@ -113,15 +130,58 @@ def _smoke() -> list[Case]:
     ]
 
 
-SUITES: dict[str, list[Case]] = {"smoke": _smoke(), "opencv": _opencv_sweep(), "wide": _wide()}
+def _transposed_sweep() -> list[Case]:
+    """conv_transpose2d: kernels 1..5 (even ones too) x strides 1..4, output_padding, dilation, groups,
+    depthwise with a multiplier, asymmetric pads, "same"/"valid", batch 1 and 3, every activation, odd
+    channel counts."""
+    cases = []
+    for k in (1, 2, 3, 4, 5):
+        for stride in (1, 2, 3, 4):
+            cases.append(_transposed((1, 5, 6, 7), 7, (k, k), stride=stride, padding=min(k - 1, 1)))
+    for stride, output_padding, dilation in ((2, 1, 1), (3, 2, 1), (2, 1, 2), (1, 1, 2), (3, (1, 2), (1, 2))):
+        cases.append(_transposed((3, 6, 5, 6), 9, (3, 3), stride=stride, output_padding=output_padding,
+                                 dilation=dilation, padding=1))
+    for pad in ((0, 1, 2, 3), (3, 0, 1, 2), (4, 4, 0, 0), "same", "valid"):
+        cases.append(_transposed((1, 5, 7, 6), 7, (4, 3), stride=(2, 3), padding=pad, dilation=(1, 2)))
+    for groups, c, o in ((13, 13, 26), (7, 7, 7), (3, 15, 6), (5, 15, 10)):
+        for stride in (1, 2):
+            cases.append(_transposed((2, c, 6, 5), o, (4, 4), stride=stride, padding=1, groups=groups))
+    for act in ACTIVATIONS:
+        cases.append(_transposed((1, 13, 5, 6), 15, (4, 4), stride=2, padding=1, activation=act))
+        cases.append(_transposed((1, 16, 4, 4), 8, (2, 2), stride=2, activation=act, bias=False))
+    cases.append(_transposed((1, 21, 8, 8), 21, (4, 4), stride=2, padding=1, groups=21, bias=False))  # FCN-style
+    cases.append(_transposed((1, 64, 4, 4), 32, (4, 4), stride=2, padding=1, activation="relu"))  # DCGAN-like
+    cases.append(_transposed((1, 8, 3, 3), 4, (5, 5), stride=4, padding=(6, 1, 0, 2)))  # pads past the taps
+    return cases
+
+
+SUITES: dict[str, list[Case]] = {"smoke": _smoke(), "opencv": _opencv_sweep(), "wide": _wide(),
+                                 "transposed": _transposed_sweep()}
+
+
+def _cv2(case: Case):
+    from . import reference
+
+    return {"conv2d": reference.cv2_conv2d, "conv_transpose2d": reference.cv2_conv_transpose2d}[case.op]
 
 
 def reference_output(case: Case) -> np.ndarray:
     """cv2.dnn's result for the case (Winograd off)."""
-    from .reference import cv2_conv2d
-
     x, w, b = case.tensors()
-    return cv2_conv2d(x, w, b, **case.kwargs)
+    return _cv2(case)(x, w, b, **case.kwargs)
+
+
+def float64_output(case: Case, x=None) -> np.ndarray:
+    """The independent float64 oracle's result for the case (or for another input x)."""
+    from . import reference
+
+    oracle = {"conv2d": reference.conv2d_float64, "conv_transpose2d": reference.conv_transpose2d_float64}[case.op]
+    xc, w, b = case.tensors()
+    return oracle(xc if x is None else x, w, b, **case.kwargs)
+
+
+# Each op's layer class; its references are looked up lazily (they import cv2 and onnx).
+OPS = {"conv2d": Conv2d, "conv_transpose2d": ConvTranspose2d}
 
 
 def compare(y: np.ndarray, ref: np.ndarray) -> tuple[float, float, float, bool, str]:
@@ -145,7 +205,7 @@ def check(case: Case, backend: str = "numpy", device=None, ref: np.ndarray | Non
     x, w, b = case.tensors()
     if ref is None:
         ref = reference_output(case)
-    with Conv2d(w, b, backend=backend, device=device, **case.kwargs) as layer:
+    with case.layer(w, b, backend=backend, device=device) as layer:
         y = layer(x)
         device_name = layer.device.name
     max_abs, mean_abs, tol, passed, detail = compare(np.asarray(y), ref)

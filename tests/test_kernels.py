@@ -54,6 +54,7 @@ WINOGRAD_PLAN = _winograd_plan()
 def test_cuda_kernels_compile_with_nvcc(tmp_path, arch):
     sources = [(plan.kernel_name, plan.source, plan.options) for plan in PLANS]
     sources.append(("copy_strided", kernel_runtime.source("copy_strided.h"), ()))
+    sources.append(("conv_transpose2d_phases", kernel_runtime.source("conv_transpose2d_phases.h"), ()))
     sources.append(("pad_input", PLANS[0].pad_source, PLANS[0].pad_options))
     winograd = WINOGRAD_PLAN
     sources += [(name, winograd.source, winograd.options) for name in ("conv2d_winograd_input", "conv2d_winograd_output")]
