@@ -5,7 +5,7 @@ Importing the package loads no GPU library: backends are imported when first ask
 from .ops.base import clear_one_shot_cache
 from .ops.conv2d import Conv2d, conv2d
 from .ops.conv_transpose2d import ConvTranspose2d, ConvTranspose2dGeometry, ConvTranspose2dSpec, conv_transpose2d
-from .runtime import Availability, BackendUnavailable, DeviceInfo, available_backends, devices
+from .runtime import Availability, BackendUnavailable, DeviceInfo, available_backends, devices, opencl_queue
 from .spec import Activation, Conv2dGeometry, Conv2dSpec
 
 __version__ = "0.1.0"
@@ -26,4 +26,5 @@ __all__ = [
     "conv2d",
     "conv_transpose2d",
     "devices",
+    "opencl_queue",
 ]

@@ -116,8 +116,12 @@ def _padding(value) -> tuple[int, int, int, int] | None:
 def check_float32(name: str, array) -> None:
     """All tensors are float32: a silent cast would hide a copy and a change of precision."""
     dtype = getattr(array, "dtype", None)
-    if dtype is None:
+    if dtype is None or not hasattr(array, "shape"):
         raise TypeError(f"{name} must be an array, got {type(array).__name__}")
+    if str(dtype).startswith("torch."):  # torch dtypes are no numpy dtypes
+        if str(dtype) != "torch.float32":
+            raise TypeError(f"{name} must be float32, got {dtype}; convert it with .float()")
+        return
     if np.dtype(dtype) != np.float32:
         raise TypeError(f"{name} must be float32, got {np.dtype(dtype)}; convert it with .astype(numpy.float32)")
 

@@ -12,15 +12,11 @@ from collections import OrderedDict
 
 import numpy as np
 
+from ..arrays import host_array, to_backend
 from ..backends import implementation, unsupported
 from ..runtime import get_backend
 
-
-def host_array(name: str, array) -> np.ndarray:
-    """A weight-like argument as a C-contiguous numpy array (a copy only when it is a strided view)."""
-    if not isinstance(array, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(array).__name__}")
-    return np.ascontiguousarray(array)
+__all__ = ["Layer", "OneShotCache", "ONE_SHOT", "clear_one_shot_cache", "host_array"]
 
 
 class Layer:
@@ -43,26 +39,21 @@ class Layer:
         self._prepared = module.prepare(self.backend, spec, *arrays, self.device)
         self._finalizer = weakref.finalize(self, self._prepared.close)
 
-    def _input(self, x):
-        """The array handed to the backend: C-contiguous numpy, or a device array the backend owns."""
+    def _input(self, name: str, x):
+        """(the array handed to the backend, the function returning a result in x's kind): see arrays.py."""
         if self._prepared is None:
             raise ValueError(f"this {type(self).__name__} is closed")
-        if isinstance(x, np.ndarray):
-            return np.ascontiguousarray(x)
-        if self.backend.owns(x):
-            return x
-        raise TypeError(
-            f"x must be a numpy.ndarray or a device array of backend {self.backend.name!r}, got {type(x).__name__}"
-        )
+        return to_backend(name, x, self.backend, self.device)
 
     def _run(self, x, geom):
-        x = self._input(x)
-        return self._prepared.run(x, geom)
+        x, restore = self._input("x", x)
+        return restore(self._prepared.run(x, geom))
 
     def _profile(self, x, geom):
         """Run once; returns (y, device seconds or None where the API gives no device timer)."""
-        x = self._input(x)
-        return self._prepared.profile(x, geom)
+        x, restore = self._input("x", x)
+        y, seconds = self._prepared.profile(x, geom)
+        return restore(y), seconds
 
     def close(self) -> None:
         if self._prepared is not None:
@@ -92,15 +83,17 @@ class OneShotCache:
         self._lock = threading.Lock()
 
     def layer(self, key: tuple, arrays: tuple, make) -> Layer:
-        """The cached layer for `key` prepared from `arrays` (numpy or None), or `make()` stored anew."""
-        key = (*key, tuple(None if a is None else (id(a), a.shape) for a in arrays))
+        """The cached layer for `key` and the weight `arrays` (any kind `arrays.host_array` takes, or None),
+        else `make(*host_arrays)` stored anew."""
+        hosts = tuple(None if a is None else host_array(name, a) for name, a in zip("wb", arrays))
+        key = (*key, tuple(None if a is None else (id(a), h.shape) for a, h in zip(arrays, hosts)))
         with self._lock:
             entry = self._entries.get(key)
-            if entry is not None and all(_same_bytes(a, c) for a, c in zip(arrays, entry[1])):
+            if entry is not None and all(_same_bytes(h, c) for h, c in zip(hosts, entry[1])):
                 self._entries.move_to_end(key)
                 return entry[0]
-        layer = make()
-        copies = tuple(None if a is None else a.copy() for a in arrays)
+        layer = make(*hosts)
+        copies = tuple(None if h is None else h.copy() for h in hosts)
         size = sum(c.nbytes for c in copies if c is not None)
         if size <= self.max_bytes:
             with self._lock:
@@ -122,8 +115,7 @@ def _same_bytes(array, copy) -> bool:
     if array is None or copy is None:
         return array is copy
     # Bit patterns, so NaN weights compare equal to themselves and -0.0 differs from 0.0.
-    bits = np.ascontiguousarray(array).view(np.uint32)
-    return bits.shape == copy.shape and np.array_equal(bits, copy.view(np.uint32))
+    return array.shape == copy.shape and np.array_equal(array.view(np.uint32), copy.view(np.uint32))
 
 
 ONE_SHOT = OneShotCache()

@@ -60,7 +60,7 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, activatio
     info = chosen.select(device)
     layer = ONE_SHOT.layer(
         ("conv2d", chosen.name, info.index, spec), (w, b),
-        lambda: Conv2d(w, b, stride=stride, padding=padding, dilation=dilation, groups=groups,
+        lambda w, b: Conv2d(w, b, stride=stride, padding=padding, dilation=dilation, groups=groups,
                        activation=activation, backend=chosen.name, device=info.index),
     )
     return layer._run(x, geom)

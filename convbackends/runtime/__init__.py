@@ -79,6 +79,12 @@ def available_backends() -> dict[str, Availability]:
     return result
 
 
+def opencl_queue(device=None):
+    """The pyopencl queue of the OpenCL runtime of `device`: arrays made on it stay on the device in and
+    out of every op (arrays of other contexts go through the host)."""
+    return get_backend("opencl").runtime(device).queue
+
+
 def devices(backend: str = "numpy") -> list[DeviceInfo]:
     """The devices of one backend."""
     return get_backend(backend).devices()
@@ -92,4 +98,5 @@ __all__ = [
     "available_backends",
     "devices",
     "get_backend",
+    "opencl_queue",
 ]

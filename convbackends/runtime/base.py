@@ -81,3 +81,12 @@ class Backend(ABC):
     def owns(self, x) -> bool:
         """Whether x is a device array of this backend, to be returned in the same kind."""
         return False
+
+    def adopt(self, x, device: DeviceInfo):
+        """(x as the ops of `device` take it, a function returning results in x's kind), or None when x is
+        no array of this backend. Device arrays stay on the device."""
+        return (x, _same) if self.owns(x) else None
+
+
+def _same(y):
+    return y

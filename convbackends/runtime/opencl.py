@@ -158,5 +158,16 @@ class OpenCLBackend(KernelBackend):
     def owns(self, x) -> bool:
         return isinstance(x, cla.Array)
 
+    def adopt(self, x, device: DeviceInfo):
+        """Arrays of the runtime's own context stay on the device; an array of another context is read
+        through the host and its result written back with its own queue (a round trip per call: make
+        arrays on `runtime(device).queue` to avoid it)."""
+        if not self.owns(x):
+            return None
+        if x.context == self.runtime(device).context:
+            return x, lambda y: y
+        queue = x.queue
+        return np.ascontiguousarray(x.get()), lambda y: cla.to_device(queue, y)
+
 
 BACKEND = OpenCLBackend()
