@@ -713,14 +713,13 @@ def skipped_lines(report: Report) -> list[str]:
     return [f"{t['id']}: {t['reason']}" for t in report.targets if not t["available"]]
 
 
-MODEL_COLUMNS = ("target", "device", "model ms", "x cv2.dnn", "layers run")
+MODEL_COLUMNS = ("target", "device", "model ms (median x nodes)", "x cv2.dnn", "layers run")
 
 
 def model_title(report: Report) -> str:
     m = report.model
-    nodes = ", ".join(f"{count} {op}" for op, count in m.nodes.items()) or "no convolution"
-    return (f"model {os.path.basename(m.path)}: {nodes} node(s), {len(m.counts)} distinct layer(s); model ms = the sum "
-            "of each distinct layer's median x its node count")
+    nodes = ", ".join(f"{count} {op}" for op, count in m.nodes.items())
+    return f"model {os.path.basename(m.path)}: {nodes} nodes, {len(m.counts)} distinct layers"
 
 
 def model_rows(report: Report) -> list[tuple[str, ...]]:
