@@ -226,7 +226,7 @@ def print_table(title: str, columns, rows, *, right=(), failed=None, sections=Fa
 
 def cmd_devices(args) -> int:
     if not args.json:
-        require_rich(" (devices --json needs no more)")
+        require_rich(" (devices --json works without it)")
     listing = devices_listing()
     if args.json:
         print(json.dumps({"schema_version": 1, "backends": listing}, indent=2, default=str))
