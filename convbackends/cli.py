@@ -35,7 +35,7 @@ the first call, construction and program/pipeline build included, is the "cold" 
 time where the API measures one. The first output is checked against cv2.dnn (Winograd off):
 pass when max abs error <= 1e-4 * max(1, max|reference|). "x cv2.dnn" is the time ratio to the
 baseline (< 1 is faster). --json writes schema_version {bench.SCHEMA_VERSION}: settings, machine, targets,
-layers, results (one record per layer and target) and summary.
+layers, results (one record per layer and target), summary and, with --onnx, model.
 
 --onnx MODEL.onnx: every Conv node of the model, shapes from onnx.shape_inference (a symbolic batch
 size is 1), merged into distinct layers; each is timed on every target with random U(-1, 1) tensors,
