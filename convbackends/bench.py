@@ -208,6 +208,116 @@ def suite(name: str) -> list[Case]:
     return SUITE_BUILDERS[name]()
 
 
+# --- the layers of an ONNX model ------------------------------------------------------------------
+
+class UnsupportedNode(ValueError):
+    """A node of a layer-building op type that cannot become a benchmark layer; the message says why."""
+
+
+@dataclass
+class ModelLayers:
+    """The distinct layers of an ONNX model, each with how many of its nodes it stands for."""
+
+    path: str
+    cases: list[Case]
+    counts: dict[str, int]  # layer name -> nodes
+    nodes: dict[str, int]  # op type -> nodes read
+    skipped: list[dict]  # {"node", "op_type", "reason"}: nodes not benchmarked
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "nodes": self.nodes, "counts": self.counts, "skipped": self.skipped}
+
+
+def _onnx_attributes(node) -> dict:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _conv_case(node, shapes: dict[str, list], name: str, seed: int) -> Case:
+    """An ONNX Conv node as a conv2d layer; a symbolic batch size is taken as 1."""
+    x, w = (shapes.get(node.input[i]) for i in (0, 1))
+    if x is None or w is None:
+        raise UnsupportedNode("shape inference gave no shape for its input or weight")
+    if len(x) != 4:
+        raise UnsupportedNode(f"a {len(x) - 2}-D convolution (conv2d takes 2-D)")
+    x = [x[0] or 1, *x[1:]]
+    if None in x or None in w:
+        raise UnsupportedNode(f"input {x} or weight {w} has a size that is not fixed")
+    attrs = _onnx_attributes(node)
+    auto_pad = attrs.get("auto_pad", b"NOTSET").decode()
+    kwargs = {"stride": tuple(attrs.get("strides", (1, 1))), "dilation": tuple(attrs.get("dilations", (1, 1))),
+              "groups": attrs.get("group", 1)}
+    padding = {"NOTSET": tuple(attrs.get("pads", (0, 0, 0, 0))), "VALID": "valid", "SAME_UPPER": "same",
+               "SAME_LOWER": "same"}.get(auto_pad)
+    if padding is None:
+        raise UnsupportedNode(f"auto_pad {auto_pad!r}")
+    case = Case(name, tuple(x), tuple(w), len(node.input) > 2 and node.input[2] != "", {**kwargs, "padding": padding},
+                seed)
+    try:
+        g = geometry(case)
+        if "kernel_shape" in attrs and tuple(attrs["kernel_shape"]) != (g.kh, g.kw):
+            raise UnsupportedNode(f"kernel_shape {attrs['kernel_shape']} differs from the weight's {w}")
+    except (TypeError, ValueError) as exc:
+        raise UnsupportedNode(str(exc)) from None
+    if auto_pad == "SAME_LOWER":  # the SAME_UPPER pads with the odd one at the start instead of the end
+        case = Case(name, case.x_shape, case.w_shape, case.bias, {**kwargs, "padding": (g.pb, g.pr, g.pt, g.pl)}, seed)
+    return case
+
+
+# ONNX op type -> layer builder. ConvTranspose and DeformConv get theirs as those ops land.
+ONNX_LAYER_BUILDERS = {"Conv": _conv_case}
+AWAITING_BUILDERS = ("ConvTranspose", "DeformConv")  # listed as skipped meanwhile
+
+
+def _onnx_shapes(graph) -> dict[str, list]:
+    """Every tensor's shape that the graph declares or shape inference found; None for a size not fixed."""
+    shapes = {}
+    for value in (*graph.input, *graph.value_info, *graph.output):
+        tensor = value.type.tensor_type
+        if tensor.HasField("shape"):
+            shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+    shapes.update({init.name: list(init.dims) for init in graph.initializer})
+    return shapes
+
+
+def onnx_layers(path: str) -> ModelLayers:
+    """Every layer-building node of the model's main graph, shapes from onnx.shape_inference, merged into
+    distinct layers (the same geometry and bias). The tensors are drawn like any case's, not the model's."""
+    try:
+        import onnx
+    except ModuleNotFoundError:
+        raise ValueError("--onnx needs onnx: pip install 'convbackends[reference]'") from None
+    try:
+        model = onnx.shape_inference.infer_shapes(onnx.load(path))
+    except Exception as exc:  # a file that is not a model: onnx raises DecodeError, ValidationError, ...
+        raise ValueError(f"cannot read the ONNX model {path!r}: {type(exc).__name__}: {exc}") from None
+    shapes = _onnx_shapes(model.graph)
+    cases, counts, nodes, skipped, by_layer = [], {}, {}, [], {}
+    for index, node in enumerate(model.graph.node):
+        builder = ONNX_LAYER_BUILDERS.get(node.op_type)
+        if builder is None and node.op_type not in AWAITING_BUILDERS:
+            continue
+        nodes[node.op_type] = nodes.get(node.op_type, 0) + 1
+        label = node.name or f"{node.op_type}_{index}"
+        if builder is None:
+            skipped.append({"node": label, "op_type": node.op_type, "reason": "no layer builder for it yet"})
+            continue
+        try:
+            case = builder(node, shapes, label, len(cases))
+        except UnsupportedNode as exc:
+            skipped.append({"node": label, "op_type": node.op_type, "reason": str(exc)})
+            continue
+        key = (node.op_type, geometry(case), case.bias)
+        if key not in by_layer:
+            while case.name in counts:  # node names need not be unique
+                case = Case(case.name + "'", case.x_shape, case.w_shape, case.bias, case.kwargs, case.seed)
+            by_layer[key] = case.name
+            cases.append(case)
+        counts[by_layer[key]] = counts.get(by_layer[key], 0) + 1
+    return ModelLayers(path, cases, counts, nodes, skipped)
+
+
 # --- targets -------------------------------------------------------------------------------------
 
 @dataclass
@@ -314,6 +424,9 @@ class Report:
     targets: list[dict]
     layers: list[dict]
     records: list[Record] = field(default_factory=list)
+    requested: dict = field(default_factory=dict)  # the --backends, --devices, --peers given; None: the default
+    unchecked: str = ""  # why outputs were not checked against cv2.dnn; "" when they were
+    model: ModelLayers | None = None  # the ONNX model the layers came from
 
     def summary(self) -> list[dict]:
         """Per target: geometric means over its measured layers, and how many passed the check."""
@@ -334,6 +447,25 @@ class Report:
             })
         return rows
 
+    def model_totals(self) -> list[dict]:
+        """Per target: the model's time, each distinct layer's median times the nodes it stands for
+        (None unless every layer ran), and its ratio to cv2dnn's."""
+        if self.model is None:
+            return []
+        rows = []
+        for t in self.targets:
+            if not t["available"]:
+                continue
+            medians = {r.layer: r.median_s for r in self.records if r.target == t["id"] and r.median_s}
+            ran = [name for name in self.model.counts if name in medians]
+            total = (sum(medians[name] * count for name, count in self.model.counts.items())
+                     if len(ran) == len(self.model.counts) else None)
+            rows.append({"target": t["id"], "total_s": total, "layers_run": len(ran)})
+        base = next((row["total_s"] for row in rows if row["target"] == BASELINE), None)
+        for row in rows:
+            row["ratio_vs_cv2dnn"] = row["total_s"] / base if base and row["total_s"] else None
+        return rows
+
     def backend_failures(self) -> list[Record]:
         """Records of convbackends' own devices that missed the tolerance or raised (peers' do not count)."""
         backends = {t["id"] for t in self.targets if t["kind"] == "backend"}
@@ -346,11 +478,14 @@ class Report:
             "date": self.date,
             "machine": self.machine,
             "settings": {"suite": self.suite, "warmup": self.warmup, "repeats": self.repeats, "isolated": self.isolated,
-                         "baseline": BASELINE, "tolerance": "1e-4 * max(1, max|reference|)"},
+                         "baseline": BASELINE, "tolerance": "1e-4 * max(1, max|reference|)",
+                         "checked": not self.unchecked,
+                         **{key: self.requested.get(key) for key in ("backends", "devices", "peers")}},
             "targets": self.targets,
             "layers": self.layers,
             "results": [asdict(r) for r in self.records],
             "summary": self.summary(),
+            "model": None if self.model is None else {**self.model.to_json(), "totals": self.model_totals()},
         }
 
 
@@ -358,26 +493,34 @@ def _geomean(values: list[float]) -> float | None:
     return math.exp(sum(map(math.log, values)) / len(values)) if values else None
 
 
+# The distributions that install OpenCV's cv2 package: two of them overwrite each other's files.
+OPENCV_DISTRIBUTIONS = ("opencv-python-headless", "opencv-python", "opencv-contrib-python-headless",
+                        "opencv-contrib-python")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (py-cpuinfo, from the `cli` extra), else what the platform module knows."""
+    try:
+        import cpuinfo
+    except ImportError:
+        return platform.processor() or platform.machine()
+    return cpuinfo.get_cpu_info().get("brand_raw") or platform.machine()
+
+
 def machine_info() -> dict:
     """What a reader of a saved result needs to compare it: CPU, OS, Python and library versions."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     try:
         memory_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError, AttributeError):
         memory_gib = None
     packages = {}
-    for dist in ("numpy", "opencv-python-headless", "onnx", "onnxruntime", "torch", "ncnn", "pyopencl", "vulkan",
-                 "cupy-cuda13x"):
+    for dist in ("numpy", *OPENCV_DISTRIBUTIONS, "onnx", "onnxruntime", "torch", "ncnn", "pyopencl", "vulkan",
+                 "cupy-cuda12x", "cupy-cuda13x"):
         try:
             packages[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             pass
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "memory_gib": memory_gib,
+    return {"platform": platform.platform(), "cpu": cpu_name(), "cpu_count": os.cpu_count(), "memory_gib": memory_gib,
             "python": platform.python_version(), "packages": packages}
 
 
@@ -408,19 +551,36 @@ def measure(runner, x, warmup: int, repeats: int) -> tuple[list[float], list[flo
     return wall, device
 
 
+def reference_unavailable() -> str | None:
+    """None when cv2.dnn can check outputs here, else why not and what to install."""
+    try:
+        import cv2  # noqa: F401
+        import onnx  # noqa: F401  (the reference graph is built with it)
+    except ModuleNotFoundError as exc:
+        return f"{exc.name} is not installed: pip install 'convbackends[reference]'"
+    except ImportError as exc:
+        return f"the reference does not import ({exc})"
+    return None
+
+
 def _run_one(case: Case, target, warmup: int, repeats: int) -> Record:
     reason = target.supports(case)
     if reason:
         return Record(case.name, target.id, "unsupported", reason)
+    unchecked = reference_unavailable()
     runner = None
     try:
         x, w, b = case.tensors()
-        ref = reference_output(case)
+        ref = None if unchecked else reference_output(case)
         start = time.perf_counter()
         runner = target.prepare(case, w, b)
         y, _ = runner.profile(x)
         cold = time.perf_counter() - start
-        max_abs, mean_abs, tol, passed, detail = compare(np.asarray(y), ref)
+        if ref is None:  # timed all the same; the record says why it was not checked
+            max_abs = mean_abs = tol = passed = None
+            detail = f"not checked: {unchecked}"
+        else:
+            max_abs, mean_abs, tol, passed, detail = compare(np.asarray(y), ref)
         wall, device = measure(runner, x, warmup, repeats)
     except Exception as exc:  # a peer library or a half-done backend: report it, keep benchmarking the rest
         return Record(case.name, target.id, "error", f"{type(exc).__name__}: {exc}")
@@ -483,16 +643,18 @@ def _records_isolated(target, cases, warmup, repeats):
 
 
 def run(cases: list[Case], targets: list, *, suite_name: str, warmup: int = 2, repeats: int = 10,
-        isolate: bool = True, progress=None) -> Report:
+        isolate: bool = True, progress=None, requested: dict | None = None, model: ModelLayers | None = None) -> Report:
     """Benchmark every case on every available target; `progress(case, target)` is called after each.
 
-    With `isolate`, each target runs in a process of its own (see _records_isolated).
+    With `isolate`, each target runs in a process of its own (see _records_isolated). `requested`
+    ({"backends", "devices", "peers"}) and the `model` the layers came from go into the report as they are.
     """
     infos = [target_info(t) for t in targets]
     live = [t for t, info in zip(targets, infos) if info["available"]]
     report = Report(suite_name, warmup, repeats, isolate,
                     datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    machine_info(), infos, [layer_info(c) for c in cases])
+                    machine_info(), infos, [layer_info(c) for c in cases], requested=requested or {},
+                    unchecked=reference_unavailable() or "", model=model)
     records = _records_isolated if isolate else _records_here
     by_target = {}
     for target in live:
@@ -532,6 +694,8 @@ def table_rows(report: Report) -> list[tuple[str, ...]]:
     for r in report.records:
         if r.status != "ok":
             check = f"{r.status}: {r.reason}"
+        elif r.passed is None:
+            check = "not checked"
         else:
             check = "pass" if r.passed else f"FAIL (tol {r.tol:.2g})"
         rows.append((r.layer, r.target, f"{flops[r.layer] / 1e9:.3g}", _ms(r.cold_s, ".2f"),
@@ -549,6 +713,25 @@ def summary_rows(report: Report) -> list[tuple[str, ...]]:
 
 def skipped_lines(report: Report) -> list[str]:
     return [f"{t['id']}: {t['reason']}" for t in report.targets if not t["available"]]
+
+
+MODEL_COLUMNS = ("target", "device", "model ms (median x nodes)", "x cv2.dnn", "layers run")
+
+
+def model_title(report: Report) -> str:
+    m = report.model
+    nodes = ", ".join(f"{count} {op}" for op, count in m.nodes.items())
+    return f"model {os.path.basename(m.path)}: {nodes} nodes, {len(m.counts)} distinct layers"
+
+
+def model_rows(report: Report) -> list[tuple[str, ...]]:
+    devices = {t["id"]: t["device"] for t in report.targets}
+    return [(row["target"], devices[row["target"]], _ms(row["total_s"], ".3f"), _num(row["ratio_vs_cv2dnn"], ".2f"),
+             f"{row['layers_run']}/{len(report.model.counts)}") for row in report.model_totals()]
+
+
+def skipped_nodes(model: ModelLayers | None) -> list[str]:
+    return [f"{s['op_type']} node {s['node']}: {s['reason']}" for s in model.skipped] if model else []
 
 
 def write_json(report: Report, path: str) -> None:

@@ -1,7 +1,8 @@
 """`convbackends devices | bench | parity`: what every device here does with convolutions.
 
-Bad input ends in one line on stderr and exit status 2, never a traceback; `bench` exits 1 when a
-convbackends backend misses the tolerance, `parity` when any case fails.
+Bad input, and a missing optional package, end in one line on stderr (what is wrong, or what to
+install) and exit status 2, never a traceback; `bench` exits 1 when a convbackends backend misses the
+tolerance, `parity` when any case fails.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import importlib.util
 import json
 import os
 import sys
+from importlib import metadata
 
 from . import __version__, bench, parity
 from .runtime import available_backends, get_backend
@@ -33,9 +35,15 @@ the first call, construction and program/pipeline build included, is the "cold" 
 time where the API measures one. The first output is checked against cv2.dnn (Winograd off):
 pass when max abs error <= 1e-4 * max(1, max|reference|). "x cv2.dnn" is the time ratio to the
 baseline (< 1 is faster). --json writes schema_version {bench.SCHEMA_VERSION}: settings, machine, targets,
-layers, results (one record per layer and target) and summary.
+layers, results (one record per layer and target), summary and, with --onnx, model.
 
-exit status: 0; 1 when a convbackends device fails the check or errors; 2 on bad input."""
+--onnx MODEL.onnx: every Conv node of the model, shapes from onnx.shape_inference (a symbolic batch
+size is 1), merged into distinct layers; each is timed on every target with random U(-1, 1) tensors,
+and the model's time is the sum of each distinct layer's median x its node count.
+
+Without cv2.dnn (pip install 'convbackends[reference]') the layers are timed but not checked.
+
+exit status: 0; 1 when a convbackends device fails the check or errors; 2 on bad input or a missing package."""
 
 
 def _positive(text: str) -> int:
@@ -57,6 +65,12 @@ def _layer(text: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _input_file(text: str) -> str:
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"no file {text!r}")
+    return text
+
+
 def _output_file(text: str) -> str:
     """Checked before a long run, so a typo in a directory does not cost the whole benchmark."""
     folder = os.path.dirname(os.path.abspath(text))
@@ -65,8 +79,15 @@ def _output_file(text: str) -> str:
     return text
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in one line (the usage is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="convbackends", description="Devices, benchmarks and parity checks of the convbackends conv2d backends.")
     parser.add_argument("--version", action="version", version=f"convbackends {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -84,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="built-in layer suite (default: standard, or none when --layer is given)")
     run.add_argument("--layer", action="append", type=_layer, default=[], metavar="SPEC",
                      help="add a layer, e.g. name=my3x3,c=64,hw=56,o=64,k=3,p=1 (format below)")
+    run.add_argument("--onnx", type=_input_file, metavar="MODEL.onnx",
+                     help="add every distinct Conv layer of this ONNX model, and report the model's total")
     add_run_options(run)
     run.add_argument("--json", type=_output_file, metavar="FILE", help="write every record as JSON")
     run.add_argument("--csv", type=_output_file, metavar="FILE", help="write every record as CSV")
@@ -115,6 +138,28 @@ def add_target_options(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated backends, all their devices (default: every available one); 'none'")
     parser.add_argument("--devices", metavar="LIST",
                         help="comma-separated BACKEND:INDEX or BACKEND:NAME-SUBSTRING, e.g. opencl:0,vulkan:llvmpipe")
+
+
+def require_rich(alternative: str = "") -> None:
+    """Tables and progress bars are drawn by rich, from the `cli` extra."""
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        raise ValueError(f"tables need rich: pip install 'convbackends[cli]'{alternative}") from None
+
+
+def _warn_about_opencv_copies() -> None:
+    """Two OpenCV distributions installed side by side overwrite each other's cv2 files: say so, on stderr."""
+    installed = []
+    for dist in bench.OPENCV_DISTRIBUTIONS:
+        try:
+            metadata.version(dist)
+            installed.append(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    if len(installed) > 1:
+        print(f"convbackends: warning: {' and '.join(installed)} are installed together and overwrite each other's "
+              f"cv2: pip uninstall -y {' '.join(installed)}, then pip install the one to keep", file=sys.stderr)
 
 
 def _console(stderr: bool = False):
@@ -160,27 +205,39 @@ def devices_listing() -> list[dict]:
     return listing
 
 
+def print_table(title: str, columns, rows, *, right=(), failed=None, sections=False, lines=False) -> None:
+    """One table on stdout: the renderer of every command and of the demo. `right`: indices of the columns
+    aligned right; `failed(row)`: rows drawn red; `sections`: a rule where the first cell changes;
+    `lines`: a rule between all rows (for cells of several lines)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=escape(title), title_justify="left", show_lines=lines)
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="right" if i in right else "left")
+    previous = None
+    for row in rows:
+        if sections and previous is not None and row[0] != previous:
+            table.add_section()
+        previous = row[0]
+        table.add_row(*map(escape, row), style="red" if failed and failed(row) else None)
+    _console().print(table)
+
+
 def cmd_devices(args) -> int:
+    if not args.json:
+        require_rich(" (devices --json works without it)")
     listing = devices_listing()
     if args.json:
         print(json.dumps({"schema_version": 1, "backends": listing}, indent=2, default=str))
         return 0
-    from rich.markup import escape
-    from rich.table import Table
-
-    console = _console()
     for entry in listing:
         if not entry["available"]:
-            console.print(f"[bold]{entry['name']}[/]: unavailable ({escape(entry['reason'])})")
+            print(f"{entry['name']}: unavailable ({entry['reason']})")
             continue
-        table = Table(title=f"{entry['name']}: {len(entry['devices'])} device(s)", title_justify="left",
-                      show_lines=True)
-        for column in ("device", "name", "type", "facts"):
-            table.add_column(column)
-        for d in entry["devices"]:
-            facts = "\n".join(f"{k}: {_fact(k, v)}" for k, v in d["facts"].items())
-            table.add_row(*map(escape, (f"{entry['name']}:{d['index']}", d["name"], d["type"], facts)))
-        console.print(table)
+        rows = [(f"{entry['name']}:{d['index']}", d["name"], d["type"],
+                 "\n".join(f"{k}: {_fact(k, v)}" for k, v in d["facts"].items())) for d in entry["devices"]]
+        print_table(f"{entry['name']}: {len(rows)} device(s)", ("device", "name", "type", "facts"), rows, lines=True)
     return 0
 
 
@@ -196,27 +253,37 @@ def progress(total: int):
         yield lambda description: progress.update(task, advance=1, description=description)
 
 
-def run_bench(cases, targets, suite_name: str, args) -> bench.Report:
+def run_bench(cases, targets, suite_name: str, args, model: bench.ModelLayers | None = None) -> bench.Report:
     """bench.run with the options of add_run_options and a progress bar."""
     live = sum(t.unavailable() is None for t in targets)
+    requested = {key: getattr(args, key) for key in ("backends", "devices", "peers")}
     with progress(live * len(cases)) as step:
         return bench.run(cases, targets, suite_name=suite_name, warmup=args.warmup, repeats=args.repeats,
-                         isolate=not args.in_process, progress=lambda case, target: step(f"{case.name} on {target.id}"))
+                         isolate=not args.in_process, progress=lambda case, target: step(f"{case.name} on {target.id}"),
+                         requested=requested, model=model)
 
 
 def cmd_bench(args) -> int:
+    require_rich()
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("--plot needs matplotlib: pip install 'convbackends[cli]'")
+    parts, cases, model = [], [], None
     if args.suite:
-        cases, suite_name = bench.suite(args.suite), args.suite + ("+custom" if args.layer else "")
-    else:
-        cases, suite_name = ([], "custom") if args.layer else (bench.suite("standard"), "standard")
-    cases += args.layer
+        parts, cases = [args.suite], bench.suite(args.suite)
+    if args.onnx:
+        model = bench.onnx_layers(args.onnx)
+        if not model.cases:
+            raise ValueError("; ".join([f"{args.onnx} has no Conv node to benchmark", *bench.skipped_nodes(model)]))
+        parts, cases = parts + [f"onnx:{os.path.basename(args.onnx)}"], cases + model.cases
+    if args.layer:
+        parts, cases = parts + ["custom"], cases + args.layer
+    if not parts:
+        parts, cases = ["standard"], bench.suite("standard")
     names = [c.name for c in cases]
     if len(set(names)) != len(names):
         raise ValueError(f"two layers are named {next(n for n in names if names.count(n) > 1)!r}: give --layer a name=")
-    report = run_bench(cases, bench.targets(args.backends, args.devices, args.peers), suite_name, args)
-    _print_report(report, _console())
+    report = run_bench(cases, bench.targets(args.backends, args.devices, args.peers), "+".join(parts), args, model)
+    _print_report(report)
     for path, write in ((args.json, bench.write_json), (args.csv, bench.write_csv), (args.plot, bench.plot)):
         if path:
             write(report, path)
@@ -224,76 +291,66 @@ def cmd_bench(args) -> int:
     return 1 if report.backend_failures() else 0
 
 
-def _print_report(report, console) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-
-    table = Table(title=f"conv2d benchmark, suite {report.suite}: median of {report.repeats} after "
-                        f"{report.warmup} warm-up, {report.machine['cpu']}, {report.date}", title_justify="left")
-    for i, column in enumerate(bench.TABLE_COLUMNS):
-        table.add_column(column, justify="left" if i < 2 or i == len(bench.TABLE_COLUMNS) - 1 else "right")
-    previous = None
-    for row in bench.table_rows(report):
-        if previous is not None and row[0] != previous:
-            table.add_section()
-        previous = row[0]
-        style = "red" if row[-1].startswith(("FAIL", "error")) else None
-        table.add_row(*map(escape, row), style=style)
-    console.print(table)
-    summary = Table(title="per target: geometric mean over layers (x cv2.dnn: time ratio, < 1 is faster)",
-                    title_justify="left")
-    for i, column in enumerate(bench.SUMMARY_COLUMNS):
-        summary.add_column(column, justify="left" if i < 2 else "right")
-    for row in bench.summary_rows(report):
-        summary.add_row(*map(escape, row))
-    console.print(summary)
+def _print_report(report: bench.Report) -> None:
+    print_table(f"conv2d benchmark, suite {report.suite}: median of {report.repeats} after {report.warmup} warm-up, "
+                f"{report.machine['cpu']}, {report.date}", bench.TABLE_COLUMNS, bench.table_rows(report),
+                right=range(2, len(bench.TABLE_COLUMNS) - 1), failed=lambda row: row[-1].startswith(("FAIL", "error")),
+                sections=True)
+    print_table("per target: geometric mean over layers (x cv2.dnn: time ratio, < 1 is faster)",
+                bench.SUMMARY_COLUMNS, bench.summary_rows(report), right=range(2, len(bench.SUMMARY_COLUMNS)))
+    if report.model is not None:
+        print_table(bench.model_title(report), bench.MODEL_COLUMNS, bench.model_rows(report),
+                    right=range(2, len(bench.MODEL_COLUMNS)))
+    for line in bench.skipped_nodes(report.model):
+        print(f"not benchmarked: {line}")
     for line in bench.skipped_lines(report):
-        console.print(escape(f"not run: {line}"))
+        print(f"not run: {line}")
+    if report.unchecked:
+        print(f"checks skipped, outputs not compared with cv2.dnn: {report.unchecked}")
 
 
 def cmd_parity(args) -> int:
-    from rich.markup import escape
-    from rich.table import Table
-
+    require_rich()
+    missing = bench.reference_unavailable()
+    if missing:
+        raise ValueError(f"parity compares with cv2.dnn, but {missing}")
     everything = bench.backend_targets(args.backends, args.devices)
     targets = [t for t in everything if t.index is not None]
     skipped = [t for t in everything if t.index is None]
-    console = _console()
-    table = Table(title=f"parity against cv2.dnn, suite {args.suite}", title_justify="left")
-    for i, column in enumerate(("case", "target", "max abs err", "mean abs err", "tolerance", "result")):
-        table.add_column(column, justify="right" if 2 <= i <= 4 else "left")
     counts = {t.id: [0, 0, 0] for t in targets}  # passed, failed, unsupported
     cases = parity.SUITES[args.suite]
+    rows = []
     with progress(len(cases) * len(targets)) as step:
         for case in cases:
             ref = parity.reference_output(case)
             for target in targets:
                 step(f"{case.name} on {target.id}")
-                cells, failed = _parity_cells(case, target, ref, counts[target.id])
-                table.add_row(case.name, target.id, *map(escape, cells), style="red" if failed else None)
-    console.print(table)
+                rows.append((case.name, target.id, *_parity_cells(case, target, ref, counts[target.id])))
+    print_table(f"parity against cv2.dnn, suite {args.suite}",
+                ("case", "target", "max abs err", "mean abs err", "tolerance", "result"), rows, right=(2, 3, 4),
+                failed=lambda row: row[-1].startswith(("FAIL", "error")))
     for target in skipped:
-        console.print(escape(f"{target.id}: unavailable ({target.reason})"))
+        print(f"{target.id}: unavailable ({target.reason})")
     for target in targets:
         passed, failed, unsupported = counts[target.id]
-        console.print(escape(f"{target.id} ({target.device}): {passed} passed, {failed} failed, {unsupported} unsupported"))
+        print(f"{target.id} ({target.device}): {passed} passed, {failed} failed, {unsupported} unsupported")
     return 1 if any(c[1] for c in counts.values()) else 0
 
 
-def _parity_cells(case, target, ref, count: list[int]) -> tuple[tuple[str, ...], bool]:
-    """The result cells of one case on one target and whether it failed; counts passed, failed, unsupported."""
+def _parity_cells(case, target, ref, count: list[int]) -> tuple[str, ...]:
+    """The result cells of one case on one target; counts passed, failed, unsupported."""
     reason = target.supports(case)
     if reason:
         count[2] += 1
-        return ("-", "-", "-", f"unsupported: {reason}"), False
+        return "-", "-", "-", f"unsupported: {reason}"
     try:
         result = parity.check(case, target.backend, target.index, ref)
     except Exception as exc:  # a crash is a failure of this case, not of the whole report
         count[1] += 1
-        return ("-", "-", "-", f"error: {type(exc).__name__}: {exc}"), True
+        return "-", "-", "-", f"error: {type(exc).__name__}: {exc}"
     count[0 if result.passed else 1] += 1
     verdict = "pass" if result.passed else f"FAIL: {result.detail}"
-    return (f"{result.max_abs:.2e}", f"{result.mean_abs:.2e}", f"{result.tol:.2e}", verdict), not result.passed
+    return f"{result.max_abs:.2e}", f"{result.mean_abs:.2e}", f"{result.tol:.2e}", verdict
 
 
 COMMANDS = {"devices": cmd_devices, "bench": cmd_bench, "parity": cmd_parity}
@@ -301,6 +358,7 @@ COMMANDS = {"devices": cmd_devices, "bench": cmd_bench, "parity": cmd_parity}
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _warn_about_opencv_copies()
     try:
         return COMMANDS[args.command](args)
     except (ValueError, OSError) as exc:  # bad names, unavailable backends, unwritable files: one line, no traceback

@@ -11,6 +11,8 @@ import time
 import numpy as np
 
 from . import Conv2d, available_backends, devices
+from .bench import reference_unavailable
+from .cli import print_table, progress, require_rich
 from .parity import Case, compare, reference_output
 
 LAYERS = [
@@ -33,27 +35,36 @@ def _median_ms(layer: Conv2d, x: np.ndarray) -> float:
 
 
 def main() -> int:
-    print("convbackends demo: each backend and device against cv2.dnn (median of "
-          f"{REPEATS} runs after warm-up; tolerance 1e-4*max(1,max|ref|))\n")
-    header = f"{'backend':<8} {'device':<40} {'layer':<28} {'max abs err':>11} {'ok':>4} {'time ms':>9}"
-    print(header)
-    print("-" * len(header))
-    failures = 0
+    try:
+        require_rich()
+        missing = reference_unavailable()
+        if missing:
+            raise ValueError(f"the demo compares with cv2.dnn, but {missing}")
+    except ValueError as exc:
+        print(f"convbackends demo: error: {exc}", file=sys.stderr)
+        return 2
+    availability = available_backends()
+    targets = [(name, device) for name, a in availability.items() if a.available for device in devices(name)]
     references = {case.name: reference_output(case) for case in LAYERS}
-    for name, availability in available_backends().items():
-        if not availability.available:
-            print(f"{name:<8} unavailable: {availability.reason}")
-            continue
-        for device in devices(name):
+    rows, failures = [], 0
+    with progress(len(targets) * len(LAYERS)) as step:
+        for name, device in targets:
             for case in LAYERS:
+                step(f"{case.name} on {name}:{device.index}")
                 x, w, b = case.tensors()
                 with Conv2d(w, b, backend=name, device=device.index, **case.kwargs) as layer:
                     ms = _median_ms(layer, x)
                     max_abs, _, _, passed, _ = compare(np.asarray(layer(x)), references[case.name])
                 failures += not passed
-                print(f"{name:<8} {device.name[:40]:<40} {case.name:<28} {max_abs:>11.2e} "
-                      f"{'yes' if passed else 'NO':>4} {ms:>9.2f}")
-    print("\nall backends agree with cv2.dnn" if not failures else f"\n{failures} mismatches")
+                rows.append((f"{name}:{device.index}", device.name, case.name, f"{max_abs:.2e}",
+                             "pass" if passed else "FAIL", f"{ms:.2f}"))
+    print_table(f"convbackends demo: each backend and device against cv2.dnn (median of {REPEATS} runs after "
+                "warm-up; tolerance 1e-4*max(1,max|ref|))", ("device", "name", "layer", "max abs err", "check", "ms"),
+                rows, right=(3, 5), failed=lambda row: row[4] == "FAIL", sections=True)
+    for name, a in availability.items():
+        if not a.available:
+            print(f"{name}: unavailable ({a.reason})")
+    print("all backends agree with cv2.dnn" if not failures else f"{failures} mismatches")
     return 1 if failures else 0
 
 

@@ -42,6 +42,7 @@ class Peer(ABC):
 
     name = ""
     kind = "peer"
+    install = "pip install 'convbackends[peers]'"  # what makes the library importable
 
     def __init__(self) -> None:
         self.device = "CPU"
@@ -61,6 +62,8 @@ class Peer(ABC):
         if self._reason is False:
             try:
                 self._reason = self._probe()
+            except ModuleNotFoundError as exc:
+                self._reason = f"{exc.name} is not installed: {self.install}"
             except (ImportError, OSError) as exc:
                 self._reason = f"{type(exc).__name__}: {exc}"
         return self._reason
@@ -114,6 +117,7 @@ class Cv2Dnn(Peer):
     """cv2.dnn on the CPU with its normal settings (default engine, Winograd on): the baseline."""
 
     name = "cv2dnn"
+    install = "pip install 'convbackends[reference]'"
 
     def _probe(self) -> str | None:
         import cv2
@@ -138,6 +142,7 @@ class Cv2DnnOpenCL(Peer):
     """
 
     name = "cv2dnn-opencl"
+    install = Cv2Dnn.install
 
     def _probe(self) -> str | None:
         os.environ.setdefault("OPENCV_DNN_OPENCL_ALLOW_ALL_DEVICES", "1")
@@ -184,6 +189,8 @@ def _opencl_has_gpu() -> bool:
 
 class Torch(Peer):
     """torch.nn.functional.conv2d under inference_mode; TF32 off on CUDA so it stays float32."""
+
+    install = "pip install torch (its CPU or its CUDA wheel)"
 
     def __init__(self, device: str) -> None:
         super().__init__()

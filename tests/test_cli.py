@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from convbackends import Conv2d, bench, peers
+from convbackends import Conv2d, bench, cli, peers
+from convbackends import runtime as backends
 from convbackends.__main__ import main
 from convbackends.bench import LayerSpecError, format_layer, geometry, parse_layer
 
@@ -55,14 +56,16 @@ def _check_schema(doc: dict) -> None:
     """The documented schema_version 1 layout (docs/cli.md), key by key and type by type."""
     assert doc["schema_version"] == 1
     assert set(doc) == {"schema_version", "tool", "date", "machine", "settings", "targets", "layers", "results",
-                        "summary"}
+                        "summary", "model"}
     assert isinstance(doc["date"], str) and isinstance(doc["tool"], str)
     assert {"platform", "cpu", "cpu_count", "memory_gib", "python", "packages"} <= set(doc["machine"])
     assert isinstance(doc["machine"]["packages"], dict)
     settings = doc["settings"]
     assert isinstance(settings["suite"], str) and settings["baseline"] == "cv2dnn"
     assert isinstance(settings["warmup"], int) and isinstance(settings["repeats"], int)
-    assert isinstance(settings["isolated"], bool)
+    assert isinstance(settings["isolated"], bool) and isinstance(settings["checked"], bool)
+    for key in ("backends", "devices", "peers"):
+        assert isinstance(settings[key], (str, type(None))), key
     for t in doc["targets"]:
         assert set(t) == {"id", "kind", "device", "available", "reason"}
         assert t["kind"] in ("backend", "peer") and isinstance(t["available"], bool)
@@ -79,6 +82,12 @@ def _check_schema(doc: dict) -> None:
     for row in doc["summary"]:
         assert {"target", "geomean_ratio_vs_cv2dnn", "geomean_gflops", "layers_ok", "checks_passed",
                 "checks_failed"} == set(row)
+    model = doc["model"]
+    if model is not None:
+        assert set(model) == {"path", "nodes", "counts", "skipped", "totals"}
+        assert set(model["counts"]) <= {layer["name"] for layer in doc["layers"]}
+        for row in model["totals"]:
+            assert set(row) == {"target", "total_s", "layers_run", "ratio_vs_cv2dnn"}
 
 
 def test_bench_smoke_writes_json_csv_and_plot(tmp_path, capsys):
@@ -91,6 +100,9 @@ def test_bench_smoke_writes_json_csv_and_plot(tmp_path, capsys):
 
     doc = json.loads(paths["json"].read_text())
     _check_schema(doc)
+    settings = doc["settings"]
+    assert (settings["backends"], settings["devices"], settings["peers"]) == ("numpy", None, "none")
+    assert settings["checked"] is True and doc["model"] is None
     layers = [c.name for c in bench.suite("smoke")]
     assert [layer["name"] for layer in doc["layers"]] == layers
     assert {(r["layer"], r["target"]) for r in doc["results"]} == {(n, t) for n in layers for t in ("cv2dnn", "numpy:0")}
@@ -129,7 +141,7 @@ def test_bench_with_every_peer_through_python_m(tmp_path):
 def test_a_missing_peer_package_is_a_reason_not_an_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what `import onnxruntime` sees when it is not installed
     peer = peers.OnnxRuntime()
-    assert "onnxruntime" in peer.unavailable()
+    assert peer.unavailable() == "onnxruntime is not installed: pip install 'convbackends[peers]'"
     report = bench.run(bench.suite("smoke")[:1], [peers.Cv2Dnn(), peer], suite_name="smoke", repeats=1, isolate=False)
     assert [r.target for r in report.records] == ["cv2dnn"]
     assert bench.skipped_lines(report) == [f"onnxruntime: {peer.unavailable()}"]
@@ -210,7 +222,7 @@ def test_bad_layer_on_the_command_line_is_one_clear_line(capsys):
         main(["bench", "--layer", "c=64,hw=56x,o=64,k=3"])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert "argument --layer: invalid layer 'c=64,hw=56x,o=64,k=3'" in err and "Traceback" not in err
+    assert "argument --layer: invalid layer 'c=64,hw=56x,o=64,k=3'" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("args, message", [
@@ -226,11 +238,21 @@ def test_bad_targets_exit_2_with_a_message(args, message, capsys):
     assert message in err and "Traceback" not in err
 
 
-def test_bad_options_exit_2():
-    for args in (["bench", "--repeats", "0"], ["bench", "--json", "/no/such/dir/x.json"], ["parity", "--suite", "x"]):
-        with pytest.raises(SystemExit) as info:
-            main(args)
-        assert info.value.code == 2
+@pytest.mark.parametrize("args, message", [
+    (["bench", "--repeats", "0"], "convbackends bench: error: argument --repeats: must be an integer >= 1, got '0'"),
+    (["bench", "--json", "/no/such/dir/x.json"], "argument --json: directory '/no/such/dir' of"),
+    (["bench", "--onnx", "/no/such/model.onnx"], "argument --onnx: no file '/no/such/model.onnx'"),
+    (["parity", "--suite", "x"], "argument --suite: invalid choice: 'x'"),
+    (["bench", "--no-such-option"], "unrecognized arguments: --no-such-option"),
+    ([], "convbackends: error: the following arguments are required: COMMAND"),
+])
+def test_bad_options_exit_2_in_one_line(args, message, capsys):
+    """docs/cli.md: bad input ends in one line on stderr, not argparse's usage block."""
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
 
 
 def test_suites():
@@ -251,3 +273,96 @@ def test_help_documents_the_layer_spec():
     result = _python_m("bench", "--help")
     assert result.returncode == 0
     assert "name=my3x3,c=64,hw=56,o=64,k=3,p=1" in result.stdout and "TOPxLEFTxBOTTOMxRIGHT" in result.stdout
+
+
+def _without(monkeypatch, *modules: str) -> None:
+    """Make `import MODULE` fail as it does where the package is not installed."""
+    for module in modules:
+        monkeypatch.setitem(sys.modules, module, None)
+
+
+def test_bench_without_cv2_times_and_says_the_checks_were_skipped(monkeypatch, tmp_path, capsys):
+    _without(monkeypatch, "cv2")
+    out = tmp_path / "unchecked.json"
+    assert main(["bench", "--suite", "smoke", "--peers", "none", "--in-process", *FAST, "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    hint = "cv2 is not installed: pip install 'convbackends[reference]'"
+    assert f"checks skipped, outputs not compared with cv2.dnn: {hint}" in text and "not checked" in text
+    assert f"not run: cv2dnn: {hint}" in text
+    doc = json.loads(out.read_text())
+    _check_schema(doc)
+    assert doc["settings"]["checked"] is False
+    records = doc["results"]
+    assert {r["target"] for r in records} == {"numpy:0"} and len(records) == len(bench.suite("smoke"))
+    for record in records:
+        assert record["status"] == "ok" and record["median_s"] > 0 and record["gflops"] > 0
+        assert record["passed"] is None and record["max_abs_err"] is None and record["reason"] == f"not checked: {hint}"
+
+
+def test_parity_without_cv2_says_what_to_install(monkeypatch, capsys):
+    _without(monkeypatch, "cv2")
+    assert main(["parity", "--suite", "smoke", "--backends", "numpy"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("convbackends parity: error: parity compares with cv2.dnn, but cv2 is not installed: "
+                   "pip install 'convbackends[reference]'\n")
+
+
+def test_commands_without_rich_say_what_to_install(monkeypatch, capsys):
+    _without(monkeypatch, "rich")
+    for args in (["devices"], ["bench", "--suite", "smoke"], ["parity"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"convbackends {args[0]}: error: tables need rich: pip install 'convbackends[cli]'")
+        assert err.count("\n") == 1
+    assert main(["devices", "--json"]) == 0
+
+
+@pytest.mark.parametrize("backend, package, hint", [
+    ("opencl", "pyopencl", "pip install 'convbackends[opencl]'"),
+    ("vulkan", "vulkan", "pip install 'convbackends[vulkan]'"),
+    ("cuda", "cupy", "'convbackends[cuda"),
+])
+def test_a_backend_without_its_package_names_what_to_install(backend, package, hint, monkeypatch):
+    monkeypatch.setattr(backends, "_loaded", {})
+    monkeypatch.delitem(sys.modules, f"convbackends.runtime.{backends.BACKEND_MODULES[backend]}", raising=False)
+    _without(monkeypatch, package)
+    reason = backends.available_backends()[backend].reason
+    assert reason.startswith(f"ModuleNotFoundError: import of {package} halted") and hint in reason
+
+
+@pytest.mark.parametrize("wheels, driver, cupy_missing, hint", [
+    # the README's own sample: CuPy for CUDA 13 on a CUDA 12 driver
+    (["cupy-cuda13x"], (12, 4), False,
+     "cupy-cuda13x needs a CUDA 13 driver, this one supports CUDA 12.4: pip uninstall -y cupy-cuda13x && "
+     "pip install 'convbackends[cuda12]'"),
+    (["cupy-cuda12x"], (13, 0), False, ""),  # CUDA drivers run older runtimes: no hint, the driver's reason stands
+    (["cupy-cuda13x"], (13, 1), False, ""),
+    (["cupy-cuda12x", "cupy-cuda13x"], (13, 0), False,
+     "cupy-cuda12x and cupy-cuda13x are both installed and overwrite each other's cupy; the driver supports "
+     "CUDA 13.0: pip uninstall -y cupy-cuda12x cupy-cuda13x && pip install 'convbackends[cuda13]'"),
+    ([], (12, 8), True, "pip install 'convbackends[cuda12]'"),
+    ([], None, True, "on a machine with an NVIDIA GPU: pip install 'convbackends[cuda12]' or 'convbackends[cuda13]', "
+                     "matching the CUDA version nvidia-smi shows"),
+    (["cupy-cuda13x"], None, False, "no NVIDIA driver found (libcuda.so.1): the cuda backend needs an NVIDIA GPU and "
+                                    "its driver"),
+    ([], (11, 8), True, "the NVIDIA driver supports CUDA 11.8, CuPy wheels here need 12 or 13 "
+                        "('convbackends[cuda12]' or 'convbackends[cuda13]')"),
+])
+def test_cuda_hint_matches_cupy_to_the_driver(wheels, driver, cupy_missing, hint):
+    assert backends.cuda_hint(wheels, driver, cupy_missing) == hint
+
+
+def test_two_opencv_distributions_are_warned_about(monkeypatch, capsys):
+    installed = {"opencv-python": "4.11", "opencv-python-headless": "5.0"}
+
+    def version(dist):
+        if dist not in installed:
+            raise cli.metadata.PackageNotFoundError(dist)
+        return installed[dist]
+
+    monkeypatch.setattr(cli.metadata, "version", version)
+    assert main(["devices", "--json"]) == 0
+    err = capsys.readouterr().err
+    assert err == ("convbackends: warning: opencv-python-headless and opencv-python are installed together and "
+                   "overwrite each other's cv2: pip uninstall -y opencv-python-headless opencv-python, then pip "
+                   "install the one to keep\n")

@@ -1,8 +1,11 @@
 """The runtimes, one module per backend, imported on first use: `import convbackends` loads no GPU library."""
 from __future__ import annotations
 
+import ctypes
 import importlib
+import re
 from dataclasses import dataclass
+from importlib import metadata
 
 from .base import Backend, BackendUnavailable, DeviceInfo
 
@@ -33,12 +36,72 @@ def _load(name: str) -> Backend | BackendUnavailable:
             backend.probe()
             _loaded[name] = backend
         except BackendUnavailable as exc:
-            _loaded[name] = exc
+            _loaded[name] = BackendUnavailable(_with_hint(name, str(exc), exc))
         except Exception as exc:  # noqa: BLE001 - a driver's failure must not crash discovery
             # Mostly a missing Python package or shared library (libOpenCL, libvulkan, libcuda);
             # whatever it is, the backend is unusable and the reason is shown (CI fails on it).
-            _loaded[name] = BackendUnavailable(f"{type(exc).__name__}: {exc}")
+            _loaded[name] = BackendUnavailable(_with_hint(name, f"{type(exc).__name__}: {exc}", exc))
     return _loaded[name]
+
+
+# What a backend needs beyond its Python package, by backend.
+DRIVER_HINTS = {
+    "opencl": "install an OpenCL driver: the GPU vendor's, or PoCL for the CPU (Debian: apt install pocl-opencl-icd)",
+    "vulkan": "install the Vulkan loader and a driver (Debian: apt install libvulkan1 mesa-vulkan-drivers)",
+}
+
+
+def _with_hint(name: str, reason: str, exc: Exception) -> str:
+    """The reason a backend is unavailable, followed by what to install, when that is known."""
+    if name == "cuda":
+        hint = cuda_hint(_cupy_wheels(), cuda_driver_version(), isinstance(exc, ModuleNotFoundError))
+    elif isinstance(exc, ModuleNotFoundError):
+        hint = f"pip install 'convbackends[{name}]'"
+    else:
+        hint = DRIVER_HINTS.get(name, "")
+    return f"{reason}; {hint}" if hint else reason
+
+
+def cuda_driver_version() -> tuple[int, int] | None:
+    """The newest CUDA version the NVIDIA driver supports, asked of libcuda itself; None without a driver."""
+    for library in ("libcuda.so.1", "nvcuda.dll"):
+        try:
+            cuda = ctypes.CDLL(library)
+        except OSError:
+            continue
+        version = ctypes.c_int(0)
+        if cuda.cuDriverGetVersion(ctypes.byref(version)) == 0 and version.value:
+            return version.value // 1000, version.value % 1000 // 10
+    return None
+
+
+def _cupy_wheels() -> list[str]:
+    """The installed distributions that provide the `cupy` package (cupy-cuda12x, cupy-cuda13x, ...)."""
+    return sorted(metadata.packages_distributions().get("cupy", []))
+
+
+def cuda_hint(wheels: list[str], driver: tuple[int, int] | None, cupy_missing: bool) -> str:
+    """What to install for the CUDA backend: the CuPy wheel of the driver's CUDA major version, one only."""
+    extras = "'convbackends[cuda12]' or 'convbackends[cuda13]'"
+    if driver is None:
+        if cupy_missing:
+            return f"on a machine with an NVIDIA GPU: pip install {extras}, matching the CUDA version nvidia-smi shows"
+        return "no NVIDIA driver found (libcuda.so.1): the cuda backend needs an NVIDIA GPU and its driver"
+    major, minor = driver
+    if major not in (12, 13):
+        return f"the NVIDIA driver supports CUDA {major}.{minor}, CuPy wheels here need 12 or 13 ({extras})"
+    install = f"pip install 'convbackends[cuda{major}]'"
+    if len(wheels) > 1:
+        return (f"{' and '.join(wheels)} are both installed and overwrite each other's cupy; the driver supports "
+                f"CUDA {major}.{minor}: pip uninstall -y {' '.join(wheels)} && {install}")
+    if cupy_missing:
+        return install
+    # A CuPy built for a newer CUDA than the driver's cannot start; an older one can.
+    built_for = re.fullmatch(r"cupy-cuda(\d+)x", wheels[0]) if wheels else None
+    if built_for and int(built_for[1]) > major:
+        return (f"{wheels[0]} needs a CUDA {built_for[1]} driver, this one supports CUDA {major}.{minor}: "
+                f"pip uninstall -y {wheels[0]} && {install}")
+    return ""
 
 
 def check_name(name) -> str:

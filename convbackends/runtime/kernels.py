@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -27,9 +26,11 @@ class KernelBuildError(RuntimeError):
 
 
 def cache_dir(api: str) -> Path:
-    """Where compiled binaries persist between processes."""
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "convbackends" / api
+    """Where compiled binaries persist between processes: the platform's user cache folder
+    ($XDG_CACHE_HOME or ~/.cache on Linux), as platformdirs (a pyopencl dependency) knows it."""
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("convbackends")) / api
 
 
 @functools.cache

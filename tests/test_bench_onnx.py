@@ -1,0 +1,129 @@
+"""`convbackends bench --onnx`: the Conv layers of a small model built here with onnx.helper, end to end."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from convbackends import bench
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+FAST = ["--backends", "numpy", "--peers", "none", "--repeats", "1", "--warmup", "0"]
+
+
+def _model(path) -> None:
+    """Six Conv nodes (two of one geometry, one 1-D), a ConvTranspose, a Relu and a MaxPool; only the
+    graph's inputs and outputs carry shapes, with a symbolic batch: the rest is shape inference's."""
+    rng = np.random.default_rng(0)
+
+    def weight(name, *shape):
+        return numpy_helper.from_array(rng.uniform(-1, 1, shape).astype(np.float32), name)
+
+    inits = [weight("Wa", 8, 3, 3, 3), weight("Ba", 8), weight("Wb", 8, 8, 3, 3), weight("Bb", 8),
+             weight("Wc", 8, 8, 3, 3), weight("Bc", 8), weight("Wd", 8, 1, 3, 3), weight("We", 16, 8, 1, 1),
+             weight("Wt", 16, 4, 2, 2), weight("W1", 4, 4, 3)]
+    nodes = [
+        helper.make_node("Conv", ["x", "Wa", "Ba"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["a_relu"]),
+        helper.make_node("Conv", ["a_relu", "Wb", "Bb"], ["b"], name="conv_b", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["b", "Wc", "Bc"], ["c"], name="conv_c", pads=[1, 1, 1, 1]),  # conv_b's geometry
+        # 17x16 at stride 2: 9x8 out, pads 2 and 1 in total; SAME_LOWER puts the odd one at the start
+        helper.make_node("Conv", ["c", "Wd"], ["d"], name="conv_d", group=8, strides=[2, 2], auto_pad="SAME_LOWER"),
+        helper.make_node("Conv", ["d", "We"], ["e"], name="conv_e"),
+        helper.make_node("MaxPool", ["e"], ["pooled"], kernel_shape=[2, 2]),
+        helper.make_node("ConvTranspose", ["e", "Wt"], ["t"], name="up", strides=[2, 2]),
+        helper.make_node("Conv", ["s", "W1"], ["s_out"], name="conv_1d", pads=[1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes, "layers",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 17, 16]),
+         helper.make_tensor_value_info("s", TensorProto.FLOAT, [1, 4, 10])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("pooled", "t", "s_out")],
+        initializer=inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+
+
+# What the model above holds, worked out by hand from the ONNX operator definitions.
+EXPECTED_LAYERS = {  # name: (input shape, weight shape, stride, (top, left, bottom, right), groups, nodes)
+    "conv_a": ([1, 3, 17, 16], [8, 3, 3, 3], [1, 1], [1, 1, 1, 1], 1, 1),
+    "conv_b": ([1, 8, 17, 16], [8, 8, 3, 3], [1, 1], [1, 1, 1, 1], 1, 2),
+    "conv_d": ([1, 8, 17, 16], [8, 1, 3, 3], [2, 2], [1, 1, 1, 0], 8, 1),
+    "conv_e": ([1, 8, 9, 8], [16, 8, 1, 1], [1, 1], [0, 0, 0, 0], 1, 1),
+}
+
+
+def test_bench_onnx_end_to_end(tmp_path):
+    model, out = tmp_path / "tiny.onnx", tmp_path / "tiny.json"
+    _model(model)
+    result = subprocess.run([sys.executable, "-m", "convbackends", "bench", "--onnx", str(model), *FAST,
+                             "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "model tiny.onnx: 6 Conv, 1 ConvTranspose nodes, 4 distinct layers" in result.stdout
+    assert "not benchmarked: ConvTranspose node up: no layer builder for it yet" in result.stdout
+    assert "not benchmarked: Conv node conv_1d: a 1-D convolution (conv2d takes 2-D)" in result.stdout
+
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["suite"] == "onnx:tiny.onnx"
+    layers = {layer["name"]: layer for layer in doc["layers"]}
+    assert list(layers) == list(EXPECTED_LAYERS)
+    for name, (x, w, stride, pads, groups, _) in EXPECTED_LAYERS.items():
+        layer = layers[name]
+        assert (layer["input_shape"], [layer["output_shape"][1], layer["input_shape"][1] // groups, *layer["kernel"]],
+                layer["stride"], layer["pads"], layer["groups"]) == (x, w, stride, pads, groups), name
+    assert layers["conv_d"]["output_shape"] == [1, 8, 9, 8]
+
+    model_doc = doc["model"]
+    assert model_doc["nodes"] == {"Conv": 6, "ConvTranspose": 1}
+    assert model_doc["counts"] == {name: expected[-1] for name, expected in EXPECTED_LAYERS.items()}
+    assert [s["node"] for s in model_doc["skipped"]] == ["up", "conv_1d"]
+
+    # Every layer on every target ran and matched cv2.dnn; the model's time is the counted sum of the medians.
+    medians = {}
+    for record in doc["results"]:
+        assert record["status"] == "ok" and record["passed"] is True, record
+        medians[record["target"], record["layer"]] = record["median_s"]
+    totals = {row["target"]: row for row in model_doc["totals"]}
+    assert set(totals) == {"cv2dnn", "numpy:0"}
+    for target, row in totals.items():
+        expected = sum(medians[target, name] * count for name, count in model_doc["counts"].items())
+        assert row["layers_run"] == 4 and row["total_s"] == pytest.approx(expected, rel=1e-12)
+    assert totals["numpy:0"]["ratio_vs_cv2dnn"] == pytest.approx(totals["numpy:0"]["total_s"] / totals["cv2dnn"]["total_s"])
+
+
+def test_onnx_layers_merge_by_geometry_and_bias(tmp_path):
+    model = tmp_path / "m.onnx"
+    _model(model)
+    layers = bench.onnx_layers(str(model))
+    assert [c.name for c in layers.cases] == list(EXPECTED_LAYERS)
+    assert [c.bias for c in layers.cases] == [True, True, False, False]
+    # The same layer as the CLI's --layer spec, so each can be rerun on its own.
+    for case in layers.cases:
+        assert bench.geometry(bench.parse_layer(bench.format_layer(case))) == bench.geometry(case)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"not a model", "cannot read the ONNX model"),
+])
+def test_a_file_that_is_not_a_model_is_one_line(tmp_path, content, message, capsys):
+    from convbackends.__main__ import main
+
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(content)
+    assert main(["bench", "--onnx", str(path), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"convbackends bench: error: {message} {str(path)!r}") and err.count("\n") == 1
+
+
+def test_a_model_without_conv_nodes_is_refused(tmp_path, capsys):
+    from convbackends.__main__ import main
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])])
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    assert main(["bench", "--onnx", str(path), *FAST]) == 2
+    assert f"error: {path} has no Conv node to benchmark" in capsys.readouterr().err
