@@ -35,6 +35,9 @@ install_python_packages() {
         echo "setup: installing convbackends[all] into $VENV"
         "$VENV/bin/python" -m pip install -q --upgrade pip
         "$VENV/bin/python" -m pip install -q -e ".[all]"
+        # torch for the interop tests and the benchmark peer: the CPU-only wheel (about 750 MB installed),
+        # unless a torch (a CUDA build, say) is there already.
+        "$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/python" -m pip install -q "torch==2.13.0+cpu"
         rm -f "$VENV"/.installed-*
         touch "$stamp"
     fi

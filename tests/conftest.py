@@ -44,6 +44,16 @@ def require(name: str, reason: str) -> None:
     pytest.skip(f"backend {name!r} unavailable: {reason}")
 
 
+def require_module(name: str):
+    """An optional package the tests need: CI's set-up installs it, so there its absence fails the run."""
+    try:
+        return __import__(name)
+    except ImportError as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{name} must be installed in CI ({exc})")
+        pytest.skip(f"{name} is not installed")
+
+
 def force_gpu_kernels(monkeypatch, backend: str, device: int) -> None:
     """Make a CPU device plan its layers as a GPU would (tiles, shared/local memory, 32-bit indexing)."""
     if backend == "opencl":

@@ -1,0 +1,117 @@
+"""The arrays users have, in and out of every op and backend (convbackends/arrays.py), and the one-shot cache."""
+import numpy as np
+import pytest
+
+import convbackends as cb
+from conftest import require_module
+from convbackends.ops.base import OneShotCache
+from convbackends.parity import compare
+from convbackends.reference import conv2d_float64, conv_transpose2d_float64
+
+torch = require_module("torch")
+
+RNG = np.random.default_rng(7)
+X = RNG.uniform(-1, 1, (2, 6, 9, 8)).astype(np.float32)
+W = RNG.uniform(-1, 1, (10, 3, 3, 3)).astype(np.float32)
+B = RNG.uniform(-1, 1, 10).astype(np.float32)
+WT = RNG.uniform(-1, 1, (6, 4, 4, 4)).astype(np.float32)
+
+
+def test_torch_tensors_in_and_out_of_every_op(target):
+    backend, device = target
+    x, w, b, wt = (torch.from_numpy(a.copy()) for a in (X, W, B, WT))
+    y = cb.conv2d(x, w, b, padding=1, groups=2, activation="relu", backend=backend, device=device)
+    assert isinstance(y, torch.Tensor) and y.dtype == torch.float32
+    assert compare(y.numpy(), conv2d_float64(X, W, B, padding=1, groups=2, activation="relu"))[3]
+    reference = torch.nn.functional.conv2d(x.double(), w.double(), b.double(), padding=1, groups=2).relu()
+    assert compare(y.numpy(), reference.numpy())[3]
+    with cb.ConvTranspose2d(wt, stride=2, padding=1, backend=backend, device=device) as layer:
+        yt = layer(x[:, :, 1:, ::2])  # a strided view
+        assert isinstance(yt, torch.Tensor)
+        assert compare(yt.numpy(), conv_transpose2d_float64(X[:, :, 1:, ::2], WT, stride=2, padding=1))[3]
+
+
+def test_torch_cpu_input_is_read_without_a_copy():
+    x = torch.from_numpy(X.copy())
+    with cb.Conv2d(W, B, padding=1, groups=2) as layer:
+        array, restore = layer._input("x", x)
+        assert np.shares_memory(array, x.numpy())
+        y = layer(x)
+        assert isinstance(restore(np.zeros(1, np.float32)), torch.Tensor)
+    assert isinstance(y, torch.Tensor)
+
+
+def test_tensors_that_require_grad_and_other_dlpack_producers():
+    x = torch.from_numpy(X.copy()).requires_grad_()
+    assert isinstance(cb.conv2d(x, W, B, groups=2), torch.Tensor)
+
+    class Producer:  # any object with __dlpack__ on the CPU
+        def __init__(self, array):
+            self.array, self.dtype, self.shape = array, array.dtype, array.shape
+
+        def __dlpack__(self, **kwargs):
+            return self.array.__dlpack__(**kwargs)
+
+        def __dlpack_device__(self):
+            return self.array.__dlpack_device__()
+
+    y = cb.conv2d(Producer(X), Producer(W), B, padding=1, groups=2)
+    assert isinstance(y, np.ndarray) and compare(y, conv2d_float64(X, W, B, padding=1, groups=2))[3]
+
+
+def test_wrong_dtypes_say_how_to_convert():
+    with pytest.raises(TypeError, match=r"x must be float32, got torch.float64; convert it with .float\(\)"):
+        cb.conv2d(torch.zeros(1, 6, 5, 5, dtype=torch.float64), W)
+    with pytest.raises(TypeError, match="w must be an array, got list"):
+        cb.conv2d(X, [[1.0]])
+
+
+def test_pyopencl_arrays_of_another_context_come_back_in_their_context():
+    from conftest import require
+
+    availability = cb.available_backends()["opencl"]
+    if not availability.available:
+        require("opencl", availability.reason)
+    import pyopencl as cl
+    import pyopencl.array as cla
+
+    own = cla.to_device(cb.opencl_queue(), X)
+    assert cb.conv2d(own, W, B, padding=1, groups=2, backend="opencl").context == own.context
+    context = cl.Context([cb.opencl_queue().device])  # the user's own context on the same device
+    queue = cl.CommandQueue(context)
+    y = cb.conv2d(cla.to_device(queue, X), cla.to_device(queue, W), B, padding=1, groups=2, backend="opencl")
+    assert isinstance(y, cla.Array) and y.context == context
+    assert compare(y.get(), conv2d_float64(X, W, B, padding=1, groups=2))[3]
+
+
+def test_one_shot_cache_reuses_layers_sees_in_place_changes_and_stays_bounded():
+    cache = OneShotCache(max_layers=3, max_bytes=1 << 20)
+    made = []
+
+    def make(w, b):
+        made.append(w)
+        return cb.Conv2d(w, b, groups=2)
+
+    w = W.copy()
+    first = cache.layer(("conv2d", 0), (w, B), make)
+    assert cache.layer(("conv2d", 0), (w, B), make) is first and len(made) == 1
+    w[0, 0, 0, 0] += 1  # changed in place: prepared afresh
+    second = cache.layer(("conv2d", 0), (w, B), make)
+    assert second is not first and len(made) == 2
+    assert compare(second(X), conv2d_float64(X, w, B, groups=2))[3]
+    for i in range(5):
+        cache.layer(("conv2d", i + 1), (W, B), make)
+    assert len(cache._entries) == 3
+    big = np.zeros((1024, 512, 1, 1), np.float32)  # 2 MB of weights: over the byte bound, never kept
+    cache.layer(("conv2d", "big"), (big, None), make)
+    assert all(key[1] != "big" for key in cache._entries)
+
+
+def test_functional_calls_follow_weights_changed_in_place(target):
+    backend, device = target
+    w = W.copy()
+    first = cb.conv2d(X, w, B, padding=1, groups=2, backend=backend, device=device)
+    w *= 2
+    second = cb.conv2d(X, w, B, padding=1, groups=2, backend=backend, device=device)
+    assert compare(second, conv2d_float64(X, w, B, padding=1, groups=2))[3]
+    assert not np.allclose(first, second)
