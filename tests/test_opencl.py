@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_winograd_leaves_non_finite_input, cpu_device, require
-from convbackends import Conv2d, available_backends
+from convbackends import Conv2d, available_backends, conv2d
 from convbackends.backends import _kernels
 from convbackends.parity import Case
 from convbackends.reference import conv2d_float64
@@ -194,3 +194,64 @@ def test_winograd_layer_takes_the_direct_kernels_for_non_finite_input_and_device
         assert not layer._prepared.uses_winograd(cla.to_device(rt.queue, x), layer.geometry(x))
         _assert_close(layer(cla.to_device(rt.queue, x)).get(), conv2d_float64(x, w, b, padding=1))
         assert_winograd_leaves_non_finite_input(layer, x, w, b, padding=1)
+
+
+@pytest.fixture(params=[False, True], ids=["device-kernels", "gpu-kernels"])
+def as_gpu(request, monkeypatch):
+    """The default device with its own plan, and (CPU devices only) planned as a GPU."""
+    if request.param:
+        cpu_device(monkeypatch, "opencl", as_gpu=True)
+    return request.param
+
+
+NON_FINITE = (np.nan, np.inf, -np.inf)
+
+
+def _non_finite_input(shape, seed=3):
+    """U(-8, 8) with NaN, +inf and -inf sprinkled in, and 0 and -0."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-8, 8, shape).astype(np.float32)
+    flat = x.reshape(-1)
+    spots = rng.permutation(flat.size)
+    for i, value in enumerate(NON_FINITE * 3 + (0.0, -0.0)):
+        flat[spots[i]] = value
+    return x
+
+
+def _assert_same_non_finite(y, ref):
+    assert np.array_equal(np.isnan(y), np.isnan(ref))
+    assert np.array_equal(np.isposinf(y), np.isposinf(ref)) and np.array_equal(np.isneginf(y), np.isneginf(ref))
+    finite = np.isfinite(ref)
+    assert np.abs(y[finite] - ref[finite]).max() <= 1e-4 * max(1.0, np.abs(ref[finite]).max())
+
+
+ACTIVATIONS = [None, "relu", "relu6", "sigmoid", "tanh", "silu", "mish", "hardswish", ("leaky_relu", 0.1),
+               ("clip", -1.0, 2.0)]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
+def test_nan_and_inf_keep_their_meaning_through_every_activation(as_gpu, activation):
+    # One input channel: each output is w * x + b, so NaN and +-inf reach the activation unmixed.
+    x = _non_finite_input((2, 1, 5, 9))
+    w = np.array([1.0, -1.0, 0.5, -2.0, 3.0, 0.25, -0.75, 1.5], np.float32).reshape(8, 1, 1, 1)
+    b = np.linspace(-1, 1, 8).astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        numpy_y = conv2d(x, w, b, activation=activation, backend="numpy")
+        ref = conv2d_float64(x, w, b, activation=activation)
+    with Conv2d(w, b, activation=activation, backend="opencl") as layer:
+        y = layer(x)
+    assert np.isnan(ref).any() and np.isinf(x).any()
+    _assert_same_non_finite(y, numpy_y)
+    _assert_same_non_finite(y, ref)
+
+
+@pytest.mark.parametrize("activation", ["relu", ("clip", -1.0, 2.0)], ids=str)
+@pytest.mark.parametrize("w_shape, kwargs", [((6, 3, 3, 3), dict(padding=1)), ((6, 1, 3, 3), dict(groups=3, padding=1))],
+                         ids=["3x3", "depthwise"])
+def test_nan_survives_the_activation_of_3x3_and_depthwise_kernels(as_gpu, activation, w_shape, kwargs):
+    x = _non_finite_input((1, 3, 7, 9))
+    w = np.random.default_rng(1).uniform(-1, 1, w_shape).astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        ref = conv2d_float64(x, w, activation=activation, **kwargs)
+    with Conv2d(w, activation=activation, backend="opencl", **kwargs) as layer:
+        _assert_same_non_finite(layer(x), ref)
