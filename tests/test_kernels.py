@@ -199,10 +199,31 @@ def test_winograd_plan_runs_the_36_gemms_as_one_grouped_1x1_layer_over_the_batch
     assert not _kernels.WinogradPlan.eligible(Conv2dSpec.create(np.zeros((64, 64, 3, 3), np.float32)), CPU)
 
 
-def test_winograd_leaves_geometries_whose_transformed_copies_exceed_the_buffer_limit():
+def test_winograd_runs_a_batch_in_parts_whose_transformed_copies_fit_the_buffer_limit():
     plan = _winograd_plan(GPU, o=64, c=64)
-    geom = plan.spec.geometry((2, 64, 32, 32))  # 2 x 64 tiles: V is 36 * 64 * 128 floats
-    v_bytes = 4 * 36 * 64 * 128
-    assert plan.pays(geom, GPU)
-    assert plan.pays(geom, _kernels.DeviceLimits("gpu", 1024, 48 * 1024, v_bytes))
-    assert not plan.pays(geom, _kernels.DeviceLimits("gpu", 1024, 48 * 1024, v_bytes - 1))
+    geom = plan.spec.geometry((2, 64, 32, 32))  # 64 tiles per image: V and M hold 36 * 64 * TPS floats
+    one_image = 4 * 36 * 64 * (64 + 7)  # TPS: the tiles rounded up to whole 8-pixel blocks
+    assert plan.pays(geom, _kernels.DeviceLimits("gpu", 1024, 48 * 1024, one_image))
+    assert not plan.pays(geom, _kernels.DeviceLimits("gpu", 1024, 48 * 1024, one_image - 1))
+    buffers = plan.call_buffers(geom)
+    assert {b.name for b in buffers} == {"padded input copy", "Winograd V", "Winograd M"}
+    assert _kernels.images_per_chunk(2, buffers, one_image, "LIMIT", "opencl") == 1
+    assert _kernels.images_per_chunk(2, buffers, 4 * 36 * 64 * (128 + 7), "LIMIT", "opencl") == 2
+    assert _kernels.images_per_chunk(2, buffers, 1 << 40, "LIMIT", "opencl") == 2
+    # V and M keep their own cap (WINOGRAD_MAX_BUFFER_BYTES) however large the device's buffers
+    big = plan.spec.geometry((256, 64, 128, 128))  # 1024 tiles per image
+    parts = _kernels.images_per_chunk(256, plan.call_buffers(big), 1 << 40, "LIMIT", "opencl")
+    assert parts < 256
+    assert 4 * 36 * 64 * (parts * 1024 + 7) <= _kernels.WINOGRAD_MAX_BUFFER_BYTES < 4 * 36 * 64 * (parts + 1) * 1024
+
+
+def test_a_buffer_one_image_overfills_is_refused_with_its_name_and_the_limit():
+    plan = _plan(16, 8, (3, 3), padding=2, limits=CPU)
+    geom = plan.spec.geometry((4, 8, 30, 30))
+    padded = 4 * 8 * 34 * 34
+    assert [b.name for b in plan.call_buffers(geom)] == ["padded input copy"]
+    assert plan.call_buffers(geom)[0].nbytes(1) >= padded
+    need = plan.call_buffers(geom)[0].nbytes(1)
+    assert _kernels.images_per_chunk(4, plan.call_buffers(geom), 2 * need, "LIMIT_NAME", "opencl") == 2
+    with pytest.raises(ValueError, match=rf"opencl: one image needs a padded input copy of {need} bytes, .*LIMIT_NAME: {need - 1} bytes"):
+        _kernels.images_per_chunk(4, plan.call_buffers(geom), need - 1, "LIMIT_NAME", "opencl")

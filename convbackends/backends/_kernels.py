@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 from abc import abstractmethod
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -46,8 +47,9 @@ WINOGRAD_LOCAL = 64
 # 0.94-1.2x at 64. GPU: conventional, not yet measured.
 WINOGRAD_MIN_CHANNELS = {"cpu": 128, "gpu": 32}
 WINOGRAD_MIN_TILES = {"cpu": 16, "gpu": 16}
-# Its transformed input and products (V, M) are 36 / 16 times the input and output: past this size
-# (or the device's largest buffer) a geometry takes the direct kernels, which need no such copies.
+# Its transformed input and products (V, M) are 36 / 16 times the input and output: a batch runs in
+# parts that keep them under this size (and the device's largest buffer); where one image's do not
+# fit, the geometry takes the direct kernels, which need no such copies.
 WINOGRAD_MAX_BUFFER_BYTES = 1 << 30
 
 
@@ -184,6 +186,36 @@ class Launch:
         return tuple(g // l for g, l in zip(self.global_size, self.local_size))
 
 
+@dataclass(frozen=True)
+class CallBuffer:
+    """A device buffer one call allocates: `per_image` bytes for each image of the batch plus up to
+    `extra`, within `cap` bytes where the path sets its own cap (else the device's largest buffer)."""
+
+    name: str
+    per_image: int
+    extra: int = 0
+    cap: int | None = None
+
+    def nbytes(self, images: int) -> int:
+        return self.per_image * images + self.extra
+
+
+def images_per_chunk(n: int, buffers: list[CallBuffer], max_alloc: int, limit_name: str, backend: str) -> int:
+    """The most images of the batch one call may take so that each buffer stays within its cap and the
+    device's largest buffer; a ValueError naming the buffer and the limit when one image is too many."""
+    fit = n
+    for buf in buffers:
+        cap = max_alloc if buf.cap is None else min(buf.cap, max_alloc)
+        images = (cap - buf.extra) // max(buf.per_image, 1)
+        if images < 1:
+            raise ValueError(
+                f"{backend}: one image needs a {buf.name} of {buf.nbytes(1)} bytes, more than the device's largest "
+                f"buffer ({limit_name}: {max_alloc} bytes)"
+            )
+        fit = min(fit, images)
+    return fit
+
+
 def _pack(w: np.ndarray, g: int, og: int, k: int, kpad: int, ogpad: int) -> np.ndarray:
     """Weights as [group][k][out-channel], zero padded to kpad x ogpad."""
     packed = np.zeros((g, kpad, ogpad), np.float32)
@@ -275,6 +307,11 @@ class Plan:
             return (oh - 1) * geom.sh + (geom.kh - 1) * geom.dh + 1, math.ceil(ow / 8) * 8 * geom.sw + (geom.kw - 1) * geom.dw
         return (oh - 1) * geom.sh + (geom.kh - 1) * geom.dh + 1, (ow - 1) * geom.sw + (geom.kw - 1) * geom.dw + 1
 
+    def call_buffers(self, geom: Conv2dGeometry) -> list[CallBuffer]:
+        """What one call allocates besides its input and output: the padded copy, where there is one."""
+        dims = self.padded(geom)
+        return [CallBuffer("padded input copy", 4 * geom.c * dims[0] * dims[1])] if dims else []
+
     def _input_dims(self, geom: Conv2dGeometry) -> tuple[int, int]:
         return self.padded(geom) or (geom.h, geom.w)
 
@@ -365,10 +402,21 @@ class WinogradPlan:
         return _winograd.fits(spec) and min(spec.in_channels, spec.out_channels) >= WINOGRAD_MIN_CHANNELS[kind]
 
     def pays(self, geom: Conv2dGeometry, limits: DeviceLimits) -> bool:
-        """Enough tiles to pay for the transforms, and V and M within the buffer limits."""
-        largest = 4 * 36 * max(geom.c, geom.o) * self.tile_plane(geom)
+        """Enough tiles to pay for the transforms, and one image's V and M within the buffer limits
+        (a larger batch runs in chunks)."""
         return (self.pixels(geom) >= WINOGRAD_MIN_TILES["cpu" if limits.is_cpu else "gpu"]
-                and largest <= min(WINOGRAD_MAX_BUFFER_BYTES, limits.max_alloc))
+                and all(b.nbytes(1) <= min(b.cap, limits.max_alloc) for b in self._transformed(geom)))
+
+    def _transformed(self, geom: Conv2dGeometry) -> list[CallBuffer]:
+        """V and M: 36 planes of TPS floats per channel, TPS at most 7 more than the batch's tiles."""
+        th, tw = _winograd.tile_grid(geom)
+        return [CallBuffer(name, 4 * 36 * channels * th * tw, 4 * 36 * channels * 7, WINOGRAD_MAX_BUFFER_BYTES)
+                for name, channels in (("Winograd V", geom.c), ("Winograd M", geom.o))]
+
+    def call_buffers(self, geom: Conv2dGeometry) -> list[CallBuffer]:
+        """What one call allocates besides its input and output: the padded copy, V and M."""
+        hp, wp = self.padded(geom)
+        return [CallBuffer("padded input copy", 4 * geom.c * hp * wp), *self._transformed(geom)]
 
     @staticmethod
     def pixels(geom: Conv2dGeometry) -> int:
@@ -411,38 +459,41 @@ class KernelBackend(Backend):
     def __init__(self) -> None:
         super().__init__()
         self._runtimes: dict[int, object] = {}
+        self._runtimes_lock = threading.Lock()
 
     @abstractmethod
     def _make_runtime(self, info: DeviceInfo):
         """The API's context and kernel cache for one device."""
 
     def runtime(self, device=None):
-        """The runtime of a device, given as `select` takes it."""
+        """The runtime of a device, given as `select` takes it; one per device even when threads ask at once."""
         info = self.select(device)
-        if info.index not in self._runtimes:
-            self._runtimes[info.index] = self._make_runtime(info)
-        return self._runtimes[info.index]
+        with self._runtimes_lock:
+            if info.index not in self._runtimes:
+                self._runtimes[info.index] = self._make_runtime(info)
+            return self._runtimes[info.index]
 
     def prepare(self, spec: Conv2dSpec, w, b, device: DeviceInfo) -> Prepared:
         return self.prepared_class(self.runtime(device), spec, w, b)
 
 
 class _Stage:
-    """A `Plan` on one device: its kernels, uploaded weights, and per-geometry gather tables and padded
-    copies. `steps` is its launch sequence: the pad copy when the kernel needs one, then the kernel."""
+    """A `Plan` on one device: its kernels, uploaded weights and per-geometry gather tables, all
+    read-only once made, so concurrent calls share them. `steps` is its launch sequence: the pad copy
+    (into a buffer of that call's own) when the kernel needs one, then the kernel."""
 
-    def __init__(self, owner: "KernelPrepared", plan: Plan, kernel):
-        self.plan, self.kernel = plan, kernel
-        self.pad = owner._rt.kernel(plan.pad_source, "pad_input", plan.pad_options)
-        self.weights = owner._upload(plan.weights)
-        self.bias = owner._upload(plan.bias)
-        self.ktabs = GeometryCache(lambda geom: owner._upload(plan.ktab(geom)))
-        self.padded = GeometryCache(lambda geom: owner._empty((geom.n, geom.c, *plan.padded(geom))))
+    def __init__(self, rt, plan: Plan, kernel):
+        self.plan, self.kernel, self._rt = plan, kernel, rt
+        self.pad = rt.kernel(plan.pad_source, "pad_input", plan.pad_options)
+        self.weights = rt.upload(plan.weights)
+        self.bias = rt.upload(plan.bias)
+        self.ktabs = GeometryCache(lambda geom: rt.upload(plan.ktab(geom)))
 
     def steps(self, x, y, geom: Conv2dGeometry) -> list[tuple[object, Launch, list]]:
         plan, steps = self.plan, []
-        if plan.padded(geom):
-            xp = self.padded.get(geom)
+        dims = plan.padded(geom)
+        if dims:
+            xp = self._rt.empty((geom.n, geom.c, *dims))
             steps.append((self.pad, plan.pad_launch(geom), [x, xp]))
             x = xp
         buffers = [x, self.weights, self.bias, *([self.ktabs.get(geom)] if plan.uses_ktab else []), y]
@@ -451,28 +502,23 @@ class _Stage:
 
     def clear(self) -> None:
         self.ktabs.clear()
-        self.padded.clear()
 
 
 class _WinogradStage:
-    """A `WinogradPlan` on one device: the transforms, the GEMM stage, and per-geometry buffers (the
-    padded input, V and M)."""
+    """A `WinogradPlan` on one device: the transforms and the GEMM stage; each call gets its own padded
+    input, V and M."""
 
-    def __init__(self, owner: "KernelPrepared", wino: WinogradPlan):
-        self.plan = wino
-        self.input = owner._rt.kernel(wino.source, "conv2d_winograd_input", wino.options)
-        self.output = owner._rt.kernel(wino.source, "conv2d_winograd_output", wino.options)
-        self.gemm = _Stage(owner, wino.gemm, wino.gemm_kernel)
-        self.bias = owner._upload(wino.bias)
-        self.buffers = GeometryCache(lambda geom: (
-            owner._empty((geom.n, geom.c, *wino.padded(geom))),
-            owner._empty((36 * geom.c * wino.tile_plane(geom),)),
-            owner._empty((36 * geom.o * wino.tile_plane(geom),)),
-        ))
+    def __init__(self, rt, wino: WinogradPlan):
+        self.plan, self._rt = wino, rt
+        self.input = rt.kernel(wino.source, "conv2d_winograd_input", wino.options)
+        self.output = rt.kernel(wino.source, "conv2d_winograd_output", wino.options)
+        self.gemm = _Stage(rt, wino.gemm, wino.gemm_kernel)
+        self.bias = rt.upload(wino.bias)
 
     def steps(self, x, y, geom: Conv2dGeometry) -> list[tuple[object, Launch, list]]:
-        wino, gemm = self.plan, self.gemm
-        xp, v, m = self.buffers.get(geom)
+        wino, gemm, rt = self.plan, self.gemm, self._rt
+        tps = wino.tile_plane(geom)
+        xp, v, m = rt.empty((geom.n, geom.c, *wino.padded(geom))), rt.empty((36 * geom.c * tps,)), rt.empty((36 * geom.o * tps,))
         return [  # gemm.pad: the device's pad_input, which every plan on it builds alike
             (gemm.pad, wino.gemm.pad_launch(geom, wino.padded(geom)), [x, xp]),
             (self.input, wino.input_launch(geom), [xp, v]),
@@ -482,13 +528,14 @@ class _WinogradStage:
 
     def clear(self) -> None:
         self.gemm.clear()
-        self.buffers.clear()
 
 
 class KernelPrepared(Prepared):
-    """A layer on one device: the direct stage (its plan, built kernels, uploaded weights), the
-    Winograd stage where it pays, and per-input-size staging buffers. Subclasses say how to upload,
-    allocate and launch; the runtime gives `info`, `limits`, `kernel` and `max_threads`."""
+    """A layer on one device: the direct stage (its plan, built kernels, uploaded weights) and the
+    Winograd stage where it pays. What a call writes (device copies of its input and output, padded
+    copies, V and M) it allocates for itself from the runtime's memory pool, so threads may share a
+    layer. Subclasses say how to run; the runtime gives `info`, `limits`, `kernel`, `max_threads`,
+    `upload`, `empty` and `max_alloc_name`."""
 
     def __init__(self, rt, spec: Conv2dSpec, w: np.ndarray, b: np.ndarray | None):
         self.device = rt.info
@@ -497,24 +544,22 @@ class KernelPrepared(Prepared):
         def build(plan):
             return rt.kernel(plan.source, plan.kernel_name, plan.options)
 
-        self._direct = _Stage(self, *fit_plan(spec, w, b, rt.limits, build, rt.max_threads))
+        plan, kernel = fit_plan(spec, w, b, rt.limits, build, rt.max_threads)
+        if plan.weights.nbytes > rt.limits.max_alloc:
+            raise ValueError(
+                f"{self.device.backend}: the packed weights need {plan.weights.nbytes} bytes, more than the device's "
+                f"largest buffer ({rt.max_alloc_name}: {rt.limits.max_alloc} bytes)"
+            )
+        self._direct = _Stage(rt, plan, kernel)
         self._winograd = None
         if WinogradPlan.eligible(spec, rt.limits):
-            self._winograd = _WinogradStage(self, WinogradPlan(spec, w, b, rt.limits, build, rt.max_threads))
-        # Input and output buffers reused by every host call of one input size.
-        self._staging = GeometryCache(lambda geom: (self._empty(geom.input_shape), self._empty(geom.output_shape)))
+            wino = WinogradPlan(spec, w, b, rt.limits, build, rt.max_threads)
+            if wino.gemm.weights.nbytes <= rt.limits.max_alloc:  # 4x the direct weights: else direct only
+                self._winograd = _WinogradStage(rt, wino)
 
     @property
     def _plan(self) -> Plan:
         return self._direct.plan
-
-    @abstractmethod
-    def _upload(self, array: np.ndarray):
-        """A device copy of a host array."""
-
-    @abstractmethod
-    def _empty(self, shape):
-        """A new float32 device array."""
 
     def _check_open(self) -> None:
         if self._direct is None:
@@ -527,6 +572,25 @@ class KernelPrepared(Prepared):
         return (wino is not None and isinstance(x, np.ndarray) and wino.plan.pays(geom, self._rt.limits)
                 and _winograd.safe(x))
 
+    def chunks(self, geom: Conv2dGeometry, winograd: bool, one_output: bool = False) -> list[tuple[int, Conv2dGeometry]]:
+        """The batch as (first image, geometry) parts whose every buffer (input, output, padded copy,
+        V, M) fits the device's largest buffer; one part when the whole batch does. `one_output`: the
+        output is one device array, so it must fit whole."""
+        rt, backend = self._rt, self.device.backend
+        output = CallBuffer("output", 4 * geom.o * geom.oh * geom.ow)
+        if one_output and output.nbytes(geom.n) > rt.limits.max_alloc:
+            raise ValueError(
+                f"{backend}: the output needs {output.nbytes(geom.n)} bytes, more than the device's largest buffer "
+                f"({rt.max_alloc_name}: {rt.limits.max_alloc} bytes); pass a numpy array to run the batch in parts"
+            )
+        stage = self._winograd if winograd else self._direct
+        buffers = [CallBuffer("input", 4 * geom.c * geom.h * geom.w), output, *stage.plan.call_buffers(geom)]
+        per_chunk = images_per_chunk(geom.n, buffers, rt.limits.max_alloc, rt.max_alloc_name, backend)
+        if per_chunk == geom.n:
+            return [(0, geom)]
+        return [(start, self._plan.spec.geometry((min(per_chunk, geom.n - start), *geom.input_shape[1:])))
+                for start in range(0, geom.n, per_chunk)]
+
     def _steps(self, x, y, geom: Conv2dGeometry, winograd: bool) -> list[tuple[object, Launch, list]]:
         """(kernel, launch, buffers) in order; x and y are device arrays of this backend."""
         return (self._winograd if winograd else self._direct).steps(x, y, geom)
@@ -536,26 +600,31 @@ class KernelPrepared(Prepared):
             if stage is not None:
                 stage.clear()
         self._direct = self._winograd = None
-        self._staging.clear()
 
 
 class GeometryCache:
-    """Per-input-size device objects (gather tables, staging buffers), a few sizes kept."""
+    """Per-input-size device objects (gather tables), a few sizes kept; safe to share between threads."""
 
     def __init__(self, make, size: int = 8):
         self._make = make
         self._size = size
         self._items: dict[Conv2dGeometry, object] = {}
+        self._lock = threading.Lock()
 
     def get(self, geom: Conv2dGeometry):
-        if geom not in self._items:
-            if len(self._items) >= self._size:
-                del self._items[next(iter(self._items))]
-            self._items[geom] = self._make(geom)
-        return self._items[geom]
+        with self._lock:
+            item = self._items.get(geom)
+        if item is None:
+            item = self._make(geom)  # outside the lock: an upload may wait for the queue
+            with self._lock:
+                item = self._items.setdefault(geom, item)  # a thread that made it first wins
+                while len(self._items) > self._size:
+                    del self._items[next(iter(self._items))]
+        return item
 
     def clear(self) -> None:
-        self._items.clear()
+        with self._lock:
+            self._items.clear()
 
 
 def _linear_launch(total: int, scalars: tuple) -> Launch:

@@ -7,6 +7,9 @@ does not, and PoCL and NVIDIA keep their own build caches.
 """
 from __future__ import annotations
 
+import math
+import threading
+
 import numpy as np
 import pyopencl as cl
 import pyopencl.array as cla
@@ -26,7 +29,15 @@ def _device_type(device: cl.Device) -> str:
 
 
 class Runtime:
-    """One device's context, in-order profiling queue, memory pool and built kernels."""
+    """One device's context, in-order profiling queue, memory pool and built kernels.
+
+    Threads share it: builds and launches take locks, since one built kernel object serves every layer
+    that needs it, and setting a kernel's arguments then enqueueing it is two OpenCL calls that another
+    thread's launch of that kernel must not come between. The queue is in order, so a pooled buffer
+    freed after its last enqueue is safe to hand to the next allocation.
+    """
+
+    max_alloc_name = "CL_DEVICE_MAX_MEM_ALLOC_SIZE"
 
     def __init__(self, device: cl.Device, info: DeviceInfo):
         self.device = device
@@ -36,23 +47,45 @@ class Runtime:
         self.pool = MemoryPool(ImmediateAllocator(self.queue))
         self.limits = _kernels.DeviceLimits(info.type, device.max_work_group_size, device.local_mem_size,
                                             device.max_mem_alloc_size)
+        # Host and device share memory (CPU devices, integrated GPUs): host arrays are used in place.
+        self.unified = bool(device.host_unified_memory)
         self._kernels: dict[tuple[str, str, tuple[str, ...]], cl.Kernel] = {}
+        self._build_lock = threading.Lock()
+        self._launch_lock = threading.Lock()
 
     def kernel(self, source: str, name: str, options: tuple[str, ...] = ()) -> cl.Kernel:
         """The kernel `name` of `source` built with `options`; KernelBuildError carries the build log."""
         key = (source, name, tuple(options))
-        if key not in self._kernels:
-            try:
-                program = cl.Program(self.context, source).build(
-                    options=list(options), cache_dir=str(_kernels.cache_dir("opencl"))
-                )
-            except cl.Error as exc:
-                raise _kernels.KernelBuildError(f"OpenCL build of {name} failed on {self.info}: {exc}") from exc
-            self._kernels[key] = cl.Kernel(program, name)
-        return self._kernels[key]
+        with self._build_lock:
+            if key not in self._kernels:
+                try:
+                    program = cl.Program(self.context, source).build(
+                        options=list(options), cache_dir=str(_kernels.cache_dir("opencl"))
+                    )
+                except cl.Error as exc:
+                    raise _kernels.KernelBuildError(f"OpenCL build of {name} failed on {self.info}: {exc}") from exc
+                self._kernels[key] = cl.Kernel(program, name)
+            return self._kernels[key]
 
     def max_threads(self, kernel: cl.Kernel) -> int:
         return kernel.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE, self.device)
+
+    def launch(self, kernel: cl.Kernel, launch: _kernels.Launch, buffers, wait_for=None) -> cl.Event:
+        """Set the kernel's arguments and enqueue it, as one step with respect to other threads."""
+        with self._launch_lock:
+            return kernel(self.queue, launch.global_size, launch.local_size, *buffers, *launch.scalars,
+                          wait_for=wait_for)
+
+    def upload(self, array: np.ndarray) -> cl.Buffer:
+        return cl.Buffer(self.context, cl.mem_flags.READ_ONLY | cl.mem_flags.COPY_HOST_PTR, hostbuf=array)
+
+    def empty(self, shape) -> cl.Buffer:
+        """A pooled buffer for float32 `shape` (a plain buffer: a pyopencl Array costs ~20 us to make)."""
+        return self.pool.allocate(4 * math.prod(shape))
+
+    def host_buffer(self, array: np.ndarray, flags) -> cl.Buffer:
+        """A buffer over a contiguous, non-empty host array's own memory (CL_MEM_USE_HOST_PTR)."""
+        return cl.Buffer(self.context, flags | cl.mem_flags.USE_HOST_PTR, hostbuf=array)
 
     def contiguous(self, x: cla.Array) -> cla.Array:
         """x itself when it is C-contiguous at offset 0, else a contiguous device copy of the view."""
@@ -61,45 +94,65 @@ class Runtime:
         kernel = self.kernel(_kernels.source("copy_strided"), "copy_strided")
         launch = _kernels.copy_launch(x.shape, [s // x.dtype.itemsize for s in x.strides], x.offset // x.dtype.itemsize)
         out = cla.empty(self.queue, x.shape, np.float32, allocator=self.pool)
-        event = kernel(self.queue, launch.global_size, launch.local_size, x.base_data, out.data, *launch.scalars,
-                       wait_for=x.events)
-        out.add_event(event)
+        out.add_event(self.launch(kernel, launch, [x.base_data, out.data], wait_for=x.events))
         return out
 
 
 class OpenCLPrepared(_kernels.KernelPrepared):
-    def _upload(self, array: np.ndarray) -> cla.Array:
-        return cla.to_device(self._rt.queue, array, allocator=self._rt.pool)
-
-    def _empty(self, shape) -> cla.Array:
-        return cla.empty(self._rt.queue, shape, np.float32, allocator=self._rt.pool)
-
-    def _enqueue(self, x: cla.Array, y: cla.Array, geom: Conv2dGeometry, wait_for, winograd: bool) -> list[cl.Event]:
+    def _enqueue(self, x, y, geom: Conv2dGeometry, wait_for, winograd: bool) -> list[cl.Event]:
+        """The launches of one part; x and y are buffers, x None when the input is empty."""
         events = []
-        for kernel, launch, arrays in self._steps(x, y, geom, winograd):
-            # A 0-sized input has no buffer; no kernel reads it, so any buffer stands in.
-            buffers = [a.data if a.size else self._direct.bias.data for a in arrays]
-            events.append(kernel(self._rt.queue, launch.global_size, launch.local_size, *buffers, *launch.scalars,
-                                 wait_for=wait_for))
+        for kernel, launch, buffers in self._steps(x, y, geom, winograd):
+            # An empty input has no buffer; no kernel reads it, so any buffer stands in.
+            buffers = [self._direct.bias if b is None else b for b in buffers]
+            events.append(self._rt.launch(kernel, launch, buffers, wait_for))
             wait_for = events[-1:]
+        return events
+
+    def _run_host(self, x: np.ndarray, y: np.ndarray, geom: Conv2dGeometry, winograd: bool) -> list[cl.Event]:
+        """One part of a numpy call, finished on return: where host memory is device memory the kernels
+        read x and write y in place (and a map makes y current), else through pooled device copies."""
+        rt, mf = self._rt, cl.mem_flags
+        if rt.unified and x.size:
+            ydev = rt.host_buffer(y, mf.WRITE_ONLY)
+            events = self._enqueue(rt.host_buffer(x, mf.READ_ONLY), ydev, geom, None, winograd)
+            mapped, _ = cl.enqueue_map_buffer(rt.queue, ydev, cl.map_flags.READ, 0, y.shape, y.dtype,
+                                              wait_for=events[-1:], is_blocking=False)
+            mapped.base.release(rt.queue).wait()
+            return events
+        xdev, ydev = rt.empty(x.shape) if x.size else None, rt.empty(y.shape)
+        upload = [cl.enqueue_copy(rt.queue, xdev, x, is_blocking=False)] if x.size else None
+        events = self._enqueue(xdev, ydev, geom, upload, winograd)
+        cl.enqueue_copy(rt.queue, y, ydev, wait_for=events[-1:])
         return events
 
     def _run(self, x, geom: Conv2dGeometry):
         rt = self._rt
         self._check_open()
         if isinstance(x, np.ndarray):
-            xdev, ydev = self._staging.get(geom)
-            upload = cl.enqueue_copy(rt.queue, xdev.base_data, x, is_blocking=False) if x.size else None
-            events = self._enqueue(xdev, ydev, geom, [upload] if upload else None, self.uses_winograd(x, geom))
+            winograd = self.uses_winograd(x, geom)
             y = np.empty(geom.output_shape, np.float32)
-            cl.enqueue_copy(rt.queue, y, ydev.base_data, wait_for=events[-1:])
+            events = []
+            for start, part in self.chunks(geom, winograd):
+                images = slice(start, start + part.n)
+                events += self._run_host(x[images], y[images], part, winograd)
             return y, events
         if x.context != rt.context:
             raise ValueError(f"x lives in another OpenCL context; create it on the queue of runtime({self.device.index})")
+        chunks = self.chunks(geom, winograd=False, one_output=True)  # device arrays: see uses_winograd
         x = rt.contiguous(x)
-        y = self._empty(geom.output_shape)
-        events = self._enqueue(x, y, geom, x.events, winograd=False)  # device arrays: see uses_winograd
-        y.add_event(events[-1])
+        y = cla.empty(rt.queue, geom.output_shape, np.float32, allocator=rt.pool)
+        if len(chunks) == 1:
+            events = self._enqueue(x.base_data, y.data, geom, x.events, winograd=False)
+            y.add_event(events[-1])
+            return y, events
+        events = []
+        for start, part in chunks:
+            xpart, ypart = rt.contiguous(x[start:start + part.n]), rt.empty(part.output_shape)
+            events += self._enqueue(xpart.base_data, ypart, part, xpart.events, winograd=False)
+            nbytes = 4 * math.prod(part.output_shape)
+            y.add_event(cl.enqueue_copy(rt.queue, y.data, ypart, byte_count=nbytes, dst_offset=start * nbytes // part.n,
+                                        wait_for=events[-1:]))
         return y, events
 
     def run(self, x, geom: Conv2dGeometry):
@@ -124,7 +177,7 @@ class OpenCLBackend(_kernels.KernelBackend):
             platforms = cl.get_platforms()
         except cl.Error as exc:
             raise BackendUnavailable(f"no OpenCL platform: {exc}") from exc
-        found = []
+        found, cl_devices = [], []
         for platform in platforms:
             try:
                 devices = platform.get_devices()
@@ -142,8 +195,9 @@ class OpenCLBackend(_kernels.KernelBackend):
                     "local_memory": device.local_mem_size,
                     "max_buffer": device.max_mem_alloc_size,
                 }
-                self._cl_devices.append(device)
+                cl_devices.append(device)
                 found.append(DeviceInfo(self.name, len(found), device.name.strip(), _device_type(device), facts))
+        self._cl_devices = cl_devices  # whole, so a second thread's enumeration cannot interleave
         return found
 
     def _make_runtime(self, info: DeviceInfo) -> Runtime:
