@@ -161,15 +161,24 @@ def test_cpu_devices_run_both_gemm_forms_as_cpu_gemm_with_channel_blocked_weight
     assert _plan(8, 1, (3, 3), groups=8, limits=CPU).kernel_name == "conv2d_depthwise"
 
 
-def test_cpu_gemm_pads_rows_to_whole_vector_reads():
+def test_cpu_gemm_reads_unpadded_inputs_in_place_and_pads_rows_to_whole_vector_reads():
     pointwise = _plan(8, 4, (1, 1), limits=CPU)
     assert pointwise.padded(pointwise.spec.geometry((1, 4, 16, 16))) is None
-    assert pointwise.padded(pointwise.spec.geometry((1, 4, 14, 14))) == (14, 16)
+    ragged = pointwise.spec.geometry((1, 4, 14, 14))
+    assert pointwise.padded(ragged) is None and pointwise.vector_blocks(ragged) == 1  # the second block gathers
+    short = pointwise.spec.geometry((1, 4, 7, 7))  # no vector read fits a row: a copy of whole blocks
+    assert pointwise.padded(short) == (7, 8) and pointwise.vector_blocks(short) == 1
     strided = _plan(8, 4, (3, 3), stride=2, limits=CPU)
-    geom = strided.spec.geometry((1, 4, 33, 33))
-    assert (geom.ow, strided.padded(geom)) == (16, (33, 16 * 2 + 2))  # 16 inputs read per tap at stride 2
+    geom = strided.spec.geometry((1, 4, 33, 33))  # 16 outputs a row: a block reads 16 inputs per tap
+    assert strided.padded(geom) is None and strided.vector_blocks(geom) == 1  # 16 + 15 + 2 > 32
+    assert strided.vector_blocks(strided.spec.geometry((1, 4, 35, 35))) == 2
+    padded = _plan(8, 4, (3, 3), stride=2, padding=1, limits=CPU)
+    geom = padded.spec.geometry((1, 4, 33, 33))
+    assert (geom.ow, padded.padded(geom)) == (17, (35, 24 * 2 + 2))  # a copy anyway: rows of whole blocks
+    assert padded.vector_blocks(geom) == 3
     gathered = _plan(8, 4, (3, 3), stride=3, limits=CPU)
-    assert gathered.padded(gathered.spec.geometry((1, 4, 33, 33))) is None
+    geom = gathered.spec.geometry((1, 4, 33, 33))
+    assert gathered.padded(geom) is None and gathered.vector_blocks(geom) == 0
 
 
 def test_cpu_depthwise_and_pad_copy_work_in_rows():

@@ -394,3 +394,57 @@ def test_one_image_over_the_largest_buffer_is_refused_naming_the_buffer_and_the_
     _limit_buffers(rt, monkeypatch, w.nbytes // 2)
     with pytest.raises(ValueError, match="opencl: the packed weights need"):
         Conv2d(w, b, padding=1, backend="opencl")
+
+
+_READ_IN_PLACE_CHECK = r"""
+import ctypes, dataclasses, mmap, sys
+import numpy as np
+from convbackends import Conv2d
+from convbackends.backends.opencl import BACKEND
+from convbackends.reference import conv2d_float64
+
+libc = ctypes.CDLL(None)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+def guarded(shape):
+    # A float32 array that ends where an inaccessible page begins: a read past its end faults.
+    nbytes, page = 4 * int(np.prod(shape)), mmap.PAGESIZE
+    pages = -(-nbytes // page)
+    base = libc.mmap(None, (pages + 1) * page, mmap.PROT_READ | mmap.PROT_WRITE,
+                     mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    assert base != ctypes.c_void_p(-1).value and libc.mprotect(base + pages * page, page, 0) == 0
+    return np.frombuffer((ctypes.c_char * nbytes).from_address(base + pages * page - nbytes), np.float32).reshape(shape)
+
+
+rt = BACKEND.runtime()
+assert rt.unified
+cases = [((1, 3, 7, 13), (8, 3, 1, 1), {}), ((2, 4, 11, 30), (8, 4, 3, 3), {}),
+         ((1, 3, 9, 13), (8, 3, 3, 3), dict(stride=2)), ((1, 3, 9, 13), (6, 1, 3, 3), dict(groups=3, padding=1))]
+for as_gpu in (False, True):
+    if as_gpu:
+        rt.limits = dataclasses.replace(rt.limits, type="gpu")
+    for x_shape, w_shape, kwargs in cases:
+        x = guarded(x_shape)
+        x[...] = np.random.default_rng(0).uniform(-1, 1, x_shape)
+        w = np.random.default_rng(1).uniform(-1, 1, w_shape).astype(np.float32)
+        with Conv2d(w, backend="opencl", **kwargs) as layer:
+            ref = conv2d_float64(x, w, **kwargs)
+            assert np.abs(layer(x) - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max()), (x_shape, w_shape, as_gpu)
+print("ok")
+"""
+
+
+def test_host_inputs_read_in_place_are_not_read_past_their_end(rt):
+    # Unpadded inputs on a device sharing host memory are read where numpy put them; conv2d_cpu_gemm's
+    # ragged last block of a row gathers, so nothing reads past x. A child process, since an
+    # over-read is a segfault there.
+    import subprocess
+    import sys
+
+    if not rt.unified:
+        pytest.skip("this device does not share host memory")
+    child = subprocess.run([sys.executable, "-c", _READ_IN_PLACE_CHECK], capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0 and child.stdout.strip() == "ok", (child.returncode, child.stderr[-2000:])

@@ -292,9 +292,10 @@ class Plan:
         Depthwise pads to whole work-groups and conv2d_cpu_gemm to whole 8-pixel blocks, so their
         taps need no checks even past the output."""
         unpadded = not any((geom.pt, geom.pl, geom.pb, geom.pr))
-        # conv2d_cpu_gemm reads whole 8-pixel rows (16 inputs at stride 2), so they need room.
-        ragged = self.algorithm == "cpu_gemm" and (geom.sw == 2 or (geom.sw == 1 and geom.ow % 8))
-        if self.algorithm == "gemm_1x1" or (self.algorithm != "depthwise" and unpadded and not ragged):
+        # conv2d_cpu_gemm reads an unpadded input in place (a ragged row's last block gathers) unless
+        # its rows are too short for one vector read: a copy in whole blocks, small there, is faster.
+        short = self.algorithm == "cpu_gemm" and geom.sw <= 2 and geom.w < 8 * geom.sw + (geom.kw - 1) * geom.dw
+        if self.algorithm == "gemm_1x1" or (self.algorithm != "depthwise" and unpadded and not short):
             return None
         oh, ow = geom.oh, geom.ow
         if self.algorithm == "depthwise":
@@ -303,9 +304,17 @@ class Plan:
             oh, ow = math.ceil(oh / ly) * ly, math.ceil(ow / lx) * lx
             if self.dw_vec > 1 and geom.sw == 2:  # the last stride-2 read (16 inputs) reaches one element further
                 return (oh - 1) * geom.sh + (geom.kh - 1) * geom.dh + 1, ow * 2 + (geom.kw - 1) * geom.dw
-        elif self.algorithm == "cpu_gemm":
+        elif self.algorithm == "cpu_gemm":  # rows of whole 8-pixel blocks (16 inputs each at stride 2): all vector reads
             return (oh - 1) * geom.sh + (geom.kh - 1) * geom.dh + 1, math.ceil(ow / 8) * 8 * geom.sw + (geom.kw - 1) * geom.dw
         return (oh - 1) * geom.sh + (geom.kh - 1) * geom.dh + 1, (ow - 1) * geom.sw + (geom.kw - 1) * geom.dw + 1
+
+    def vector_blocks(self, geom: Conv2dGeometry) -> int:
+        """conv2d_cpu_gemm: the leading 8-pixel blocks of an output row whose vector reads (8 inputs at
+        stride 1, 16 at stride 2, from each tap's column) stay inside the input row it reads."""
+        if geom.sw > 2:
+            return 0
+        width, reach = self._input_dims(geom)[1], (geom.kw - 1) * geom.dw
+        return max(0, min(math.ceil(geom.ow / 8), (width - reach - 8 * geom.sw) // (8 * geom.sw) + 1))
 
     def call_buffers(self, geom: Conv2dGeometry) -> list[CallBuffer]:
         """What one call allocates besides its input and output: the padded copy, where there is one."""
@@ -344,7 +353,7 @@ class Plan:
             return Launch(
                 (math.ceil(nblocks / lx) * lx, self.ogpad // 8, 1), (lx, ly, 1),
                 _i32(geom.c, hp, wp, geom.o, geom.oh, geom.ow, geom.sh, geom.sw, geom.groups, self.kpad, self.ogpad,
-                     owb, nblocks) + params,
+                     owb, self.vector_blocks(geom), nblocks) + params,
             )
         if self.tiles is None:
             lx, ly = self.dw_local
