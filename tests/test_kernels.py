@@ -234,5 +234,6 @@ def test_a_buffer_one_image_overfills_is_refused_with_its_name_and_the_limit():
     assert plan.call_buffers(geom)[0].nbytes(1) >= padded
     need = plan.call_buffers(geom)[0].nbytes(1)
     assert _kernels.images_per_chunk(4, plan.call_buffers(geom), 2 * need, "LIMIT_NAME", "opencl") == 2
-    with pytest.raises(ValueError, match=rf"opencl: one image needs a padded input copy of {need} bytes, .*LIMIT_NAME: {need - 1} bytes"):
+    message = rf"opencl: one image needs a padded input copy of {need} bytes, .*LIMIT_NAME: {need - 1} bytes"
+    with pytest.raises(ValueError, match=message):
         _kernels.images_per_chunk(4, plan.call_buffers(geom), need - 1, "LIMIT_NAME", "opencl")

@@ -351,7 +351,8 @@ def test_a_batch_over_the_largest_buffer_runs_in_parts(rt, monkeypatch, as_gpu, 
         geom = layer.geometry(x)
         _limit_buffers(rt, monkeypatch, 2 * _largest_image_buffer(layer, geom))
         parts = layer._prepared.chunks(geom, winograd=False)
-        assert [(start, part.n) for start, part in parts] == [(i, min(2, x.shape[0] - i)) for i in range(0, x.shape[0], 2)]
+        n = x.shape[0]
+        assert [(start, part.n) for start, part in parts] == [(i, min(2, n - i)) for i in range(0, n, 2)]
         _assert_close(layer(x), ref)
 
 

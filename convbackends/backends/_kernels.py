@@ -304,7 +304,7 @@ class Plan:
             oh, ow = math.ceil(oh / ly) * ly, math.ceil(ow / lx) * lx
             if self.dw_vec > 1 and geom.sw == 2:  # the last stride-2 read (16 inputs) reaches one element further
                 return (oh - 1) * geom.sh + (geom.kh - 1) * geom.dh + 1, ow * 2 + (geom.kw - 1) * geom.dw
-        elif self.algorithm == "cpu_gemm":  # rows of whole 8-pixel blocks (16 inputs each at stride 2): all vector reads
+        elif self.algorithm == "cpu_gemm":  # rows of whole 8-pixel blocks, 16 inputs each at stride 2
             return (oh - 1) * geom.sh + (geom.kh - 1) * geom.dh + 1, math.ceil(ow / 8) * 8 * geom.sw + (geom.kw - 1) * geom.dw
         return (oh - 1) * geom.sh + (geom.kh - 1) * geom.dh + 1, (ow - 1) * geom.sw + (geom.kw - 1) * geom.dw + 1
 
@@ -527,7 +527,8 @@ class _WinogradStage:
     def steps(self, x, y, geom: Conv2dGeometry) -> list[tuple[object, Launch, list]]:
         wino, gemm, rt = self.plan, self.gemm, self._rt
         tps = wino.tile_plane(geom)
-        xp, v, m = rt.empty((geom.n, geom.c, *wino.padded(geom))), rt.empty((36 * geom.c * tps,)), rt.empty((36 * geom.o * tps,))
+        xp = rt.empty((geom.n, geom.c, *wino.padded(geom)))
+        v, m = rt.empty((36 * geom.c * tps,)), rt.empty((36 * geom.o * tps,))
         return [  # gemm.pad: the device's pad_input, which every plan on it builds alike
             (gemm.pad, wino.gemm.pad_launch(geom, wino.padded(geom)), [x, xp]),
             (self.input, wino.input_launch(geom), [xp, v]),
@@ -581,7 +582,8 @@ class KernelPrepared(Prepared):
         return (wino is not None and isinstance(x, np.ndarray) and wino.plan.pays(geom, self._rt.limits)
                 and _winograd.safe(x))
 
-    def chunks(self, geom: Conv2dGeometry, winograd: bool, one_output: bool = False) -> list[tuple[int, Conv2dGeometry]]:
+    def chunks(self, geom: Conv2dGeometry, winograd: bool,
+               one_output: bool = False) -> list[tuple[int, Conv2dGeometry]]:
         """The batch as (first image, geometry) parts whose every buffer (input, output, padded copy,
         V, M) fits the device's largest buffer; one part when the whole batch does. `one_output`: the
         output is one device array, so it must fit whole."""
