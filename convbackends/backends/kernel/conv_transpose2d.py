@@ -16,7 +16,7 @@ class KernelPhasesPrepared(PhasesPrepared):
 
     def empty_on_device(self, x, shape):
         self._rt.device_input(x)  # the same refusal as conv2d for an array of another context or device
-        return self._rt.empty(shape)
+        return self._rt.empty_array(shape)
 
     def interleave_on_device(self, part, y, row0: int, col0: int, sh: int, sw: int) -> None:
         n, o, ph, pw = part.shape
