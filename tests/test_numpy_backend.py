@@ -150,6 +150,19 @@ def test_dilated_winograd_layer_falls_back_to_gemm_on_non_finite_input():
     _assert_same_non_finite(x, w, b, dilation=2, padding=2)
 
 
+@pytest.mark.parametrize("o, c", [(72, 64), (5, 3)])
+def test_winograd_weights_match_float64_transform(o, c):
+    # The float32 GEMMs against G w G^T in float64, written out per (o, c) and independent of them.
+    _, w, _ = _tensors((1, c, 3, 3), (o, c, 3, 3), seed=4)
+    g = _winograd.G
+    ref = np.stack([[g @ w[i, j].astype(np.float64) @ g.T for j in range(c)] for i in range(o)])
+    u = _winograd.weights(w)
+    assert u.shape == (36, c, o) and u.dtype == np.float32
+    assert np.abs(u - ref.reshape(o, c, 36).transpose(2, 1, 0)).max() <= 1e-6
+    # The (36, O, C) under the view is contiguous: the device backends' GEMM weights without a copy.
+    assert u.transpose(0, 2, 1).flags.c_contiguous
+
+
 def test_winograd_error_with_512_channels():
     x, w, b = _tensors((1, 512, 16, 16), (512, 512, 3, 3), seed=3)
     spec = Conv2dSpec.create(w, b, padding=1)
