@@ -28,8 +28,8 @@ from .base import Backend, DeviceInfo, Prepared
 TILE_BYTES = 16 << 20
 # Grouped layers copy and multiply this many column elements at a time (4 MB: still in cache).
 GROUP_COLUMNS_ELEMS = 1 << 20
-# Depthwise blocks gather this many column elements (every tap of a few channels) per GEMM.
-DEPTHWISE_COLUMNS_ELEMS = 1 << 20
+# Depthwise blocks of channels hold this many elements (padded phases, columns, sums): in L2.
+DEPTHWISE_BLOCK_ELEMS = 1 << 18
 # OpenBLAS runs a GEMV on the calling thread below this many matrix elements (2304 * its
 # GEMM_MULTITHREAD_THRESHOLD of 4), and splits it over its own threads from there.
 GEMV_SERIAL_ELEMS = 9216
@@ -285,105 +285,93 @@ def _implicit_gemm_rows(x, w, bias, act, geom: Conv2dGeometry, out, cap: int) ->
         _in_parts(g.o, rows.size, lambda o0, o1: np.copyto(dst[:, o0:o1], rows[:, o0:o1]))
 
 
-def _rows_padded(x: np.ndarray, geom: Conv2dGeometry) -> np.ndarray:
-    """The input with its pad rows but no pad columns, flattened per channel.
+def _depthwise_layout(geom: Conv2dGeometry):
+    """The layout `conv2d_depthwise` reads its taps from: (phase rows, phase columns, band rows, bands,
+    per tap (phase, row shift, column shift)).
 
-    Each channel is (pl spare, padded rows * W, pr spare) elements, so every tap's view stays
-    inside its channel; the pixels a tap reads past a row's start or end stand for pad columns, and
-    `conv2d_depthwise` zeroes them in its column buffer. Each channel is one contiguous copy.
+    Phase (a, b) holds padded pixels (r*sh + a, q*sw + b). Tap (i, j) of output (r, q) reads padded
+    pixel (r*sh + i*dh, q*sw + j*dw): pixel (r + i*dh // sh, q + j*dw // sw) of phase
+    (i*dh % sh, j*dw % sw), so every tap is a shifted stride-1 read of one phase. Outputs are computed
+    at the phase width (OW plus the largest column shift; the surplus columns are dropped) in bands of
+    rows, so one band of one tap is a contiguous run of its phase. A band's GEMV stays under
+    OpenBLAS's threading threshold (GEMV_SERIAL_ELEMS), so it runs on the thread that calls it. The
+    bands may cover a few rows past OH, and phases hold one spare row where columns shift: no run
+    leaves its phase.
     """
     g = geom
-    n, c, h, w = x.shape
-    body = (h + g.pt + g.pb) * w
-    flat = _scratch("pad", n * c * (g.pl + body + g.pr)).reshape(n, c, g.pl + body + g.pr)
-    top, bottom = g.pl + g.pt * w, g.pl + (g.pt + h) * w
-
-    def fill(c0: int, c1: int) -> None:
-        flat[:, c0:c1, :top] = 0
-        flat[:, c0:c1, bottom:] = 0
-        flat[:, c0:c1, top:bottom] = x[:, c0:c1].reshape(n, c1 - c0, h * w)
-
-    _in_parts(c, flat.size, fill)
-    return flat
+    taps = [((i * g.dh % g.sh) * g.sw + j * g.dw % g.sw, i * g.dh // g.sh, j * g.dw // g.sw)
+            for i in range(g.kh) for j in range(g.kw)]
+    cols = g.ow + (g.kw - 1) * g.dw // g.sw
+    band_rows = min(g.oh, max(1, (GEMV_SERIAL_ELEMS - 1) // (len(taps) * max(g.og, 1) * cols)))
+    bands = -(-g.oh // band_rows)
+    band_rows = -(-g.oh // bands)
+    rows = bands * band_rows + (g.kh - 1) * g.dh // g.sh + (cols > g.ow)
+    return rows, cols, band_rows, bands, taps
 
 
 def conv2d_depthwise(x, w, bias, act, geom: Conv2dGeometry, out) -> None:
-    """Per block of channels: gather every tap into columns with one copy, then small GEMVs.
+    """Per block of channels small enough for the cache: pad and split into stride phases, gather
+    every tap's bands of rows into columns, then small GEMVs, bias and activation, and the crop into out.
 
-    w is (C, multiplier, kh*kw): output channel c*multiplier + m reads input channel c. The taps
-    read the input with pad rows but no pad columns (`_rows_padded`): output pixel (r, q) of tap
-    (i, j) is element (r*sh + i*dh)*W + q*sw + j*dw of its channel, so all taps are one strided view
-    and the entries of a tap that fall left or right of the row are zeroed afterwards. With stride 1
-    and OW == W a band of output rows is one contiguous run per tap. A copy plus BLAS GEMVs beats
-    nine multiply-add passes, which numpy cannot fuse. Each GEMV covers a band of rows small enough
-    for BLAS to run it on the calling thread (OpenBLAS threads a GEMV only from `GEMV_SERIAL_ELEMS`
-    elements), so channel blocks are what runs on the workers.
+    w is (C, multiplier, kh*kw): output channel c*multiplier + m reads input channel c. Each band of a
+    tap is one contiguous run (`_depthwise_layout`), so the gather is plain copies, and a copy plus
+    BLAS GEMVs beats a multiply-add pass per tap, which numpy cannot fuse (measured in
+    docs/performance-notes.md). The blocks run in parts on the cores.
     """
     g = geom
     mult = g.og
-    taps = g.kh * g.kw
-    image = _rows_padded(x, g)
-    # Bands of output rows: the most rows (a divisor of OH) whose GEMV stays under the threading limit.
-    band = max(r for r in range(1, g.oh + 1) if g.oh % r == 0 and (r == 1 or r * g.ow * taps < GEMV_SERIAL_ELEMS))
-    bands, band_len = g.oh // band, band * g.ow
-    sn, sc, sq = image.strides
-    row = g.w * sq
-    if (g.sh, g.sw, g.ow) == (1, 1, g.w):
-        shape, strides = (band_len,), (sq,)
-    else:
-        shape, strides = (band, g.ow), (g.sh * row, g.sw * sq)
-    view = as_strided(
-        image,
-        shape=(g.n, g.c, bands, g.kh, g.kw) + shape,
-        strides=(sn, sc, band * g.sh * row, g.dh * row, g.dw * sq) + strides,
-        writeable=False,
-    )
-    # Output columns [lo, hi) of tap column j read inside the row: q*sw + j*dw - pl in [0, W).
-    wraps = []
-    for j in range(g.kw):
-        lo = min(g.ow, max(0, -(-(g.pl - j * g.dw) // g.sw)))
-        hi = max(lo, min(g.ow, (g.w - 1 + g.pl - j * g.dw) // g.sw + 1))
-        if (lo, hi) != (0, g.ow):
-            wraps.append((j, lo, hi))
+    rows, cols, band_rows, bands, taps = _depthwise_layout(g)
+    phases = g.sh * g.sw
+    band_len = band_rows * cols
+    per_channel = phases * rows * cols + (len(taps) + mult) * bands * band_len
+    step = max(1, min(g.c, DEPTHWISE_BLOCK_ELEMS // per_channel))
+    if g.n * -(-g.c // step) < _workers():  # enough blocks to give every core a part
+        step = -(-g.c // -(-_workers() // g.n))
+    # Per phase (a, b): the phase rows and columns that hold input pixels, and the first input row/column.
+    spans = []
+    for a in range(g.sh):
+        for b in range(g.sw):
+            r0, q0 = max(0, -(-(g.pt - a) // g.sh)), max(0, -(-(g.pl - b) // g.sw))
+            r1 = max(r0, min(rows, (g.h - 1 + g.pt - a) // g.sh + 1))
+            q1 = max(q0, min(cols, (g.w - 1 + g.pl - b) // g.sw + 1))
+            spans.append((r0, r1, q0, q1, r0 * g.sh + a - g.pt, q0 * g.sw + b - g.pl))
+    y_all = out.reshape(g.n, g.c, mult, g.oh, g.ow)
     w_taps = w[:, None]
     b_all = None if bias is None else bias.reshape(g.c, 1, mult, 1)
-    y_all = out.reshape(g.n, g.c, mult, bands, band_len)
-    # The GEMVs write the output directly when their (bands, multiplier) order is the output's.
-    direct = mult == 1 or bands == 1
-    per_channel = (taps + mult) * g.oh * g.ow
-    workers = _workers()
-    # Enough blocks to keep each block's columns under the cap and every worker busy; no more, as
-    # each block costs tens of microseconds of Python.
-    blocks = max(-(-g.c * per_channel // DEPTHWISE_COLUMNS_ELEMS), min(workers, g.n * g.c * per_channel >> 16))
-    blocks = min(g.c, -(-blocks // workers) * workers)
-    step = -(-g.c // blocks)
+    full = g.oh // band_rows  # bands wholly inside the output rows
 
     def run(n0: int, c0: int) -> None:
         c1 = min(g.c, c0 + step)
         nb = c1 - c0
-        columns = _scratch("cols", nb * bands * taps * band_len).reshape(nb, bands, taps, band_len)
-        by_column = columns.reshape(nb, bands, g.kh, g.kw, band, g.ow)
-        np.copyto(columns.reshape((nb,) + view.shape[2:]), view[n0, c0:c1])
-        for j, lo, hi in wraps:
-            by_column[:, :, :, j, :, :lo] = 0
-            by_column[:, :, :, j, :, hi:] = 0
-        y = y_all[n0, c0:c1]
-        if direct:
-            acc = y.transpose(0, 2, 1, 3)
-        else:
-            acc = _scratch("rows", nb * bands * mult * band_len).reshape(nb, bands, mult, band_len)
+        image = _scratch("pad", nb * phases * rows * cols).reshape(nb, phases, rows, cols)
+        image.fill(0)
+        for p, (r0, r1, q0, q1, y0, x0) in enumerate(spans):
+            if r1 > r0 and q1 > q0:
+                image[:, p, r0:r1, q0:q1] = x[n0, c0:c1, y0:y0 + (r1 - r0 - 1) * g.sh + 1:g.sh,
+                                              x0:x0 + (q1 - q0 - 1) * g.sw + 1:g.sw]
+        columns = _scratch("cols", nb * bands * len(taps) * band_len).reshape(nb, bands, len(taps), band_len)
+        flat = image.reshape(nb, phases, rows * cols)
+        for t, (p, dr, dq) in enumerate(taps):
+            start = dr * cols + dq
+            np.copyto(columns[:, :, t], flat[:, p, start:start + bands * band_len].reshape(nb, bands, band_len))
+        acc = _scratch("rows", nb * bands * mult * band_len).reshape(nb, bands, mult, band_len)
         with np.errstate(invalid="ignore", over="ignore"):  # inf * 0 gives NaN, as in the reference
             np.matmul(w_taps[c0:c1], columns, out=acc)
             _epilogue(acc, None if b_all is None else b_all[c0:c1], act)
-        if not direct:
-            y[...] = acc.transpose(0, 2, 1, 3)
+        # (nb, bands, m, band rows, cols) -> (nb, m, OH, OW): whole bands, then the rows of the last one.
+        src = acc.reshape(nb, bands, mult, band_rows, cols).transpose(0, 2, 1, 3, 4)
+        dst = y_all[n0, c0:c1]
+        np.copyto(dst[:, :, :full * band_rows].reshape(nb, mult, full, band_rows, g.ow), src[:, :, :full, :, :g.ow])
+        if full < bands:
+            np.copyto(dst[:, :, full * band_rows:], src[:, :, full, :g.oh - full * band_rows, :g.ow])
 
     starts = [(n0, c0) for n0 in range(g.n) for c0 in range(0, g.c, step)]
-    if len(starts) == 1 or workers == 1:
-        for n0, c0 in starts:
+
+    def run_blocks(i0: int, i1: int) -> None:
+        for n0, c0 in starts[i0:i1]:
             run(n0, c0)
-    else:
-        list(_threads().map(run, *zip(*starts)))
+
+    _in_parts(len(starts), g.n * g.c * per_channel, run_blocks)
 
 
 def winograd_tiles(geom: Conv2dGeometry) -> int:
