@@ -105,6 +105,38 @@ def test_forced_tiles_split_images_rows_and_columns(x_shape, w_shape, kwargs, ti
     _assert_matches(layer(x), conv2d_float64(x, w, b, activation="silu", **kwargs))
 
 
+@pytest.mark.parametrize(
+    "x_shape, w_shape, kwargs",
+    [
+        ((2, 12, 9, 11), (8, 3, 3, 3), dict(padding=1, groups=4)),
+        ((1, 12, 10, 13), (12, 4, 3, 5), dict(padding=(2, 3, 0, 5), dilation=(1, 2), groups=3)),  # asymmetric
+        ((2, 64, 8, 7), (32, 32, 3, 3), dict(padding=2, dilation=2, groups=2)),  # 32 channels per group
+    ],
+)
+@pytest.mark.parametrize("forced", [False, True])
+def test_grouped_tap_gemms(x_shape, w_shape, kwargs, forced, monkeypatch):
+    # Forced: bands of one output row and blocks of one group.
+    if forced:
+        monkeypatch.setattr(nc, "GEMM_SERIAL_ELEMS", 1)
+        monkeypatch.setattr(nc, "TAP_GEMM_BLOCK_ELEMS", 1)
+    x, w, b = _tensors(x_shape, w_shape)
+    layer = Conv2d(w, b, activation="silu", **kwargs)
+    assert layer._prepared.path == "tap_gemms"
+    _assert_matches(layer(x), conv2d_float64(x, w, b, activation="silu", **kwargs))
+
+
+def test_grouped_layers_with_many_channels_per_group_take_implicit_gemm():
+    x, w, b = _tensors((1, 128, 9, 9), (16, 64, 3, 3))
+    assert Conv2d(w, b, padding=1, groups=2)._prepared.path == "implicit_gemm"
+    assert Conv2d(w[:, :8], b, padding=1, stride=2, groups=16)._prepared.path == "implicit_gemm"
+
+
+def test_grouped_tap_gemms_keep_non_finite_mask():
+    x, w, b = _tensors((1, 8, 9, 9), (8, 2, 3, 3))
+    x[0, 1, 0, 8], x[0, 2, 5, 0], x[0, 7, 8, 8] = np.inf, np.nan, -np.inf
+    _assert_same_non_finite(x, w, b, padding=1, groups=4)
+
+
 @pytest.mark.parametrize("hw", [(12, 12), (13, 18), (31, 29)])
 def test_winograd_and_gemm_agree_with_float64(hw):
     x, w, b = _tensors((2, 64, *hw), (72, 64, 3, 3))

@@ -33,6 +33,13 @@ DEPTHWISE_BLOCK_ELEMS = 1 << 18
 # OpenBLAS runs a GEMV on the calling thread below this many matrix elements (2304 * its
 # GEMM_MULTITHREAD_THRESHOLD of 4), and splits it over its own threads from there.
 GEMV_SERIAL_ELEMS = 9216
+# ... and a GEMM below this many multiply-adds (M*N*K; 65536 * its GEMM_MULTITHREAD_THRESHOLD of 4).
+GEMM_SERIAL_ELEMS = 262144
+# Grouped stride-1 layers (`conv2d_tap_gemms`): a block of groups and rows holds this many elements
+# (input rows, sum, one tap's products), so it stays in L2 across the taps.
+TAP_GEMM_BLOCK_ELEMS = 1 << 18
+# ... with up to this many input channels per group; from 64 the im2col GEMM was faster.
+TAP_GEMM_MAX_GROUP_CHANNELS = 32
 # Winograd pays off with enough channels on both sides (its transforms cost ~36/O and 16/C of its
 # GEMM) and enough 4x4 tiles per image (36 GEMMs of O x C by C x tiles are too thin below that).
 WINOGRAD_MIN_CHANNELS = 64
@@ -256,6 +263,49 @@ def conv2d_implicit_gemm(x, w, bias, act, geom: Conv2dGeometry, out, tile_bytes:
         )
         p0 = r0 * g.ow + c0
         _columns_gemm(w, view, y_all[n0:n0 + nb, :, :, p0:p0 + nr * nc], bias, act)
+
+
+def conv2d_tap_gemms(x, w_taps, bias, act, geom: Conv2dGeometry, out) -> None:
+    """Grouped stride-1 layers: per kernel tap, one GEMM per group over shifted whole rows, summed in cache.
+
+    w_taps is (kh*kw, groups, O/groups, C/groups). As in `_implicit_gemm_rows`, outputs are computed
+    over the padded width, so tap (i, j) of a band of output rows reads one contiguous run of each
+    input channel: the GEMM's operand is a view of the padded input, with no column buffer. With few
+    channels per group an im2col GEMM moves 9 times the input through memory for little arithmetic;
+    here each block of groups and rows (`TAP_GEMM_BLOCK_ELEMS`) stays in L2 across its taps. The
+    bands keep each GEMM under OpenBLAS's threading threshold, and the blocks run in parts on the cores.
+    """
+    g = geom
+    wp = g.w + g.pl + g.pr
+    # One spare row: the last tap's run overhangs the last padded row by (kw-1)*dw.
+    xp = _padded(x, (g.pt, g.pl, g.pb, g.pr), bottom=1)
+    flat = xp.reshape(g.n, g.groups, g.cg, -1)
+    band_rows = min(g.oh, max(1, (GEMM_SERIAL_ELEMS - 1) // (g.og * g.cg * wp)))
+    band_len = band_rows * wp
+    step = max(1, min(g.groups, TAP_GEMM_BLOCK_ELEMS // (2 * g.og * band_len + g.cg * (band_rows + g.kh * g.dh) * wp)))
+    offsets = [i * g.dh * wp + j * g.dw for i in range(g.kh) for j in range(g.kw)]
+    y_all = out.reshape(g.n, g.groups, g.og, g.oh, g.ow)
+    blocks = [(n0, g0, r0) for n0 in range(g.n) for g0 in range(0, g.groups, step) for r0 in range(0, g.oh, band_rows)]
+
+    def run(n0: int, g0: int, r0: int) -> None:
+        g1, nr = min(g.groups, g0 + step), min(band_rows, g.oh - r0)
+        length = nr * wp
+        acc = _scratch("rows", (g1 - g0) * g.og * length).reshape(g1 - g0, g.og, length)
+        term = _scratch("cols", acc.size).reshape(acc.shape)
+        src = flat[n0, g0:g1, :, r0 * wp:]
+        with np.errstate(invalid="ignore", over="ignore"):  # inf * 0 gives NaN, as in the reference
+            for t, offset in enumerate(offsets):
+                np.matmul(w_taps[t, g0:g1], src[:, :, offset:offset + length], out=term if t else acc)
+                if t:
+                    acc += term
+            _epilogue(acc, None if bias is None else bias[g0:g1], act)
+        y_all[n0, g0:g1, :, r0:r0 + nr] = acc.reshape(g1 - g0, g.og, nr, wp)[..., :g.ow]
+
+    def run_blocks(i0: int, i1: int) -> None:
+        for block in blocks[i0:i1]:
+            run(*block)
+
+    _in_parts(len(blocks), out.size * len(offsets), run_blocks)
 
 
 def _implicit_gemm_rows(x, w, bias, act, geom: Conv2dGeometry, out, cap: int) -> None:
@@ -498,6 +548,10 @@ class NumpyPrepared(Prepared):
         self.path = "gemm_1x1" if (spec.kh, spec.kw) == (1, 1) else "implicit_gemm"
         self.w = w.reshape(groups, o // groups, -1).copy()
         self.bias = None if b is None else b.reshape(groups, o // groups, 1).copy()
+        cg = spec.in_channels // groups
+        if groups > 1 and spec.stride == (1, 1) and self.path == "implicit_gemm" and cg <= TAP_GEMM_MAX_GROUP_CHANNELS:
+            self.path = "tap_gemms"
+            self.w = np.ascontiguousarray(w.reshape(groups, o // groups, cg, -1).transpose(3, 0, 1, 2))
         # Winograd sits beside the GEMM weights: unsafe inputs, small images and dilated inputs that do
         # not split evenly into phases still take the GEMM.
         if _winograd.fits(spec, dilated=True) and min(spec.in_channels, o) >= WINOGRAD_MIN_CHANNELS:
@@ -510,6 +564,8 @@ class NumpyPrepared(Prepared):
             conv2d_depthwise(x, self.w, self.bias, act, geom, out)
         elif self.path == "gemm_1x1":
             conv2d_gemm_1x1(x, self.w, self.bias, act, geom, out)
+        elif self.path == "tap_gemms":
+            conv2d_tap_gemms(x, self.w, self.bias, act, geom, out)
         elif self.winograd is not None and (phases := winograd_phases(geom)) is not None and (
             winograd_tiles(phases) >= WINOGRAD_MIN_TILES and _winograd_safe(x)
         ):
