@@ -325,3 +325,44 @@ def test_activation_extremes_without_warnings(activation):
     assert np.array_equal(np.isnan(y), np.isnan(ref)) and np.isnan(y[-1])
     finite = np.abs(ref) <= big  # leaky_relu(-big, 3) overflows float32 itself; NaN compares False
     assert np.all(np.abs(y[finite] - ref[finite]) <= 1e-6 * np.maximum(1, np.abs(ref[finite])))
+
+
+@pytest.fixture
+def restore_threads():
+    yield
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        nc.set_num_threads(None)
+
+
+def test_set_num_threads_sets_pool_and_blas(restore_threads):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    x, w, b = _tensors((1, 32, 20, 20), (32, 1, 3, 3))
+    nc.set_num_threads(1)
+    assert nc.get_num_threads() == 1
+    assert {pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"} == {1}
+    _assert_matches(Conv2d(w, b, padding=1, groups=32)(x), conv2d_float64(x, w, b, padding=1, groups=32))
+    nc.set_num_threads(None)
+    assert nc.get_num_threads() == nc._cores()
+
+
+def test_set_num_threads_without_threadpoolctl_warns(restore_threads, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "threadpoolctl", None)  # import fails
+    with pytest.warns(RuntimeWarning, match="threadpoolctl is not installed"):
+        nc.set_num_threads(3)
+    assert nc.get_num_threads() == 3
+    x, w, b = _tensors((2, 16, 30, 30), (16, 2, 3, 3))
+    _assert_matches(Conv2d(w, b, padding=1, groups=8)(x), conv2d_float64(x, w, b, padding=1, groups=8))
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    (0, ValueError, "num_threads must be >= 1, got 0"),
+    (-2, ValueError, "num_threads must be >= 1, got -2"),
+    (1.5, TypeError, "num_threads must be an int or None, got float 1.5"),
+    (True, TypeError, "num_threads must be an int or None, got bool True"),
+    ("2", TypeError, "num_threads must be an int or None, got str '2'"),
+])
+def test_set_num_threads_rejects_bad_counts(bad, error, message):
+    with pytest.raises(error) as info:
+        nc.set_num_threads(bad)
+    assert str(info.value) == message

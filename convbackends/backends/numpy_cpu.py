@@ -5,16 +5,23 @@ Four paths, named after the GPU kernels: `conv2d_gemm_1x1` (a plain GEMM), `conv
 (im2col from a strided view, tiled so the column buffer stays under `TILE_BYTES`) and
 `conv2d_winograd` (F(4,3) for 3x3 stride-1 layers with enough channels and finite inputs; dilated
 ones run over their dilation phases).
+Grouped stride-1 layers with few channels per group take `conv2d_tap_gemms` (one GEMM per tap).
 Weights are repacked once in `prepare`; bias and activation are applied in place on each output
 tile while it is still in cache. BLAS threads the GEMMs; the copies and elementwise passes around
-them, which it does not, are split over the cores by `_in_parts`, and depthwise blocks run on the
-same thread pool.
+them, which it does not, are split over the cores by `_in_parts`, and depthwise and tap-GEMM blocks
+run on the same thread pool.
+
+Threads: `set_num_threads(n)` sets both this backend's pool and BLAS's threads (BLAS through
+threadpoolctl, when it is installed: that limit holds for the whole process, numpy's own
+products included); `set_num_threads(None)` goes back to the default, the cores this process may
+run on. `get_num_threads()` reads it back.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -63,6 +70,7 @@ _WINO_OUT = np.kron(_winograd.AT, _winograd.AT).astype(np.float32)
 _local = threading.local()
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
+_num_threads: int | None = None  # None: the cores
 
 
 def _scratch(slot: str, size: int) -> np.ndarray:
@@ -77,12 +85,48 @@ def _scratch(slot: str, size: int) -> np.ndarray:
     return buf[:size]
 
 
-def _workers() -> int:
+def _cores() -> int:
     """The cores this process may run on (its affinity mask where the OS has one)."""
     try:
         return len(os.sched_getaffinity(0)) or 1
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def _workers() -> int:
+    """Threads the passes and blocks are split over: `set_num_threads`, else the cores."""
+    return _num_threads or _cores()
+
+
+def get_num_threads() -> int:
+    """The threads this backend runs on (`set_num_threads`; by default the cores)."""
+    return _workers()
+
+
+def set_num_threads(num_threads: int | None) -> None:
+    """Run this backend, and BLAS, on num_threads threads; None: the cores this process may run on.
+
+    BLAS is set through threadpoolctl, for the whole process; without threadpoolctl a warning says
+    that BLAS keeps its own count. Set it between runs: a layer running meanwhile on another
+    thread finishes on the threads it started with.
+    """
+    global _num_threads, _pool
+    if num_threads is not None:
+        if isinstance(num_threads, bool) or not isinstance(num_threads, int):
+            raise TypeError(f"num_threads must be an int or None, got {type(num_threads).__name__} {num_threads!r}")
+        if num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    with _pool_lock:
+        # The old pool is dropped, not shut down: a run still holding it can finish; its idle
+        # threads exit once it is collected.
+        _num_threads, _pool = num_threads, None
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        warnings.warn("threadpoolctl is not installed, so BLAS keeps its own thread count "
+                      "(pip install threadpoolctl to set it too)", RuntimeWarning, stacklevel=2)
+        return
+    threadpool_limits(limits=_workers(), user_api="blas")
 
 
 def _threads() -> ThreadPoolExecutor:
