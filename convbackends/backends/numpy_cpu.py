@@ -55,8 +55,6 @@ WINOGRAD_MIN_TILES = 16
 # 2 MB each keeps them in the caches, but at least 256 tiles keep its GEMMs wide enough for BLAS.
 WINOGRAD_BLOCK_BYTES = 2 << 20
 WINOGRAD_BLOCK_MIN_TILES = 256
-# Below this many tiles in a block (deep layers on small images), the GEMMs run tiles x C by C x O.
-WINOGRAD_WIDE_TILES = 64
 # Copies and elementwise passes split over the cores from this many elements per part (512 KB, ~50-100 us):
 # below it, waking a worker for a part (~20-30 us) costs about what it saves.
 PARALLEL_MIN_ELEMS = 1 << 17
@@ -477,9 +475,10 @@ def winograd_tiles(geom: Conv2dGeometry) -> int:
 def conv2d_winograd(x, u, bias, act, geom: Conv2dGeometry, out, tile_bytes: int = TILE_BYTES) -> None:
     """Winograd F(4,3): 6x6 input tiles -> 36 GEMMs (O x C by C x tiles) -> 4x4 output tiles.
 
-    u is (36, C, O). Blocks of few tiles multiply the other way round, (tiles x C) by (C x O): BLAS
-    runs that shape faster than a product only a few tiles wide. Only for finite inputs: a NaN or
-    inf in one tile spreads over its 16 outputs (the caller checks).
+    u is `_winograd.weights`: (36, C, O) over a contiguous (36, O, C), so each GEMM reads its O x C
+    operand in order; that beat (tiles x C) by (C x O) even for blocks of 16 tiles (measured in
+    docs/performance-notes.md). Only for finite inputs: a NaN or inf in one tile spreads over its
+    16 outputs (the caller checks).
     """
     g = geom
     th, tw = _winograd.tile_grid(g)
@@ -505,20 +504,13 @@ def conv2d_winograd(x, u, bias, act, geom: Conv2dGeometry, out, tile_bytes: int 
         m = _scratch("wino_m", 36 * g.o * tiles)
         y = _scratch("wino_y", 16 * g.o * tiles)
         dst = full[n0:n0 + nb, :, 4 * r0:4 * (r0 + nr), 4 * c0:4 * (c0 + nc)].reshape(nb, g.o, nr, 4, nc, 4)
-        if tiles < WINOGRAD_WIDE_TILES:
-            np.matmul(v.transpose(0, 2, 1), u, out=m.reshape(36, tiles, g.o))
-            np.matmul(_WINO_OUT, m.reshape(36, -1), out=y.reshape(16, -1))
-            # Output channels last: (16, tiles, O).
-            y_o, b_o, axis = y.reshape(16, tiles, g.o), bias, 2
-            src = y.reshape(4, 4, nb, nr, nc, g.o).transpose(2, 5, 3, 0, 4, 1)
-        else:
-            np.matmul(u.transpose(0, 2, 1), v, out=m.reshape(36, g.o, tiles))
-            np.matmul(_WINO_OUT, m.reshape(36, -1), out=y.reshape(16, -1))
-            y_o, b_o, axis = y.reshape(16, g.o, tiles), None if bias is None else bias[:, None], 1
-            src = y.reshape(4, 4, g.o, nb, nr, nc).transpose(3, 2, 4, 0, 5, 1)
+        np.matmul(u.transpose(0, 2, 1), v, out=m.reshape(36, g.o, tiles))
+        np.matmul(_WINO_OUT, m.reshape(36, -1), out=y.reshape(16, -1))
+        y_o, b_o = y.reshape(16, g.o, tiles), None if bias is None else bias[:, None]
+        src = y.reshape(4, 4, g.o, nb, nr, nc).transpose(3, 2, 4, 0, 5, 1)
 
         def finish(o0: int, o1: int) -> None:
-            _epilogue(y_o[(slice(None),) * axis + (slice(o0, o1),)], None if b_o is None else b_o[o0:o1], act)
+            _epilogue(y_o[:, o0:o1], None if b_o is None else b_o[o0:o1], act)
             # One copy per output column of the tile: numpy then loops along tile columns, not along
             # the tile's 4 columns (3x faster).
             for s in range(4):
