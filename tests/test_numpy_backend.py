@@ -184,7 +184,7 @@ def test_dilated_winograd_layer_falls_back_to_gemm_on_non_finite_input():
 
 @pytest.mark.parametrize("o, c", [(72, 64), (5, 3)])
 def test_winograd_weights_match_float64_transform(o, c):
-    # The float32 GEMMs against G w G^T in float64, written out per (o, c) and independent of them.
+    # The float32 GEMM against G w G^T in float64, written out per (o, c) and independent of it.
     _, w, _ = _tensors((1, c, 3, 3), (o, c, 3, 3), seed=4)
     g = _winograd.G
     ref = np.stack([[g @ w[i, j].astype(np.float64) @ g.T for j in range(c)] for i in range(o)])
