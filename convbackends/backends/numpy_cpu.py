@@ -394,7 +394,7 @@ def _depthwise_layout(geom: Conv2dGeometry):
     taps = [((i * g.dh % g.sh) * g.sw + j * g.dw % g.sw, i * g.dh // g.sh, j * g.dw // g.sw)
             for i in range(g.kh) for j in range(g.kw)]
     cols = g.ow + (g.kw - 1) * g.dw // g.sw
-    band_rows = min(g.oh, max(1, (GEMV_SERIAL_ELEMS - 1) // (len(taps) * max(g.og, 1) * cols)))
+    band_rows = min(g.oh, max(1, (GEMV_SERIAL_ELEMS - 1) // (len(taps) * g.og * cols)))
     bands = -(-g.oh // band_rows)
     band_rows = -(-g.oh // bands)
     rows = bands * band_rows + (g.kh - 1) * g.dh // g.sh + (cols > g.ow)
@@ -476,9 +476,9 @@ def conv2d_winograd(x, u, bias, act, geom: Conv2dGeometry, out, tile_bytes: int 
     """Winograd F(4,3): 6x6 input tiles -> 36 GEMMs (O x C by C x tiles) -> 4x4 output tiles.
 
     u is `_winograd.weights`: (36, C, O) over a contiguous (36, O, C), so each GEMM reads its O x C
-    operand in order; that beat (tiles x C) by (C x O) even for blocks of 16 tiles (measured in
-    docs/performance-notes.md). Only for finite inputs: a NaN or inf in one tile spreads over its
-    16 outputs (the caller checks).
+    operand in order. With that layout (tiles x C) by (C x O) was slower on every block measured
+    (16 to 64 tiles of 512 channels; docs/performance-notes.md), so there is one orientation. Only for finite inputs: a NaN or inf in
+    one tile spreads over its 16 outputs (the caller checks).
     """
     g = geom
     th, tw = _winograd.tile_grid(g)
