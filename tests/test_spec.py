@@ -9,7 +9,7 @@ import pytest
 
 import convbackends
 from convbackends import Conv2d, Conv2dSpec, conv2d
-from convbackends.backends import get_backend
+from convbackends.runtime import get_backend
 from convbackends.spec import ACTIVATION_CODES, INT32_MAX, Activation
 
 ROOT = Path(__file__).resolve().parents[1]
