@@ -89,6 +89,9 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, activatio
            backend="numpy", device=None):
     """One-shot convolution; prepares the weights each call, so keep a `Conv2d` for repeated use."""
     check_float32("x", x)
+    # x against w first: a mismatch fails before a backend builds anything (pipelines can take seconds).
+    Conv2dSpec.create(w, b, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                      activation=activation).geometry(x.shape)
     with Conv2d(w, b, stride=stride, padding=padding, dilation=dilation, groups=groups,
                 activation=activation, backend=backend, device=device) as layer:
         return layer(x)
