@@ -47,7 +47,8 @@ float activation_of_number(float v) {
 // operand for a NaN (SPIR-V leaves it undefined), so the clamps above would turn NaN into a number.
 // +-inf need nothing: each formula above gives the textbook limit or, as numpy does, inf * 0 = NaN.
 float activate(float v) {
-    return isnan(v) ? v : activation_of_number(v);
+    const float a = activation_of_number(v);
+    return isnan(v) ? v : a;  // operands without side effects: a select, no branch around each epilogue
 }
 
 #endif

@@ -25,7 +25,7 @@ const int TAP_ROWS = CB;
 
 // Direct path: an invocation owns TN consecutive pixels (TN a multiple of 4), fetched as vec4s. The
 // host pads the weights' input channels to a multiple of TAP_ROWS with zeros; those channels' inputs
-// are zeros too (not a real channel's: 0 * inf would be NaN).
+// are zeros too (fetched from the last real channel and replaced: 0 * inf would be NaN).
 void direct_gemm(int image, int group) {
     const int cg = shape.C / shape.GROUPS;
     const int npix = shape.OH * shape.OW;
@@ -41,8 +41,10 @@ void direct_gemm(int image, int group) {
         vec4 rows[TAP_ROWS][ROW4];
         [[unroll]] for (int r = 0; r < TAP_ROWS; ++r) {
             const int c = block * TAP_ROWS + r;
-            [[unroll]] for (int t = 0; t < ROW4; ++t)
-                rows[r][t] = c < cg ? texelFetch(x4, x_base4 + c * shape.PS / 4 + t) : vec4(0.0);
+            [[unroll]] for (int t = 0; t < ROW4; ++t) {
+                const vec4 v = texelFetch(x4, x_base4 + min(c, cg - 1) * shape.PS / 4 + t);
+                rows[r][t] = c < cg ? v : vec4(0.0);  // operands without side effects: a select, no branch
+            }
         }
         accumulate(rows);
     }
