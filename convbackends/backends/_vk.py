@@ -32,7 +32,8 @@ _MIN_BUFFER = 256
 _WHOLE_SIZE = (1 << 64) - 1  # VK_WHOLE_SIZE; the bindings' constant is negative
 _POOL_FREE_LIMIT = 256 << 20  # free bytes a device keeps for reuse before it gives memory back
 # Pipelines no layer uses that a device keeps for the next layer (least recently used go first): a
-# pipeline costs milliseconds to seconds to build, and on llvmpipe megabytes of JIT code to keep.
+# pipeline costs milliseconds to seconds to build, and to keep, on llvmpipe, about 6 MB of JIT code (16
+# kept: about 100 MB; destroyed, the memory goes back: 30 built and released grew RSS by 18 MB).
 PIPELINES_KEPT = 16
 
 # Binding kinds a pipeline layout is made of: a storage buffer, or a uniform texel buffer of one format.
