@@ -202,6 +202,28 @@ def test_phases_of_one_shape_run_as_one_stacked_conv2d():
     assert [len(s.phases) for s in _stacks((8, 4, 4, 4), (1, 8, 1, 1), stride=2, padding=1)] == [1, 1, 1, 1]
 
 
+def test_numpy_runs_col2im_where_the_phases_do_not_stack_and_tiles_it():
+    from convbackends.backends.numpy import conv_transpose2d as numpy_ct
+
+    case = Case("T", (3, 6, 7, 5), (6, 4, 3, 3), True, dict(stride=2, padding=1, output_padding=1, groups=2,
+                                                             activation="relu"), 2, "conv_transpose2d")
+    x, w, b = case.tensors()
+    with ConvTranspose2d(w, b, **case.kwargs) as layer:
+        prepared = layer._prepared
+        geom = layer.geometry(x)
+        assert prepared.uses_col2im(geom)
+        ref = float64_output(case)
+        assert compare(layer(x), ref)[3]
+    # Z in bands of one input row (and one image): every band adds its taps into rows other bands add to.
+    for tile_bytes in (1, 4 * 4 * 9 * 5 * 7, 4 * 4 * 9 * 5 * 7 * 2):
+        out = np.empty(geom.output_shape, np.float32)
+        numpy_ct.conv_transpose2d_col2im(x, prepared.w_t, prepared.bias, prepared.spec.activation, geom, out,
+                                         tile_bytes)
+        assert compare(out, ref)[3], tile_bytes
+    with ConvTranspose2d(np.zeros((8, 4, 4, 4), np.float32), stride=2, padding=1) as layer:
+        assert not layer._prepared.uses_col2im(layer.geometry(np.zeros((1, 8, 8, 8), np.float32)))
+
+
 def test_public_names():
     assert cb.ConvTranspose2d is ConvTranspose2d and cb.conv_transpose2d is conv_transpose2d
 

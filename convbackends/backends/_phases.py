@@ -26,6 +26,8 @@ from . import Prepared, implementation
 # Phase sets kept per layer: one per distinct output_padding (at most max(stride, dilation)^2), or per
 # input size in the rare layers whose bias-only phases depend on it.
 PHASE_SETS_KEPT = 8
+# Geometries whose stacks are remembered, so a call plans nothing (a few input sizes per layer at most).
+PLANS_KEPT = 16
 # Phases are stacked while the stack's outputs (phases x the union window) are at most this many times the
 # outputs the phases need: 4x4 stride 2 pad 1 at 8x8 computes 9x9 per phase (1.27x), at 16x16 1.13x.
 STACK_MAX_WORK = 1.3
@@ -119,13 +121,27 @@ class PhasesPrepared(Prepared):
         self._backend, self._conv2d = backend, implementation("conv2d", backend)
         self._w, self._b = w.copy(), None if b is None else b.copy()
         self._sets: OrderedDict[tuple, list] = OrderedDict()
+        self._plans: OrderedDict[object, tuple] = OrderedDict()
         self._lock = threading.Lock()
         self._closed = False
 
+    def plan(self, geom) -> tuple[tuple, list[Stack]]:
+        """(the phase set's key, its stacks) for this geometry, remembered for the geometries seen last."""
+        with self._lock:
+            found = self._plans.pop(geom, None)
+        if found is None:
+            found_stacks = stacks(self.spec, geom)
+            key = tuple((tuple((p.rows.taps, p.cols.taps) for p in s.phases), s.offsets, s.spec) for s in found_stacks)
+            found = (key, found_stacks)
+        with self._lock:
+            self._plans[geom] = found
+            while len(self._plans) > PLANS_KEPT:
+                self._plans.popitem(last=False)
+        return found
+
     def _stack_layers(self, geom) -> list[tuple[Stack, object]]:
         """[(stack, its prepared conv2d)] for this geometry."""
-        found_stacks = stacks(self.spec, geom)
-        key = tuple((tuple((p.rows.taps, p.cols.taps) for p in s.phases), s.offsets, s.spec) for s in found_stacks)
+        key, found_stacks = self.plan(geom)
         with self._lock:
             if self._closed:
                 raise ValueError("this layer is closed")
