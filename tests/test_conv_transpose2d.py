@@ -202,6 +202,31 @@ def test_phases_of_one_shape_run_as_one_stacked_conv2d():
     assert [len(s.phases) for s in _stacks((8, 4, 4, 4), (1, 8, 1, 1), stride=2, padding=1)] == [1, 1, 1, 1]
 
 
+def _plans_as_cpu_device(backend: str, device: int) -> bool:
+    if backend == "opencl":
+        from convbackends.runtime.opencl import BACKEND
+
+        return BACKEND.runtime(device).limits.is_cpu
+    if backend == "vulkan":
+        from convbackends.runtime import vulkan as _vk
+
+        return _vk.device(device).type == "cpu"
+    return False
+
+
+def test_cpu_devices_stack_only_phases_whose_windows_are_the_same(target):
+    """PoCL and llvmpipe ran a stack over grown windows slower than its phases: there only exact stacks."""
+    backend, device = target
+    with ConvTranspose2d(np.zeros((16, 8, 4, 4), np.float32), stride=2, padding=1, backend=backend,
+                         device=device) as dcgan, \
+            ConvTranspose2d(np.zeros((16, 8, 2, 2), np.float32), stride=2, backend=backend, device=device) as unet:
+        x = np.zeros((1, 16, 8, 8), np.float32)
+        grown = [len(s.phases) for s in dcgan._prepared.plan(dcgan.geometry(x))[1]]
+        exact = [len(s.phases) for s in unet._prepared.plan(unet.geometry(x))[1]]
+    assert grown == ([1, 1, 1, 1] if _plans_as_cpu_device(backend, device) else [4])
+    assert exact == [4]
+
+
 def test_numpy_runs_col2im_where_the_phases_do_not_stack_and_tiles_it():
     from convbackends.backends.numpy import conv_transpose2d as numpy_ct
 

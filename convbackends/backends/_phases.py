@@ -29,8 +29,12 @@ PHASE_SETS_KEPT = 8
 # Geometries whose stacks are remembered, so a call plans nothing (a few input sizes per layer at most).
 PLANS_KEPT = 16
 # Phases are stacked while the stack's outputs (phases x the union window) are at most this many times the
-# outputs the phases need: 4x4 stride 2 pad 1 at 8x8 computes 9x9 per phase (1.27x), at 16x16 1.13x.
+# outputs the phases need: 4x4 stride 2 pad 1 at 8x8 computes 9x9 per phase (1.27x), at 16x16 1.13x. numpy's
+# GEMM gains more from the stack than that costs (docs/performance-notes.md). On CPU devices (PoCL, llvmpipe)
+# the kernels ran a stack of grown windows 1.2-3x slower than its phases, exact stacks faster: only those.
+# GPUs: conventional, not yet measured.
 STACK_MAX_WORK = 1.3
+STACK_MAX_WORK_CPU_DEVICE = 1.0
 
 
 @dataclass(frozen=True)
@@ -92,9 +96,10 @@ def _stack(phases: list[Phase], spec, geom) -> Stack:
     return Stack(tuple(phases), rows, cols, tuple(zip(row_offsets, col_offsets)), stacked)
 
 
-def stacks(spec, geom) -> list[Stack]:
+def stacks(spec, geom, max_work: float = STACK_MAX_WORK) -> list[Stack]:
     """The layer's phases for this geometry as stacks: the phases of each (taps, dilation) shape in one stack
-    where the union window costs at most STACK_MAX_WORK, else one stack each; bias-only phases one each."""
+    where the union window costs at most `max_work` times their outputs, else one stack each; bias-only phases
+    one each."""
     shapes: dict[tuple, list[Phase]] = {}
     result = []
     for phase in spec.phases(geom):
@@ -106,7 +111,7 @@ def stacks(spec, geom) -> list[Stack]:
     for group in shapes.values():
         stack = _stack(group, spec, geom)
         needed = sum(p.rows.count * p.cols.count for p in group)
-        if len(group) * stack.rows.count * stack.cols.count <= STACK_MAX_WORK * needed:
+        if len(group) * stack.rows.count * stack.cols.count <= max_work * needed:
             result.append(stack)
         else:
             result += [_stack([p], spec, geom) for p in group]
@@ -114,7 +119,10 @@ def stacks(spec, geom) -> list[Stack]:
 
 
 class PhasesPrepared(Prepared):
-    """A transposed layer as its stacks' conv2d layers, prepared on first use of each phase set."""
+    """A transposed layer as its stacks' conv2d layers, prepared on first use of each phase set.
+    `stack_max_work` is `stacks`' bound, a family's to set for its device."""
+
+    stack_max_work = STACK_MAX_WORK
 
     def __init__(self, backend, spec, w: np.ndarray, b: np.ndarray | None, device):
         self.device, self.spec = device, spec
@@ -130,7 +138,7 @@ class PhasesPrepared(Prepared):
         with self._lock:
             found = self._plans.pop(geom, None)
         if found is None:
-            found_stacks = stacks(self.spec, geom)
+            found_stacks = stacks(self.spec, geom, self.stack_max_work)
             key = tuple((tuple((p.rows.taps, p.cols.taps) for p in s.phases), s.offsets, s.spec) for s in found_stacks)
             found = (key, found_stacks)
         with self._lock:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import numpy as np
 
 from ...runtime.kernels import i32, linear_launch, source
-from .._phases import PhasesPrepared
+from .._phases import STACK_MAX_WORK_CPU_DEVICE, PhasesPrepared
 
 
 class KernelPhasesPrepared(PhasesPrepared):
     def __init__(self, backend, spec, w, b, device):
         super().__init__(backend, spec, w, b, device)
         self._rt = backend.runtime(device)
+        if self._rt.limits.is_cpu:
+            self.stack_max_work = STACK_MAX_WORK_CPU_DEVICE
         self._interleave = self._rt.kernel(source("conv_transpose2d_phases.h"), "conv_transpose2d_phases")
 
     def empty_on_device(self, x, shape):
