@@ -31,6 +31,7 @@ def markdown(report: bench.Report) -> str:
         "",
         f"- date: {report.date}",
         f"- machine: {m['cpu']}, {m['cpu_count']} cores, {m['memory_gib']} GiB, {m['platform']}, Python {m['python']}",
+        f"- load average at the start (1, 5, 15 min): {', '.join(map(str, m.get('load_average') or ['unknown']))}",
         f"- packages: {packages}",
         f"- targets: {devices}",
         f"- method: per layer and target, one cold call (construction, program/pipeline build and first run), "

@@ -600,8 +600,12 @@ def machine_info() -> dict:
             packages[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             pass
+    try:  # what else the machine was running: on a shared machine it moves every timing
+        load = [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        load = None
     return {"platform": platform.platform(), "cpu": cpu_name(), "cpu_count": os.cpu_count(), "memory_gib": memory_gib,
-            "python": platform.python_version(), "packages": packages}
+            "load_average": load, "python": platform.python_version(), "packages": packages}
 
 
 def layer_info(case: Case) -> dict:

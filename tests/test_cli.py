@@ -58,7 +58,9 @@ def _check_schema(doc: dict) -> None:
     assert set(doc) == {"schema_version", "tool", "date", "machine", "settings", "targets", "layers", "results",
                         "summary", "model"}
     assert isinstance(doc["date"], str) and isinstance(doc["tool"], str)
-    assert {"platform", "cpu", "cpu_count", "memory_gib", "python", "packages"} <= set(doc["machine"])
+    assert {"platform", "cpu", "cpu_count", "memory_gib", "load_average", "python", "packages"} <= set(doc["machine"])
+    load = doc["machine"]["load_average"]
+    assert load is None or (len(load) == 3 and all(isinstance(v, (int, float)) and v >= 0 for v in load))
     assert isinstance(doc["machine"]["packages"], dict)
     settings = doc["settings"]
     assert isinstance(settings["suite"], str) and settings["baseline"] == "cv2dnn"
