@@ -213,7 +213,9 @@ class Torch(Peer):
             torch.backends.cuda.matmul.allow_tf32 = False
             self.device = torch.cuda.get_device_name()
         else:
-            torch.set_num_threads(_cores())
+            from .backends.numpy.conv2d import _workers
+
+            torch.set_num_threads(_workers())
             self.device = f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
         return None
 
@@ -328,13 +330,6 @@ class Ncnn(Peer):
             return np.stack(out)
 
         return _Runner(run, net.clear)
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def all_peers() -> dict[str, Peer]:
