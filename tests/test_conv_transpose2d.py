@@ -274,3 +274,49 @@ def test_opencl_device_arrays_in_and_out(monkeypatch, as_gpu):
         y = layer(cla.to_device(queue, x))
         assert isinstance(y, cla.Array)
         assert compare(y.get(), conv_transpose2d_float64(x, w, b, **case.kwargs))[3]
+
+
+def test_threads_share_a_layer(target):
+    """8 threads x 20 calls on one layer, every output checked against the float64 oracle."""
+    import sys
+    import threading
+
+    backend, device = target
+    case = Case("T", (1, 6, 5, 4), (6, 4, 4, 4), True, dict(stride=2, padding=1, activation="relu"), 11,
+                "conv_transpose2d")
+    _, w, b = case.tensors()
+    inputs = [np.random.default_rng(t).uniform(-1, 1, case.x_shape).astype(np.float32) for t in range(8)]
+    refs = [conv_transpose2d_float64(x, w, b, **case.kwargs) for x in inputs]
+    wrong = [0] * len(inputs)
+    with ConvTranspose2d(w, b, backend=backend, device=device, **case.kwargs) as layer:
+        def work(t):
+            for _ in range(20):
+                wrong[t] += not compare(layer(inputs[t]), refs[t])[3]
+
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)
+        try:
+            threads = [threading.Thread(target=work, args=(t,)) for t in range(len(inputs))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            sys.setswitchinterval(interval)
+    assert sum(wrong) == 0
+
+
+def test_phase_sets_kept_per_layer_are_bounded(monkeypatch):
+    """A layer keeps one prepared phase set per output_padding in use, at most PHASE_SETS_KEPT."""
+    from convbackends.backends import _phases
+
+    monkeypatch.setattr(_phases, "PHASE_SETS_KEPT", 2)
+    case = Case("T", (1, 3, 4, 4), (3, 2, 3, 3), True, dict(stride=4, padding=1), 2, "conv_transpose2d")
+    x, w, b = case.tensors()
+    with ConvTranspose2d(w, b, **case.kwargs) as layer:
+        for extra in range(4):  # output_padding 0..3: four distinct phase sets
+            size = (4 * (4 - 1) + 2 + 1 - 2 + extra,) * 2  # stride * (H - 1) + (k - 1) + 1 - pads + extra
+            y = layer(x, output_size=size)
+            ref = conv_transpose2d_float64(x, w, b, output_padding=extra, **case.kwargs)
+            assert compare(y, ref)[3]
+            assert len(layer._prepared._sets) <= 2
