@@ -836,6 +836,25 @@ def summary_rows(report: Report) -> list[tuple[str, ...]]:
              f"{s['checks_passed']} pass, {s['checks_failed']} fail") for s in report.summary()]
 
 
+FASTEST_COLUMNS = ("layer", "fastest backend", "ms", "x cv2.dnn", "fastest peer", "ms", "x cv2.dnn")
+
+
+def fastest_rows(report: Report) -> list[tuple[str, ...]]:
+    """Per layer, the convbackends target and the peer with the lowest median that passed their check: which
+    backend a user on this machine should pick for that kind of layer, and what the best other library does."""
+    kinds = {t["id"]: t["kind"] for t in report.targets}
+    rows = []
+    for layer in report.layers:
+        ran = [r for r in report.records if r.layer == layer["name"] and r.median_s and r.passed is not False]
+        cells = [layer["name"]]
+        for kind in ("backend", "peer"):
+            best = min((r for r in ran if kinds[r.target] == kind), key=lambda r: r.median_s, default=None)
+            cells += ["-", "-", "-"] if best is None else [best.target, _ms(best.median_s, ".3f"),
+                                                            _num(best.ratio_vs_cv2dnn, ".2f")]
+        rows.append(tuple(cells))
+    return rows
+
+
 def skipped_lines(report: Report) -> list[str]:
     return [f"{t['id']}: {t['reason']}" for t in report.targets if not t["available"]]
 

@@ -441,3 +441,20 @@ def test_two_opencv_distributions_are_warned_about(monkeypatch, capsys):
     assert err == ("convbackends: warning: opencv-python-headless and opencv-python are installed together and "
                    "overwrite each other's cv2: pip uninstall -y opencv-python-headless opencv-python, then pip "
                    "install the one to keep\n")
+
+
+def test_fastest_rows_pick_the_lowest_passing_median_of_each_kind():
+    report = bench.run(bench.suite("smoke")[:2], [*bench.targets("numpy", None, "none"), peers.Cv2Dnn()],
+                       suite_name="smoke", repeats=1, warmup=0, isolate=False)
+    report.records[0].passed = False  # a failed check never counts as fastest
+    rows = bench.fastest_rows(report)
+    assert [row[0] for row in rows] == [layer["name"] for layer in report.layers]
+    for row in rows:
+        mine = [r for r in report.records if r.layer == row[0] and r.passed is not False]
+        for kind, target, ms in (("backend", row[1], row[2]), ("peer", row[4], row[5])):
+            candidates = [r for r in mine if (r.target == "cv2dnn") == (kind == "peer")]
+            if not candidates:
+                assert (target, ms) == ("-", "-")
+                continue
+            best = min(candidates, key=lambda r: r.median_s)
+            assert (target, ms) == (best.target, f"{best.median_s * 1e3:.3f}")
