@@ -43,7 +43,7 @@ class Layer:
         self._prepared = module.prepare(self.backend, spec, *arrays, self.device)
         self._finalizer = weakref.finalize(self, self._prepared.close)
 
-    def _input(self, x):
+    def _input(self, x, name: str = "x"):
         """The array handed to the backend: C-contiguous numpy, or a device array the backend owns."""
         if self._prepared is None:
             raise ValueError(f"this {type(self).__name__} is closed")
@@ -52,7 +52,7 @@ class Layer:
         if self.backend.owns(x):
             return x
         raise TypeError(
-            f"x must be a numpy.ndarray or a device array of backend {self.backend.name!r}, got {type(x).__name__}"
+            f"{name} must be a numpy.ndarray or a device array of backend {self.backend.name!r}, got {type(x).__name__}"
         )
 
     def _run(self, x, geom):
