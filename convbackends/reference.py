@@ -219,7 +219,9 @@ def conv_transpose2d_float64(x, w, b=None, **kwargs) -> np.ndarray:
 def _resolve_deform(x, offset, w, b, mask, kwargs):
     from .ops.deform_conv2d import DeformConv2dSpec
 
-    spec = DeformConv2dSpec.create(w, b, **kwargs)
+    # The oracle also takes float64 arrays (for finite differences): the spec only needs the shapes.
+    spec = DeformConv2dSpec.create(np.empty(np.shape(w), np.float32),
+                                   None if b is None else np.empty(np.shape(b), np.float32), **kwargs)
     return spec, spec.geometry(np.shape(x), np.shape(offset), None if mask is None else np.shape(mask))
 
 
