@@ -35,6 +35,8 @@ install_python_packages() {
         echo "setup: installing convbackends[all] into $VENV"
         "$VENV/bin/python" -m pip install -q --upgrade pip
         "$VENV/bin/python" -m pip install -q -e ".[all]"
+        # The torch adapter's tests (convbackends[torch]): this CPU build; a plain "torch" pulls a CUDA build of GBs.
+        "$VENV/bin/python" -m pip install -q "torch==2.13.0"
         rm -f "$VENV"/.installed-*
         touch "$stamp"
     fi
