@@ -1,0 +1,241 @@
+"""deform_conv2d on the CPU: a bilinear im2col per tile of output pixels, then one BLAS GEMM; backward by the
+same tiles (GEMMs for grad_w and the column gradients, a sorted segment sum for the col2im into grad_x).
+
+The input is copied once per call into a channels-last image with a zero border (one pixel, two at the bottom),
+so the four corners of any cell that touches the image lie inside it (no per-corner bounds tests), points that
+read nothing read a cell of zeros in the bottom border, and the two corners of a cell's
+row are one run of 2*C/G floats: each tap's samples are two row gathers (`np.take`) and a weighted sum. The
+column buffer of a tile stays under `COLUMNS_BYTES`; a large layer is never held whole. Column order is
+(pixel, tap, channel), so the GEMM weights are w permuted once in `prepare`. The col2im sorts the points of a
+tile by their cell (a stable argsort, so the summation order is fixed) and sums each cell's contributions
+with `np.add.reduceat` before adding them into grad_x: deterministic, and no `np.add.at`.
+Sampling and gradient rules: ops/deform_conv2d.py (right-sided at integer coordinates, including -1).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from ...ops.deform_conv2d import DeformConv2dGeometry, DeformConv2dPrepared, DeformConv2dSpec
+from ...runtime import DeviceInfo
+from .conv2d import _epilogue, _in_parts
+
+# A tile's column buffer (pixels x taps x channels) stays under this; the corner gathers beside it take 4x more.
+COLUMNS_BYTES = 4 << 20
+
+_F32 = np.dtype(np.float32).itemsize
+
+
+class _Image:
+    """x (N, C, H, W) as channels-last rows with a zero border: row ((n*Hp + r)*Wp + q)*G + g holds the C/G
+    channels of offset group g at padded pixel (r, q), Hp = H + 3 (two border rows at the bottom), Wp = W + 2."""
+
+    def __init__(self, x: np.ndarray, geom: DeformConv2dGeometry):
+        g = geom
+        self.hp, self.wp, self.groups, self.cpg = g.h + 3, g.w + 2, g.offset_groups, g.c_per_offset_group
+        data = np.empty((g.n, self.hp, self.wp, g.c), np.float32)
+        data[:, 0], data[:, -2:], data[:, :, 0], data[:, :, -1] = 0, 0, 0, 0
+        _in_parts(g.c, x.size, lambda c0, c1: np.copyto(data[:, 1:-2, 1:-1, c0:c1], x[:, c0:c1].transpose(0, 2, 3, 1)))
+        self.data = data
+        self.rows = data.reshape(-1, self.cpg)
+        # Row r of `pairs` is rows r and r + G: one offset group's channels at two horizontally adjacent pixels.
+        self.pairs = as_strided(self.rows, shape=(self.rows.shape[0] - self.groups, 2, self.cpg),
+                                strides=(self.cpg * _F32, g.c * _F32, _F32), writeable=False)
+
+    @property
+    def nowhere(self) -> int:
+        """The top-left row of a cell of four border zeros (in the bottom border of image 0)."""
+        return (self.hp - 2) * self.wp * self.groups
+
+    def interior(self, grad_rows: np.ndarray, n: int) -> np.ndarray:
+        """Rows of this layout (gradients accumulated in it) back to (N, C, H, W) without the border."""
+        image = grad_rows.reshape(n, self.hp, self.wp, self.groups * self.cpg)[:, 1:-2, 1:-1]
+        return np.ascontiguousarray(image.transpose(0, 3, 1, 2))
+
+    @property
+    def below(self) -> int:
+        """Rows from a pixel to the pixel under it."""
+        return self.wp * self.groups
+
+    def corners(self, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The (top, bottom) corner pairs (M, 2, C/G) of the cells with top-left rows `cells` (M,)."""
+        return np.take(self.pairs, cells, axis=0), np.take(self.pairs, cells + self.below, axis=0)
+
+
+class _Points:
+    """The sample points of one tile, (images, pixels, taps, offset groups) flattened: each one's cell (its
+    top-left row in `_Image`), bilinear weights (top pair, bottom pair) and, for backward, fy, fx, the mask,
+    where the cell formulas apply and where the coordinate is NaN."""
+
+    def __init__(self, offset, mask, geom: DeformConv2dGeometry, image: _Image, n0: int, nb: int, p0: int, p1: int):
+        g = geom
+        taps, groups, count = g.taps, g.offset_groups, p1 - p0
+        off = offset[n0:n0 + nb].reshape(nb, groups, taps, 2, g.oh * g.ow)[..., p0:p1]
+        dy, dx = (off[:, :, :, axis].transpose(0, 3, 2, 1) for axis in (0, 1))  # (nb, P, taps, G)
+        pixels = np.arange(p0, p1)
+        oy, ox = pixels // g.ow, pixels % g.ow
+        i, j = np.divmod(np.arange(taps), g.kw)
+        base_y = (oy[:, None] * g.sh - g.pt + i[None, :] * g.dh).astype(np.float32)[None, :, :, None]
+        base_x = (ox[:, None] * g.sw - g.pl + j[None, :] * g.dw).astype(np.float32)[None, :, :, None]
+        py, px = base_y + dy, base_x + dx
+        self.nan = np.isnan(py) | np.isnan(px)
+        # The cell formulas hold on [-1, H) x [-1, W) (the value is 0 at -1 exactly, its right derivative not).
+        self.cell = (py >= -1) & (py < g.h) & (px >= -1) & (px < g.w)
+        self.inside = self.cell & (py > -1) & (px > -1)
+        y0 = np.floor(np.where(self.cell, py, -1)).astype(np.intp)
+        x0 = np.floor(np.where(self.cell, px, -1)).astype(np.intp)
+        self.fy = np.where(self.cell, py - y0, 0).astype(np.float32)
+        self.fx = np.where(self.cell, px - x0, 0).astype(np.float32)
+        image_rows = (np.arange(n0, n0 + nb) * image.hp * image.wp)[:, None, None, None]
+        # Points outside the box (and NaN ones) read the cell of zeros, so every sum over corners stays finite.
+        cells = (image_rows + (y0 + 1) * image.wp + (x0 + 1)) * groups + np.arange(groups)
+        self.cells = np.where(self.cell, cells, image.nowhere).reshape(-1)
+        self.mask = None if mask is None else (
+            mask[n0:n0 + nb].reshape(nb, groups, taps, g.oh * g.ow)[..., p0:p1].transpose(0, 3, 2, 1))
+        self.shape = (nb, count, taps, groups)
+
+    def weights(self, region: np.ndarray, masked: bool, nan: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Bilinear weights (top (M, 2), bottom (M, 2)) zero outside `region`, times the mask when `masked`,
+        NaN at NaN coordinates when `nan`."""
+        fy, fx = self.fy, self.fx
+        scale = region.astype(np.float32)
+        if masked and self.mask is not None:
+            scale = scale * self.mask
+        if nan:
+            scale = np.where(self.nan, np.float32(np.nan), scale)
+        top = np.stack(((1 - fy) * (1 - fx), (1 - fy) * fx), -1) * scale[..., None]
+        bottom = np.stack((fy * (1 - fx), fy * fx), -1) * scale[..., None]
+        return top.reshape(-1, 2), bottom.reshape(-1, 2)
+
+
+def _columns(image: _Image, points: _Points, top_w, bottom_w):
+    """The tile's columns (M, C/G): each point's weighted corners; and the corner pairs for backward."""
+    top, bottom = image.corners(points.cells)
+    cols = np.einsum("mic,mi->mc", top, top_w)
+    cols += np.einsum("mic,mi->mc", bottom, bottom_w)
+    return cols, top, bottom
+
+
+def _tiles(geom: DeformConv2dGeometry):
+    """(n0, nb, p0, p1): whole images when one's columns fit under COLUMNS_BYTES, else runs of its pixels."""
+    g = geom
+    per_pixel = g.taps * g.c * _F32
+    pixels = g.oh * g.ow
+    run = max(1, min(pixels, COLUMNS_BYTES // per_pixel))
+    if run < pixels:
+        for n in range(g.n):
+            for p0 in range(0, pixels, run):
+                yield n, 1, p0, min(pixels, p0 + run)
+        return
+    step = max(1, COLUMNS_BYTES // (per_pixel * pixels))
+    for n0 in range(0, g.n, step):
+        yield n0, min(step, g.n - n0), 0, pixels
+
+
+class NumpyDeformPrepared(DeformConv2dPrepared):
+    """w permuted to the column order (groups, O/groups, taps * C/groups); the bias kept for the epilogue."""
+
+    def __init__(self, spec: DeformConv2dSpec, w: np.ndarray, b: np.ndarray | None, device: DeviceInfo):
+        self.device, self.spec = device, spec
+        groups, o, cg = spec.groups, spec.out_channels, spec.in_channels // spec.groups
+        taps = spec.kh * spec.kw
+        self.w = np.ascontiguousarray(
+            w.reshape(groups, o // groups, cg, taps).transpose(0, 1, 3, 2)).reshape(groups, o // groups, taps * cg)
+        self.bias = None if b is None else b.reshape(o, 1).copy()
+
+    def _grouped(self, cols: np.ndarray, geom: DeformConv2dGeometry, pixels: int) -> np.ndarray:
+        """Columns (pixels, taps * C) as (groups, pixels, taps * C/groups), the GEMM's operand per weight group."""
+        if geom.groups == 1:
+            return cols.reshape(1, pixels, -1)
+        split = cols.reshape(pixels, geom.taps, geom.groups, geom.cg).transpose(2, 0, 1, 3)
+        return np.ascontiguousarray(split).reshape(geom.groups, pixels, -1)
+
+    def _ungrouped(self, dcols: np.ndarray, geom: DeformConv2dGeometry, pixels: int) -> np.ndarray:
+        """The inverse of `_grouped`: (groups, pixels, taps * C/groups) back to (pixels, taps * C)."""
+        if geom.groups == 1:
+            return dcols.reshape(pixels, -1)
+        split = dcols.reshape(geom.groups, pixels, geom.taps, geom.cg).transpose(1, 2, 0, 3)
+        return np.ascontiguousarray(split).reshape(pixels, -1)
+
+    def run(self, x, offset, mask, geom: DeformConv2dGeometry):
+        g = geom
+        out = np.empty(g.output_shape, np.float32)
+        image = _Image(x, g)
+        y_all = out.reshape(g.n, g.groups, g.og, g.oh * g.ow)
+        for n0, nb, p0, p1 in _tiles(g):
+            points = _Points(offset, mask, g, image, n0, nb, p0, p1)
+            cols, _, _ = _columns(image, points, *points.weights(points.inside, masked=True))
+            count = p1 - p0
+            grouped = self._grouped(cols, g, nb * count).reshape(g.groups, nb, count, -1)
+            y = y_all[n0:n0 + nb, :, :, p0:p1]
+            with np.errstate(invalid="ignore", over="ignore"):
+                np.matmul(self.w[None], grouped.transpose(1, 0, 3, 2), out=y)
+                _epilogue(y.reshape(nb, g.o, count), self.bias, self.spec.activation)
+        return out
+
+    def backward(self, grad_y, x, offset, mask, geom: DeformConv2dGeometry):
+        g = geom
+        image = _Image(x, g)
+        grad_rows = np.zeros_like(image.rows)
+        grad_offset = np.empty(g.offset_shape, np.float32)
+        grad_mask = None if mask is None else np.empty(g.mask_shape, np.float32)
+        grad_w = np.zeros_like(self.w)
+        gy_all = grad_y.reshape(g.n, g.groups, g.og, g.oh * g.ow)
+        for n0, nb, p0, p1 in _tiles(g):
+            count, m = p1 - p0, nb * (p1 - p0)
+            points = _Points(offset, mask, g, image, n0, nb, p0, p1)
+            forward_top, forward_bottom = points.weights(points.inside, masked=False)
+            scale = np.ones(points.shape, np.float32) if points.mask is None else points.mask
+            cols, top, bottom = _columns(image, points, forward_top * scale.reshape(-1, 1),
+                                         forward_bottom * scale.reshape(-1, 1))
+            # (groups, O/groups, pixels) of this tile, images side by side.
+            gy = np.ascontiguousarray(gy_all[n0:n0 + nb, :, :, p0:p1].transpose(1, 2, 0, 3)).reshape(g.groups, g.og, m)
+            grouped = self._grouped(cols, g, m)
+            grad_w += np.matmul(gy, grouped)
+            dcols = self._ungrouped(np.matmul(gy.transpose(0, 2, 1), self.w), g, m).reshape(-1, g.c_per_offset_group)
+            # Each corner's dot product with the column gradient, per point: (M, 2) for the top and bottom pairs.
+            s_top = np.einsum("mic,mc->mi", top, dcols)
+            s_bottom = np.einsum("mic,mc->mi", bottom, dcols)
+            fy, fx = points.fy.reshape(-1, 1), points.fx.reshape(-1, 1)
+            d_y = (1 - fx[:, 0]) * (s_bottom[:, 0] - s_top[:, 0]) + fx[:, 0] * (s_bottom[:, 1] - s_top[:, 1])
+            d_x = (1 - fy[:, 0]) * (s_top[:, 1] - s_top[:, 0]) + fy[:, 0] * (s_bottom[:, 1] - s_bottom[:, 0])
+            nan = points.nan.reshape(-1)
+            scale = scale.reshape(-1)
+            d_y = np.where(nan, np.float32(np.nan), d_y * scale)
+            d_x = np.where(nan, np.float32(np.nan), d_x * scale)
+            _store(grad_offset, np.stack((d_y, d_x), -1), g, n0, nb, p0, p1, 2)
+            if grad_mask is not None:
+                d_mask = (forward_top * s_top).sum(-1) + (forward_bottom * s_bottom).sum(-1)
+                _store(grad_mask, np.where(nan, np.float32(np.nan), d_mask), g, n0, nb, p0, p1, 1)
+            cell_top, cell_bottom = points.weights(points.cell, masked=True, nan=False)
+            _scatter(grad_rows, image, points.cells, dcols, cell_top, cell_bottom)
+        grad_x = image.interior(grad_rows, g.n)
+        taps_w = grad_w.reshape(g.groups, g.og, g.taps, g.cg).transpose(0, 1, 3, 2)
+        grad_w = np.ascontiguousarray(taps_w).reshape(g.weight_shape)
+        grad_b = grad_y.sum(axis=(0, 2, 3), dtype=np.float64).astype(np.float32)
+        return grad_x, grad_offset, grad_mask, grad_w, grad_b
+
+
+def _store(dst, values, geom: DeformConv2dGeometry, n0, nb, p0, p1, per_point: int) -> None:
+    """Per-point values (M,) or (M, 2) into grad_offset/grad_mask (N, G*taps*per_point, Ho, Wo)."""
+    g = geom
+    values = values.reshape(nb, p1 - p0, g.taps, g.offset_groups, per_point).transpose(0, 3, 2, 4, 1)
+    dst.reshape(g.n, g.offset_groups, g.taps, per_point, g.oh * g.ow)[n0:n0 + nb, ..., p0:p1] = values
+
+
+def _scatter(grad_rows, image: _Image, cells, dcols, top_w, bottom_w) -> None:
+    """col2im: grad_rows[cell + corner] += weight * dcols for every point and corner, summed per cell in a fixed
+    order (stable sort by cell, then segment sums), so the result is deterministic."""
+    order = np.argsort(cells, kind="stable")
+    sorted_cells = cells[order]
+    starts = np.flatnonzero(np.diff(sorted_cells, prepend=-1))
+    targets = sorted_cells[starts]
+    rows = np.take(dcols, order, axis=0)
+    for weights, shift in ((top_w, 0), (bottom_w, image.below)):
+        for side in (0, 1):
+            contributions = rows * weights[order, side][:, None]
+            grad_rows[targets + shift + side * image.groups] += np.add.reduceat(contributions, starts, axis=0)
+
+
+def prepare(backend, spec: DeformConv2dSpec, w: np.ndarray, b: np.ndarray | None, device: DeviceInfo) -> DeformConv2dPrepared:
+    return NumpyDeformPrepared(spec, w, b, device)
