@@ -275,7 +275,7 @@ def _one_shot(w, b, kwargs, backend, device) -> DeformConv2d:
     chosen = get_backend(backend)
     info = chosen.select(device)
     return ONE_SHOT.layer(("deform_conv2d", chosen.name, info.index, spec), (w, b),
-                          lambda: DeformConv2d(w, b, **kwargs, backend=chosen.name, device=info.index))
+                          lambda w, b: DeformConv2d(w, b, **kwargs, backend=chosen.name, device=info.index))
 
 
 def deform_conv2d(x, offset, w, b=None, *, mask=None, stride=1, padding=0, dilation=1, groups=1, activation=None,
