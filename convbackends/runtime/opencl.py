@@ -80,6 +80,9 @@ class Runtime(KernelRuntime):
     def empty_array(self, shape) -> cla.Array:
         return cla.empty(self.queue, shape, np.float32, allocator=self.pool)
 
+    def read(self, device, out: np.ndarray) -> None:
+        cl.enqueue_copy(self.queue, out, device.base_data if isinstance(device, cla.Array) else device)
+
     def _host_buffer(self, array: np.ndarray, flags) -> cl.Buffer:
         """A buffer over a contiguous, non-empty host array's own memory (CL_MEM_USE_HOST_PTR)."""
         return cl.Buffer(self.context, flags | cl.mem_flags.USE_HOST_PTR, hostbuf=array)
