@@ -30,8 +30,12 @@ from ...spec import Conv2dSpec
 from .. import _deform
 from .conv2d import _pack, _Stage, choose_tiles, fit_plan
 
-_SOURCE = ("deform_conv2d_sampling.h", "deform_conv2d_im2col.h")
-_FUSED_SOURCE = ("gemm_tile.h", "deform_conv2d_sampling.h", "deform_conv2d_implicit_gemm.h")
+IM2COL_SOURCE = ("deform_conv2d_sampling.h", "deform_conv2d_im2col.h")
+IMPLICIT_GEMM_SOURCE = ("gemm_tile.h", "deform_conv2d_sampling.h", "deform_conv2d_implicit_gemm.h")
+CPU_SOURCE = ("deform_conv2d_sampling.h", "deform_conv2d_cpu_im2col.h")  # OpenCL only
+# deform_conv2d_cpu_gemm's work-item: CPU_GEMM_PB points x CPU_GEMM_OB out-channels (OB of the kernel).
+CPU_GEMM_PB = 12
+CPU_GEMM_OB = 32
 KERNEL_NAMES = ("deform_conv2d_im2col", "deform_conv2d_col2im", "deform_conv2d_col2im_coord", "deform_conv2d_pack",
                 "deform_conv2d_copy_pixels", "deform_conv2d_bias_grad", "deform_conv2d_accumulate")
 # A tile's column buffer (pixels x C * taps floats) stays under this many bytes, by device kind. CPU: small
@@ -60,6 +64,11 @@ def _gemm(rt: KernelRuntime, w: np.ndarray, b=None, groups: int = 1, activation=
     return _Stage(rt, plan, kernel, upload_weights)
 
 
+def implicit_gemm_options(tiles, activation_code: int, index_type: str) -> tuple[str, ...]:
+    return tuple(f"-D{k}={v}" for k, v in tiles.defines().items()) + (
+        f"-DACTIVATION={activation_code}", f"-DINDEX_T={index_type}")
+
+
 def operand_layout(plan) -> tuple[int, int, int, int, int, int]:
     """(kpad, ogpad, block, s_g, s_mb, s_k): where a 1x1 Plan's packed weights keep A[k][m] of group g,
     g * s_g + (m / block) * s_mb + k * s_k + m % block (conv2d.py's `_pack` and `Plan`)."""
@@ -81,9 +90,8 @@ class _ImplicitGemm:
         limits = rt.limits
         for _ in range(2):
             self.tiles = choose_tiles(og, limits)
-            options = tuple(f"-D{k}={v}" for k, v in self.tiles.defines().items()) + (
-                f"-DACTIVATION={spec.activation.code}", f"-DINDEX_T={limits.index_type}")
-            self.kernel = rt.kernel(source(*_FUSED_SOURCE), "deform_conv2d_implicit_gemm", options)
+            options = implicit_gemm_options(self.tiles, spec.activation.code, limits.index_type)
+            self.kernel = rt.kernel(source(*IMPLICIT_GEMM_SOURCE), "deform_conv2d_implicit_gemm", options)
             allowed = int(rt.max_threads(self.kernel))
             if self.tiles.threads <= allowed:
                 break
@@ -104,6 +112,34 @@ class _ImplicitGemm:
         lx, ly, _ = t.local_size
         return Launch((ptiles * geom.n * geom.groups * lx, (self.ogpad // t.tm) * ly, 1), t.local_size,
                       _i32(*_deform.Tile(0, geom.n, 0, npix).scalars(geom), self.kdim, self.kpad, self.ogpad, ptiles)
+                      + (np.float32(self.activation.alpha), np.float32(self.activation.beta)))
+
+
+class _CpuColumns:
+    """The CPU forward (deform_conv2d_cpu_im2col.h): the channels-last copy, point-major columns and their
+    GEMM, with the weights packed [group][CPU_GEMM_OB-channel block][tap][c][CPU_GEMM_OB]."""
+
+    def __init__(self, rt: KernelRuntime, spec: DeformConv2dSpec, w: np.ndarray, b: np.ndarray | None):
+        groups, og, cg, taps = spec.groups, spec.out_channels // spec.groups, spec.in_channels // spec.groups, \
+            spec.kh * spec.kw
+        self.oblocks = math.ceil(og / CPU_GEMM_OB)
+        padded = np.zeros((groups, self.oblocks * CPU_GEMM_OB, cg, taps), np.float32)
+        padded[:, :og] = w.reshape(groups, og, cg, taps)
+        packed = padded.reshape(groups, self.oblocks, CPU_GEMM_OB, cg, taps).transpose(0, 1, 4, 3, 2)
+        self.weights = rt.upload(np.ascontiguousarray(packed))
+        self.bias = rt.upload(b if b is not None else np.zeros(spec.out_channels, np.float32))
+        options = (f"-DPTS={CPU_GEMM_PB}", f"-DACTIVATION={spec.activation.code}", f"-DINDEX_T={rt.limits.index_type}")
+        self.kernels = {name: rt.kernel(source(*CPU_SOURCE), f"deform_conv2d_{name}", options)
+                        for name in ("channels_last", "cpu_im2col", "cpu_gemm")}
+        self.groups, self.activation = groups, spec.activation
+
+    @staticmethod
+    def blocks(tile: _deform.Tile) -> int:
+        return math.ceil(tile.nb * tile.count / CPU_GEMM_PB)
+
+    def gemm_launch(self, geom: DeformConv2dGeometry, tile: _deform.Tile) -> Launch:
+        return Launch((self.blocks(tile), self.groups * self.oblocks, 1), (1, 1, 1),
+                      _i32(*tile.scalars(geom), self.oblocks)
                       + (np.float32(self.activation.alpha), np.float32(self.activation.beta)))
 
 
@@ -132,11 +168,11 @@ class KernelDeformPrepared(DeformConv2dPrepared):
         self._kind = "cpu" if rt.limits.is_cpu else "gpu"
         self._local = min(LOCAL_SIZE, rt.limits.max_threads)
         options = (f"-DINDEX_T={rt.limits.index_type}",)
-        self._k = {name.removeprefix("deform_conv2d_"): rt.kernel(source(*_SOURCE), name, options)
+        self._k = {name.removeprefix("deform_conv2d_"): rt.kernel(source(*IM2COL_SOURCE), name, options)
                    for name in KERNEL_NAMES}
         self._columns = self._implicit = None
         if rt.limits.is_cpu:
-            self._columns = _gemm(rt, _deform.column_weights(w), b, spec.groups, spec.activation)
+            self._columns = _CpuColumns(rt, spec, w, b)
         else:
             self._implicit = _ImplicitGemm(rt, spec, w, b)
         self._backward = None
@@ -193,21 +229,16 @@ class KernelDeformPrepared(DeformConv2dPrepared):
             self._rt.launch(self._implicit.kernel, self._implicit.launch(geom),
                             [x, offset, mask, self._implicit.weights, self._implicit.bias, y])
             return
-        rt, g, stage = self._rt, geom, self._columns
+        rt, g, cpu = self._rt, geom, self._columns
         tiles = self._tiles(g)
-        rows = g.c * g.taps
-        cols = rt.empty((max(t.nb * t.count for t in tiles) * rows,))
-        direct = len(tiles) == 1
-        scratch = None if direct else rt.empty((max(t.nb * t.count for t in tiles) * g.o,))
-        npix = g.oh * g.ow
+        cols = rt.empty((max(cpu.blocks(t) for t in tiles) * CPU_GEMM_PB * g.c * g.taps,))
+        bordered = rt.empty((g.n, g.h + 3, g.w + 2, g.c))
+        rt.launch(cpu.kernels["channels_last"], _rows_launch(g.w + 2, g.n * (g.h + 3), self._local,
+                                                             _i32(g.c, g.h, g.w)), [x, bordered])
         for t in tiles:
-            strides = _i32(rows * t.count, 1, g.taps * t.count, 0, t.count)  # [n][c * taps + k][p]
-            self._launch("im2col", _rows_launch(t.count, t.nb * g.offset_groups, self._local,
-                                                _i32(*t.scalars(g)) + strides), [x, offset, mask, cols])
-            out = y if direct else scratch
-            self._gemm_steps(stage, cols, out, stage.plan.spec.geometry((t.nb, rows, 1, t.count)))
-            if not direct:
-                self._copy_pixels(scratch, y, t.nb * g.o, t.count, t.count, 0, npix, t.n0 * g.o * npix + t.p0)
+            rt.launch(cpu.kernels["cpu_im2col"], _rows_launch(t.count, t.nb * g.offset_groups, self._local,
+                                                              _i32(*t.scalars(g))), [bordered, offset, mask, cols])
+            rt.launch(cpu.kernels["cpu_gemm"], cpu.gemm_launch(g, t), [cols, cpu.weights, cpu.bias, y])
 
     def _run(self, x, offset, mask, geom: DeformConv2dGeometry, timed: bool):
         rt = self._rt
@@ -334,9 +365,8 @@ class KernelDeformPrepared(DeformConv2dPrepared):
 
     def close(self) -> None:
         with self._lock:
-            for stage in (self._columns, self._backward):
-                if stage is not None:
-                    stage.clear()
+            if self._backward is not None:
+                self._backward.clear()
             self._columns = self._implicit = self._backward = None
             self._closed = True
 
