@@ -36,6 +36,8 @@ _TEX, _STORE = _vk.TEXEL_FLOAT, _vk.STORAGE
 # Bindings of each shader: 0 its input, 1 offset, 2 mask, then its own.
 _KINDS = {
     "im2col": (_TEX, _TEX, _TEX, _STORE),
+    "channels_last": (_TEX, _TEX, _TEX, _STORE),
+    "cpu_im2col": (_vk.TEXEL_VEC4, _TEX, _TEX, _STORE),
     "col2im_coord": (_TEX, _TEX, _TEX, _TEX, _STORE, _STORE),
     "col2im": (_TEX, _TEX, _TEX, _STORE, _STORE, _STORE),
     "pack": (_TEX, _TEX, _TEX, _STORE),
@@ -44,6 +46,10 @@ _KINDS = {
 # A tile's column buffer stays under this many bytes, by device kind (and under the device's buffer limits).
 COLUMN_BYTES = {"cpu": 16 << 20, "gpu": 256 << 20}
 _LANES = 64  # work-group width of the deform shaders
+# Forward columns go in blocks of this many tile points, the GEMM's images (see deform_conv2d_im2col.comp).
+# llvmpipe, measured: a GEMM over whole-tile rows ran about 1.5x slower (256->256 at 56x56); blocks of 32
+# beat 16 and 64, and 8 pixels per lane with 32- or 64-point blocks ran up to 20x slower on 512->512 at 7x7.
+COLUMN_BLOCK = 32
 _PLANS_KEPT = 4  # recorded geometries kept per layer and direction
 
 
@@ -145,16 +151,28 @@ class _ForwardPlan(_Plan):
         self.offset, offset = self._input(4 * math.prod(g.offset_shape))
         self.mask, mask = self._input(4 * math.prod(g.mask_shape)) if g.has_mask else (None, offset)
         tiles = layer.tiles(g)
-        rows = g.c * g.taps
-        cols = self._buffer(4 * max(t.nb * rows * _plane(t.count, gemm.tiles) for t in tiles), False)
+        rows, block = g.c * g.taps, _round_up(COLUMN_BLOCK, max(4, gemm.tiles.tn))
+        cols = self._buffer(4 * max(self.blocks(t) for t in tiles) * block * rows, False)
+        vector = self.dev.type == "cpu" and g.c_per_offset_group % 4 == 0  # deform_conv2d_cpu_im2col.comp
+        if vector:
+            bordered = self._buffer(4 * g.n * (g.h + 3) * (g.w + 2) * g.c, False)
+            whole = _deform.Tile(0, g.n, 0, g.oh * g.ow)
+            self._dispatch("channels_last", [x, offset, mask, bordered], whole, (), g.w + 2, g.n * (g.h + 3))
         self.outputs = []
         for t in tiles:
-            plane = _plane(t.count, gemm.tiles)
-            strides = (rows * plane, 1, g.taps * plane, 0, plane)  # [n][c * taps + k][p], planes `plane` apart
-            self._dispatch("im2col", [x, offset, mask, cols], t, strides, t.count, t.nb * g.offset_groups)
-            y_host, y = self._output(4 * t.nb * g.o * t.count)
-            self._gemm(gemm, cols, y, rows, t.count, g.o, t.nb)
+            strides = (rows * block, 1, g.taps * block, 0, block, block)  # [point block][c * taps + k][point]
+            if vector:
+                self._dispatch("cpu_im2col", [bordered, offset, mask, cols], t, strides,
+                               math.ceil(t.nb * t.count / 4), g.offset_groups)
+            else:
+                self._dispatch("im2col", [x, offset, mask, cols], t, strides, t.count, t.nb * g.offset_groups)
+            y_host, y = self._output(4 * self.blocks(t) * block * g.o)
+            self._gemm(gemm, cols, y, rows, block, g.o, self.blocks(t))
             self.outputs.append((t, y_host))
+        self.block = block
+
+    def blocks(self, tile: _deform.Tile) -> int:
+        return math.ceil(tile.nb * tile.count / COLUMN_BLOCK)
 
     def run(self, x: np.ndarray, offset: np.ndarray, mask) -> tuple[np.ndarray, float | None]:
         g = self.geom
@@ -165,8 +183,11 @@ class _ForwardPlan(_Plan):
         seconds = self.recording.submit()
         y = np.empty(g.output_shape, np.float32)
         flat = y.reshape(g.n, g.o, g.oh * g.ow)
-        for t, y_host in self.outputs:
-            flat[t.n0:t.n0 + t.nb, :, t.p0:t.p0 + t.count] = y_host.read(t.nb * g.o * t.count).reshape(t.nb, g.o, t.count)
+        for t, y_host in self.outputs:  # (blocks, O, block) back to (images, O, pixels)
+            blocks = self.blocks(t)
+            out = y_host.read(blocks * g.o * self.block).reshape(blocks, g.o, self.block).transpose(1, 0, 2)
+            points = out.reshape(g.o, blocks * self.block)[:, :t.nb * t.count].reshape(g.o, t.nb, t.count)
+            flat[t.n0:t.n0 + t.nb, :, t.p0:t.p0 + t.count] = points.transpose(1, 0, 2)
         return y, seconds
 
 
@@ -204,7 +225,7 @@ class _BackwardPlan(_Plan):
             self._dispatch("col2im", [dcol, offset, mask, starts, points, grad_x], t, (int(t.p0 > 0),), g.h * g.w,
                            t.nb * g.c)
             plane = _plane(jg, grad_w_tiles)  # [weight group][n * count + p][c * taps + k], planes `plane` apart
-            strides = (t.count * plane, plane, g.taps, k * plane - jg, 1)
+            strides = (0, plane, g.taps, k * plane - jg, 1, k)
             self._dispatch("im2col", [x, offset, mask, cols], t, strides, t.count, t.nb * g.offset_groups)
             kpad, ogp = layout[:2]
             self._dispatch("pack", [grad_y, offset, mask, packed], t, layout, kpad, g.groups * ogp)
