@@ -36,6 +36,8 @@ CPU_SOURCE = ("deform_conv2d_sampling.h", "deform_conv2d_cpu_im2col.h")  # OpenC
 # deform_conv2d_cpu_gemm's work-item: CPU_GEMM_PB points x CPU_GEMM_OB out-channels (OB of the kernel).
 CPU_GEMM_PB = 12
 CPU_GEMM_OB = 32
+# Channel blocks per work-group (sharing its points' columns): 2 ran steadier than 1 on PoCL under load.
+CPU_GEMM_ROWS = 2
 KERNEL_NAMES = ("deform_conv2d_im2col", "deform_conv2d_col2im", "deform_conv2d_col2im_coord", "deform_conv2d_pack",
                 "deform_conv2d_copy_pixels", "deform_conv2d_bias_grad", "deform_conv2d_accumulate")
 # A tile's column buffer (pixels x C * taps floats) stays under this many bytes, by device kind. CPU: small
@@ -138,7 +140,8 @@ class _CpuColumns:
         return math.ceil(tile.nb * tile.count / CPU_GEMM_PB)
 
     def gemm_launch(self, geom: DeformConv2dGeometry, tile: _deform.Tile) -> Launch:
-        return Launch((self.blocks(tile), self.groups * self.oblocks, 1), (1, 1, 1),
+        rows = self.groups * self.oblocks
+        return Launch((self.blocks(tile), math.ceil(rows / CPU_GEMM_ROWS) * CPU_GEMM_ROWS, 1), (1, CPU_GEMM_ROWS, 1),
                       _i32(*tile.scalars(geom), self.oblocks)
                       + (np.float32(self.activation.alpha), np.float32(self.activation.beta)))
 
