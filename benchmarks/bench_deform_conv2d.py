@@ -78,8 +78,14 @@ SUITE = [
 ]
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK_TEXT = {"wall": "wall clock",
+              "cpu": "process's CPU time (with --threads 1: immune to other processes' load, not to shared caches)"}
+clock = time.perf_counter
+
+
 def median_ms(fn, warmup: int, repeats: int, before=None) -> float:
-    """Median wall time of fn() in ms; `before()` runs untimed ahead of each call (warm-up calls included)."""
+    """Median time of fn() in ms by `clock`; `before()` runs untimed ahead of each call (warm-up calls included)."""
     for _ in range(warmup):
         if before:
             before()
@@ -88,9 +94,9 @@ def median_ms(fn, warmup: int, repeats: int, before=None) -> float:
     for _ in range(repeats):
         if before:
             before()
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times) * 1e3
 
 
@@ -175,7 +181,7 @@ def run(layers, backends, warmup: int, repeats: int) -> list[dict]:
     return rows
 
 
-def markdown(rows, warmup: int, repeats: int) -> str:
+def markdown(rows, warmup: int, repeats: int, clock_name: str) -> str:
     columns = ("layer", "shape", "target", "forward ms", "backward ms", "forward: ort time / this",
                "backward: torchvision time / this")
     lines = [
@@ -186,7 +192,8 @@ def markdown(rows, warmup: int, repeats: int) -> str:
         f"Python {platform.python_version()}, numpy {np.__version__}, "
         f"threads: {THREADS or 'each library its default'}",
         f"- method: per layer and target one cold call, {warmup} warm-up call(s), then the median of {repeats} "
-        "calls, side by side in one process. Ratios > 1: this target is faster than the peer.",
+        f"calls, side by side in one process, timed by the {CLOCK_TEXT[clock_name]}. "
+        "Ratios > 1: this target is faster than the peer.",
         "",
         "| " + " | ".join(columns) + " |",
         "|" + "|".join("---" for _ in columns) + "|",
@@ -208,10 +215,14 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--md", metavar="FILE", help="write the markdown table here instead of stdout")
     parser.add_argument("--threads", type=int, help="threads for BLAS, onnxruntime and torch (their defaults)")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="wall time, or the process's CPU time (for --threads 1 on a loaded machine)")
     args = parser.parse_args(argv)
+    global clock
+    clock = CLOCKS[args.clock]
     layers = SUITE if not args.layers else [l for l in SUITE if l.name in args.layers.split(",")]
     rows = run(layers, [b.strip() for b in args.backends.split(",") if b.strip()], args.warmup, args.repeats)
-    text = markdown(rows, args.warmup, args.repeats)
+    text = markdown(rows, args.warmup, args.repeats, args.clock)
     if args.md:
         with open(args.md, "w") as f:
             f.write(text)

@@ -3,8 +3,9 @@ same tiles (GEMMs for grad_w and the column gradients, a sorted segment sum for 
 
 The input is copied once per call into a channels-last image with a zero border (one pixel, two at the bottom),
 so the four corners of any cell that touches the image lie inside it (no per-corner bounds tests), points that
-read nothing read a cell of zeros in the bottom border, and each corner is one row of C/G floats: a tile's
-samples are one row gather (`np.take` of the four corners of every point) and a weighted sum (`np.einsum`). The
+read nothing read a cell of zeros in the bottom border (padded pixel (H + 1, 0)), and each corner is one row of C/G floats: a tile's
+samples are one row gather (`np.take` of the four corners of every point) and a weighted sum (a batched
+`np.matmul`), split over the cores by ranges of points (`_in_parts`; BLAS threads the GEMMs itself). The
 column buffer of a tile stays under `COLUMNS_BYTES`; a large layer is never held whole. Column order is
 (pixel, tap, channel), so the GEMM weights are w permuted once in `prepare`. The col2im sorts the points of a
 tile by their cell and adds them rank by rank within their cell (`_scatter`): a fixed summation order, so
@@ -42,19 +43,25 @@ class _Image:
         # From a cell's top-left row to its corners (y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1).
         self.shifts = np.array([0, 1, self.wp, self.wp + 1]) * self.groups
 
-    @property
-    def nowhere(self) -> int:
-        """The top-left row of a cell of four border zeros (in the bottom border of image 0)."""
-        return (self.hp - 2) * self.wp * self.groups
-
     def interior(self, grad_rows: np.ndarray, n: int) -> np.ndarray:
         """Rows of this layout (gradients accumulated in it) back to (N, C, H, W) without the border."""
         image = grad_rows.reshape(n, self.hp, self.wp, self.groups * self.cpg)[:, 1:-2, 1:-1]
         return np.ascontiguousarray(image.transpose(0, 3, 1, 2))
 
-    def corners(self, cells: np.ndarray) -> np.ndarray:
-        """The four corners (M, 4, C/G) of the cells with top-left rows `cells` (M,)."""
-        return np.take(self.rows, cells[:, None] + self.shifts, axis=0)
+    def sample(self, cells: np.ndarray, weights: np.ndarray, keep_corners: bool = False):
+        """The columns (M, C/G): the four corners of the cells with top-left rows `cells` (M,) weighted by
+        `weights` (M, 4); with `keep_corners`, also the corners (M, 4, C/G) (for the backward's sums)."""
+        count = cells.shape[0]
+        cols = np.empty((count, self.cpg), np.float32)
+        corners = np.empty((count, 4, self.cpg), np.float32) if keep_corners else None
+
+        def part(lo: int, hi: int) -> None:
+            found = np.take(self.rows, cells[lo:hi, None] + self.shifts, axis=0,
+                            out=None if corners is None else corners[lo:hi])
+            np.matmul(weights[lo:hi, None, :], found, out=cols[lo:hi, None, :])
+
+        _in_parts(count, count * 4 * self.cpg, part)
+        return cols, corners
 
 
 class _Points:
@@ -73,18 +80,19 @@ class _Points:
         base_y = (oy[:, None] * g.sh - g.pt + i[None, :] * g.dh).astype(np.float32)[None, :, :, None]
         base_x = (ox[:, None] * g.sw - g.pl + j[None, :] * g.dw).astype(np.float32)[None, :, :, None]
         py, px = base_y + dy, base_x + dx
+        y0, x0 = np.floor(py), np.floor(px)
         self.nan = np.isnan(py) | np.isnan(px)
         # The cell formulas hold on [-1, H) x [-1, W) (the value is 0 at -1 exactly, its right derivative not).
-        self.cell = (py >= -1) & (py < g.h) & (px >= -1) & (px < g.w)
-        self.inside = self.cell & (py > -1) & (px > -1)
-        y0 = np.floor(np.where(self.cell, py, -1)).astype(np.intp)
-        x0 = np.floor(np.where(self.cell, px, -1)).astype(np.intp)
-        self.fy = np.where(self.cell, py - y0, 0).astype(np.float32)
-        self.fx = np.where(self.cell, px - x0, 0).astype(np.float32)
-        image_rows = (np.arange(n0, n0 + nb) * image.hp * image.wp)[:, None, None, None]
-        # Points outside the box (and NaN ones) read the cell of zeros, so every sum over corners stays finite.
-        cells = (image_rows + (y0 + 1) * image.wp + (x0 + 1)) * groups + np.arange(groups)
-        self.cells = np.where(self.cell, cells, image.nowhere).reshape(-1)
+        self.cell = (y0 >= -1) & (y0 < g.h) & (x0 >= -1) & (x0 < g.w)
+        self.inside = self.cell & (py != -1) & (px != -1)
+        with np.errstate(invalid="ignore"):  # inf - inf at infinite offsets, outside the box anyway
+            self.fy = np.where(self.cell, py - y0, np.float32(0))
+            self.fx = np.where(self.cell, px - x0, np.float32(0))
+        # Points outside the box (and NaN ones) take the cell of zeros of their image: top-left at padded (H + 1, 0).
+        rows = np.where(self.cell, y0, g.h).astype(np.intp) + 1
+        columns = np.where(self.cell, x0, -1).astype(np.intp) + 1
+        image_rows = (np.arange(n0, n0 + nb) * image.hp)[:, None, None, None]
+        self.cells = (((image_rows + rows) * image.wp + columns) * groups + np.arange(groups)).reshape(-1)
         self.mask = None if mask is None else (
             mask[n0:n0 + nb].reshape(nb, groups, taps, g.oh * g.ow)[..., p0:p1].transpose(0, 3, 2, 1))
         self.shape = (nb, count, taps, groups)
@@ -100,11 +108,6 @@ class _Points:
             scale = np.where(self.nan, np.float32(np.nan), scale)
         weights = np.stack(((1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx), -1) * scale[..., None]
         return weights.reshape(-1, 4)
-
-
-def _columns(corners: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """The tile's columns (M, C/G): each point's corners (M, 4, C/G) weighted (M, 4)."""
-    return np.matmul(weights[:, None, :], corners)[:, 0]
 
 
 def _tiles(geom: DeformConv2dGeometry):
@@ -155,7 +158,7 @@ class NumpyDeformPrepared(DeformConv2dPrepared):
         y_all = out.reshape(g.n, g.groups, g.og, g.oh * g.ow)
         for n0, nb, p0, p1 in _tiles(g):
             points = _Points(offset, mask, g, image, n0, nb, p0, p1)
-            cols = _columns(image.corners(points.cells), points.weights(points.inside, masked=True))
+            cols, _ = image.sample(points.cells, points.weights(points.inside, masked=True))
             count = p1 - p0
             grouped = self._grouped(cols, g, nb * count).reshape(g.groups, nb, count, -1)
             y = y_all[n0:n0 + nb, :, :, p0:p1]
@@ -177,15 +180,14 @@ class NumpyDeformPrepared(DeformConv2dPrepared):
             points = _Points(offset, mask, g, image, n0, nb, p0, p1)
             forward = points.weights(points.inside, masked=False)
             scale = np.ones(points.shape, np.float32) if points.mask is None else points.mask
-            corners = image.corners(points.cells)
-            cols = _columns(corners, forward * scale.reshape(-1, 1))
+            cols, corners = image.sample(points.cells, forward * scale.reshape(-1, 1), keep_corners=True)
             # (groups, O/groups, pixels) of this tile, images side by side.
             gy = np.ascontiguousarray(gy_all[n0:n0 + nb, :, :, p0:p1].transpose(1, 2, 0, 3)).reshape(g.groups, g.og, m)
             grouped = self._grouped(cols, g, m)
             grad_w += np.matmul(gy, grouped)
             dcols = self._ungrouped(np.matmul(gy.transpose(0, 2, 1), self.w), g, m).reshape(-1, g.c_per_offset_group)
             # Each corner's dot product with the column gradient, per point: (M, 4).
-            s00, s01, s10, s11 = np.einsum("mic,mc->im", corners, dcols)
+            s00, s01, s10, s11 = _corner_sums(corners, dcols)
             fy, fx = points.fy.reshape(-1), points.fx.reshape(-1)
             d_y = (1 - fx) * (s10 - s00) + fx * (s11 - s01)
             d_x = (1 - fy) * (s01 - s00) + fy * (s11 - s10)
@@ -197,12 +199,23 @@ class NumpyDeformPrepared(DeformConv2dPrepared):
             if grad_mask is not None:
                 d_mask = forward[:, 0] * s00 + forward[:, 1] * s01 + forward[:, 2] * s10 + forward[:, 3] * s11
                 _store(grad_mask, np.where(nan, np.float32(np.nan), d_mask), g, n0, nb, p0, p1, 1)
-            _scatter(grad_rows, image, points.cells, dcols, points.weights(points.cell, masked=True, nan=False))
+            inside = np.flatnonzero(points.cell)
+            weights = points.weights(points.cell, masked=True, nan=False)
+            _scatter(grad_rows, image, points.cells[inside], dcols[inside], weights[inside])
         grad_x = image.interior(grad_rows, g.n)
         taps_w = grad_w.reshape(g.groups, g.og, g.taps, g.cg).transpose(0, 1, 3, 2)
         grad_w = np.ascontiguousarray(taps_w).reshape(g.weight_shape)
         grad_b = grad_y.sum(axis=(0, 2, 3), dtype=np.float64).astype(np.float32)
         return grad_x, grad_offset, grad_mask, grad_w, grad_b
+
+
+def _corner_sums(corners: np.ndarray, dcols: np.ndarray) -> np.ndarray:
+    """(4, M): each corner's dot product with the point's column gradient, in parts on the cores."""
+    count = corners.shape[0]
+    sums = np.empty((4, count), np.float32)
+    _in_parts(count, corners.size, lambda lo, hi: np.einsum("mic,mc->im", corners[lo:hi], dcols[lo:hi],
+                                                            out=sums[:, lo:hi]))
+    return sums
 
 
 def _store(dst, values, geom: DeformConv2dGeometry, n0, nb, p0, p1, per_point: int) -> None:
@@ -221,6 +234,8 @@ def _scatter(grad_rows, image: _Image, cells, dcols, weights) -> None:
     add their remaining points with np.add.at. The order depends on the data only: deterministic.
     """
     count = cells.shape[0]
+    if not count:
+        return
     order = np.argsort(cells, kind="stable")
     starts = np.diff(cells[order], prepend=-1) != 0
     rank = np.arange(count) - np.flatnonzero(starts)[np.cumsum(starts) - 1]
