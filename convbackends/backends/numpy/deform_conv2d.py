@@ -1,12 +1,12 @@
 """deform_conv2d on the CPU: a bilinear im2col per tile of output pixels, then one BLAS GEMM; backward by the
-same tiles (GEMMs for grad_w and the column gradients, a sorted segment sum for the col2im into grad_x).
+same tiles (GEMMs for grad_w and the column gradients, a col2im into grad_x in a fixed order).
 
 The input is copied once per call into a channels-last image with a zero border (one pixel, two at the bottom),
 so the four corners of any cell that touches the image lie inside it (no per-corner bounds tests), points that
-read nothing read a cell of zeros in the bottom border (padded pixel (H + 1, 0)), and each corner is one row of C/G floats: a tile's
-samples are one row gather (`np.take` of the four corners of every point) and a weighted sum (a batched
-`np.matmul`), split over the cores by ranges of points (`_in_parts`; BLAS threads the GEMMs itself). The
-column buffer of a tile stays under `COLUMNS_BYTES`; a large layer is never held whole. Column order is
+read nothing read a cell of zeros in the bottom border (padded pixel (H + 1, 0)), and each corner is one row
+of C/G floats: a tile's samples are one row gather (`np.take` of the four corners of every point) and a
+weighted sum (a batched `np.matmul`), split over the cores by ranges of points (`_in_parts`; BLAS threads the
+GEMMs itself). The column buffer of a tile stays under `COLUMNS_BYTES`; a large layer is never held whole. Column order is
 (pixel, tap, channel), so the GEMM weights are w permuted once in `prepare`. The col2im sorts the points of a
 tile by their cell and adds them rank by rank within their cell (`_scatter`): a fixed summation order, so
 deterministic, and fancy-indexed adds with distinct targets instead of `np.add.at`.
@@ -56,8 +56,9 @@ class _Image:
         corners = np.empty((count, 4, self.cpg), np.float32) if keep_corners else None
 
         def part(lo: int, hi: int) -> None:
+            # mode="clip" (the rows are always in range): with `out`, the default mode buffers the result.
             found = np.take(self.rows, cells[lo:hi, None] + self.shifts, axis=0,
-                            out=None if corners is None else corners[lo:hi])
+                            out=None if corners is None else corners[lo:hi], mode="clip")
             np.matmul(weights[lo:hi, None, :], found, out=cols[lo:hi, None, :])
 
         _in_parts(count, count * 4 * self.cpg, part)
