@@ -36,6 +36,8 @@ THREADS = _threads_from_argv() if __name__ == "__main__" else None
 if THREADS:
     for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[variable] = str(THREADS)
+    if hasattr(os, "sched_setaffinity"):  # and THREADS cores: convbackends' own copy threads follow the affinity
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:THREADS])
 
 import numpy as np  # noqa: E402
 
@@ -214,7 +216,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--md", metavar="FILE", help="write the markdown table here instead of stdout")
-    parser.add_argument("--threads", type=int, help="threads for BLAS, onnxruntime and torch (their defaults)")
+    parser.add_argument("--threads", type=int,
+                        help="threads for BLAS, onnxruntime and torch, and as many cores for the process (all)")
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
                         help="wall time, or the process's CPU time (for --threads 1 on a loaded machine)")
     args = parser.parse_args(argv)

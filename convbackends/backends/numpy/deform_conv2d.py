@@ -174,7 +174,7 @@ class NumpyDeformPrepared(DeformConv2dPrepared):
         grad_rows = np.zeros_like(image.rows)
         grad_offset = np.empty(g.offset_shape, np.float32)
         grad_mask = None if mask is None else np.empty(g.mask_shape, np.float32)
-        grad_w = np.zeros_like(self.w)
+        grad_w = None
         gy_all = grad_y.reshape(g.n, g.groups, g.og, g.oh * g.ow)
         for n0, nb, p0, p1 in _tiles(g):
             count, m = p1 - p0, nb * (p1 - p0)
@@ -185,7 +185,11 @@ class NumpyDeformPrepared(DeformConv2dPrepared):
             # (groups, O/groups, pixels) of this tile, images side by side.
             gy = np.ascontiguousarray(gy_all[n0:n0 + nb, :, :, p0:p1].transpose(1, 2, 0, 3)).reshape(g.groups, g.og, m)
             grouped = self._grouped(cols, g, m)
-            grad_w += np.matmul(gy, grouped)
+            # Tiles add up in a fixed order; the first one writes grad_w (a layer's weights can be large).
+            if grad_w is None:
+                grad_w = np.matmul(gy, grouped)
+            else:
+                grad_w += np.matmul(gy, grouped)
             dcols = self._ungrouped(np.matmul(gy.transpose(0, 2, 1), self.w), g, m).reshape(-1, g.c_per_offset_group)
             # Each corner's dot product with the column gradient, per point: (M, 4).
             s00, s01, s10, s11 = _corner_sums(corners, dcols)
