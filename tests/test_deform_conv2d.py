@@ -133,11 +133,13 @@ def test_non_contiguous_inputs(target):
 
 
 def test_nan_offset_and_nan_pixel_reach_exactly_their_outputs(target):
+    """A NaN offset makes its output pixel NaN, an infinite one reads 0, an infinite pixel spreads where sampled."""
     backend, device = target
     case = Case("nan", (1, 4, 6, 6), (3, 4, 3, 3), True, dict(padding=1), 8, "deform_conv2d", 1, True, 1.5)
     x, w, b = case.tensors()
     offset, mask = case.inputs()
     offset[0, 4, 2, 3] = np.nan
+    offset[0, 7, 1, 1], offset[0, 8, 4, 4] = np.inf, -np.inf
     x[0, 1, 5, 0] = np.inf
     with np.errstate(invalid="ignore"):
         ref = deform_conv2d_float64(x, offset, w, b, mask, **case.kwargs)

@@ -1,27 +1,30 @@
 """deform_conv2d on the CPU: a bilinear im2col per tile of output pixels, then one BLAS GEMM; backward by the
-same tiles (GEMMs for grad_w and the column gradients, a sorted segment sum for the col2im into grad_x).
+same tiles (GEMMs for grad_w and the column gradients, a col2im into grad_x in a fixed order).
 
 The input is copied once per call into a channels-last image with a zero border (one pixel, two at the bottom),
 so the four corners of any cell that touches the image lie inside it (no per-corner bounds tests), points that
-read nothing read a cell of zeros in the bottom border, and the two corners of a cell's
-row are one run of 2*C/G floats: each tap's samples are two row gathers (`np.take`) and a weighted sum. The
-column buffer of a tile stays under `COLUMNS_BYTES`; a large layer is never held whole. Column order is
+read nothing read a cell of zeros in the bottom border (padded pixel (H + 1, 0)), and each corner is one row
+of C/G floats: a tile's samples are one row gather (`np.take` of the four corners of every point) and a
+weighted sum (a batched `np.matmul`), split over the cores by ranges of points (`_in_parts`; BLAS threads the
+GEMMs itself). The column buffer of a tile stays under `COLUMNS_BYTES`; a large layer is never held whole. Column order is
 (pixel, tap, channel), so the GEMM weights are w permuted once in `prepare`. The col2im sorts the points of a
-tile by their cell (a stable argsort, so the summation order is fixed) and sums each cell's contributions
-with `np.add.reduceat` before adding them into grad_x: deterministic, and no `np.add.at`.
+tile by their cell and adds them rank by rank within their cell (`_scatter`): a fixed summation order, so
+deterministic, and fancy-indexed adds with distinct targets instead of `np.add.at`.
 Sampling and gradient rules: ops/deform_conv2d.py (right-sided at integer coordinates, including -1).
 """
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
 from ...ops.deform_conv2d import DeformConv2dGeometry, DeformConv2dPrepared, DeformConv2dSpec
 from ...runtime import DeviceInfo
 from .conv2d import _epilogue, _in_parts
 
 # A tile's column buffer (pixels x taps x channels) stays under this; the corner gathers beside it take 4x more.
-COLUMNS_BYTES = 4 << 20
+COLUMNS_BYTES = 2 << 20
+
+# Points of one cell beyond this many are scattered by np.add.at (slower, but only for crowded cells).
+SCATTER_RANKS = 32
 
 _F32 = np.dtype(np.float32).itemsize
 
@@ -36,35 +39,35 @@ class _Image:
         data = np.empty((g.n, self.hp, self.wp, g.c), np.float32)
         data[:, 0], data[:, -2:], data[:, :, 0], data[:, :, -1] = 0, 0, 0, 0
         _in_parts(g.c, x.size, lambda c0, c1: np.copyto(data[:, 1:-2, 1:-1, c0:c1], x[:, c0:c1].transpose(0, 2, 3, 1)))
-        self.data = data
         self.rows = data.reshape(-1, self.cpg)
-        # Row r of `pairs` is rows r and r + G: one offset group's channels at two horizontally adjacent pixels.
-        self.pairs = as_strided(self.rows, shape=(self.rows.shape[0] - self.groups, 2, self.cpg),
-                                strides=(self.cpg * _F32, g.c * _F32, _F32), writeable=False)
-
-    @property
-    def nowhere(self) -> int:
-        """The top-left row of a cell of four border zeros (in the bottom border of image 0)."""
-        return (self.hp - 2) * self.wp * self.groups
+        # From a cell's top-left row to its corners (y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1).
+        self.shifts = np.array([0, 1, self.wp, self.wp + 1]) * self.groups
 
     def interior(self, grad_rows: np.ndarray, n: int) -> np.ndarray:
         """Rows of this layout (gradients accumulated in it) back to (N, C, H, W) without the border."""
         image = grad_rows.reshape(n, self.hp, self.wp, self.groups * self.cpg)[:, 1:-2, 1:-1]
         return np.ascontiguousarray(image.transpose(0, 3, 1, 2))
 
-    @property
-    def below(self) -> int:
-        """Rows from a pixel to the pixel under it."""
-        return self.wp * self.groups
+    def sample(self, cells: np.ndarray, weights: np.ndarray, keep_corners: bool = False):
+        """The columns (M, C/G): the four corners of the cells with top-left rows `cells` (M,) weighted by
+        `weights` (M, 4); with `keep_corners`, also the corners (M, 4, C/G) (for the backward's sums)."""
+        count = cells.shape[0]
+        cols = np.empty((count, self.cpg), np.float32)
+        corners = np.empty((count, 4, self.cpg), np.float32) if keep_corners else None
 
-    def corners(self, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The (top, bottom) corner pairs (M, 2, C/G) of the cells with top-left rows `cells` (M,)."""
-        return np.take(self.pairs, cells, axis=0), np.take(self.pairs, cells + self.below, axis=0)
+        def part(lo: int, hi: int) -> None:
+            # mode="clip" (the rows are always in range): with `out`, the default mode buffers the result.
+            found = np.take(self.rows, cells[lo:hi, None] + self.shifts, axis=0,
+                            out=None if corners is None else corners[lo:hi], mode="clip")
+            np.matmul(weights[lo:hi, None, :], found, out=cols[lo:hi, None, :])
+
+        _in_parts(count, count * 4 * self.cpg, part)
+        return cols, corners
 
 
 class _Points:
     """The sample points of one tile, (images, pixels, taps, offset groups) flattened: each one's cell (its
-    top-left row in `_Image`), bilinear weights (top pair, bottom pair) and, for backward, fy, fx, the mask,
+    top-left row in `_Image`), bilinear weights of its four corners and, for backward, fy, fx, the mask,
     where the cell formulas apply and where the coordinate is NaN."""
 
     def __init__(self, offset, mask, geom: DeformConv2dGeometry, image: _Image, n0: int, nb: int, p0: int, p1: int):
@@ -78,24 +81,25 @@ class _Points:
         base_y = (oy[:, None] * g.sh - g.pt + i[None, :] * g.dh).astype(np.float32)[None, :, :, None]
         base_x = (ox[:, None] * g.sw - g.pl + j[None, :] * g.dw).astype(np.float32)[None, :, :, None]
         py, px = base_y + dy, base_x + dx
+        y0, x0 = np.floor(py), np.floor(px)
         self.nan = np.isnan(py) | np.isnan(px)
         # The cell formulas hold on [-1, H) x [-1, W) (the value is 0 at -1 exactly, its right derivative not).
-        self.cell = (py >= -1) & (py < g.h) & (px >= -1) & (px < g.w)
-        self.inside = self.cell & (py > -1) & (px > -1)
-        y0 = np.floor(np.where(self.cell, py, -1)).astype(np.intp)
-        x0 = np.floor(np.where(self.cell, px, -1)).astype(np.intp)
-        self.fy = np.where(self.cell, py - y0, 0).astype(np.float32)
-        self.fx = np.where(self.cell, px - x0, 0).astype(np.float32)
-        image_rows = (np.arange(n0, n0 + nb) * image.hp * image.wp)[:, None, None, None]
-        # Points outside the box (and NaN ones) read the cell of zeros, so every sum over corners stays finite.
-        cells = (image_rows + (y0 + 1) * image.wp + (x0 + 1)) * groups + np.arange(groups)
-        self.cells = np.where(self.cell, cells, image.nowhere).reshape(-1)
+        self.cell = (y0 >= -1) & (y0 < g.h) & (x0 >= -1) & (x0 < g.w)
+        self.inside = self.cell & (py != -1) & (px != -1)
+        with np.errstate(invalid="ignore"):  # inf - inf at infinite offsets, outside the box anyway
+            self.fy = np.where(self.cell, py - y0, np.float32(0))
+            self.fx = np.where(self.cell, px - x0, np.float32(0))
+        # Points outside the box (and NaN ones) take the cell of zeros of their image: top-left at padded (H + 1, 0).
+        rows = np.where(self.cell, y0, g.h).astype(np.intp) + 1
+        columns = np.where(self.cell, x0, -1).astype(np.intp) + 1
+        image_rows = (np.arange(n0, n0 + nb) * image.hp)[:, None, None, None]
+        self.cells = (((image_rows + rows) * image.wp + columns) * groups + np.arange(groups)).reshape(-1)
         self.mask = None if mask is None else (
             mask[n0:n0 + nb].reshape(nb, groups, taps, g.oh * g.ow)[..., p0:p1].transpose(0, 3, 2, 1))
         self.shape = (nb, count, taps, groups)
 
-    def weights(self, region: np.ndarray, masked: bool, nan: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """Bilinear weights (top (M, 2), bottom (M, 2)) zero outside `region`, times the mask when `masked`,
+    def weights(self, region: np.ndarray, masked: bool, nan: bool = True) -> np.ndarray:
+        """Bilinear weights of the four corners (M, 4), zero outside `region`, times the mask when `masked`,
         NaN at NaN coordinates when `nan`."""
         fy, fx = self.fy, self.fx
         scale = region.astype(np.float32)
@@ -103,17 +107,8 @@ class _Points:
             scale = scale * self.mask
         if nan:
             scale = np.where(self.nan, np.float32(np.nan), scale)
-        top = np.stack(((1 - fy) * (1 - fx), (1 - fy) * fx), -1) * scale[..., None]
-        bottom = np.stack((fy * (1 - fx), fy * fx), -1) * scale[..., None]
-        return top.reshape(-1, 2), bottom.reshape(-1, 2)
-
-
-def _columns(image: _Image, points: _Points, top_w, bottom_w):
-    """The tile's columns (M, C/G): each point's weighted corners; and the corner pairs for backward."""
-    top, bottom = image.corners(points.cells)
-    cols = np.einsum("mic,mi->mc", top, top_w)
-    cols += np.einsum("mic,mi->mc", bottom, bottom_w)
-    return cols, top, bottom
+        weights = np.stack(((1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx), -1) * scale[..., None]
+        return weights.reshape(-1, 4)
 
 
 def _tiles(geom: DeformConv2dGeometry):
@@ -164,7 +159,7 @@ class NumpyDeformPrepared(DeformConv2dPrepared):
         y_all = out.reshape(g.n, g.groups, g.og, g.oh * g.ow)
         for n0, nb, p0, p1 in _tiles(g):
             points = _Points(offset, mask, g, image, n0, nb, p0, p1)
-            cols, _, _ = _columns(image, points, *points.weights(points.inside, masked=True))
+            cols, _ = image.sample(points.cells, points.weights(points.inside, masked=True))
             count = p1 - p0
             grouped = self._grouped(cols, g, nb * count).reshape(g.groups, nb, count, -1)
             y = y_all[n0:n0 + nb, :, :, p0:p1]
@@ -179,41 +174,53 @@ class NumpyDeformPrepared(DeformConv2dPrepared):
         grad_rows = np.zeros_like(image.rows)
         grad_offset = np.empty(g.offset_shape, np.float32)
         grad_mask = None if mask is None else np.empty(g.mask_shape, np.float32)
-        grad_w = np.zeros_like(self.w)
+        grad_w = None
         gy_all = grad_y.reshape(g.n, g.groups, g.og, g.oh * g.ow)
         for n0, nb, p0, p1 in _tiles(g):
             count, m = p1 - p0, nb * (p1 - p0)
             points = _Points(offset, mask, g, image, n0, nb, p0, p1)
-            forward_top, forward_bottom = points.weights(points.inside, masked=False)
+            forward = points.weights(points.inside, masked=False)
             scale = np.ones(points.shape, np.float32) if points.mask is None else points.mask
-            cols, top, bottom = _columns(image, points, forward_top * scale.reshape(-1, 1),
-                                         forward_bottom * scale.reshape(-1, 1))
+            cols, corners = image.sample(points.cells, forward * scale.reshape(-1, 1), keep_corners=True)
             # (groups, O/groups, pixels) of this tile, images side by side.
             gy = np.ascontiguousarray(gy_all[n0:n0 + nb, :, :, p0:p1].transpose(1, 2, 0, 3)).reshape(g.groups, g.og, m)
             grouped = self._grouped(cols, g, m)
-            grad_w += np.matmul(gy, grouped)
+            # Tiles add up in a fixed order; the first one writes grad_w (a layer's weights can be large).
+            if grad_w is None:
+                grad_w = np.matmul(gy, grouped)
+            else:
+                grad_w += np.matmul(gy, grouped)
             dcols = self._ungrouped(np.matmul(gy.transpose(0, 2, 1), self.w), g, m).reshape(-1, g.c_per_offset_group)
-            # Each corner's dot product with the column gradient, per point: (M, 2) for the top and bottom pairs.
-            s_top = np.einsum("mic,mc->mi", top, dcols)
-            s_bottom = np.einsum("mic,mc->mi", bottom, dcols)
-            fy, fx = points.fy.reshape(-1, 1), points.fx.reshape(-1, 1)
-            d_y = (1 - fx[:, 0]) * (s_bottom[:, 0] - s_top[:, 0]) + fx[:, 0] * (s_bottom[:, 1] - s_top[:, 1])
-            d_x = (1 - fy[:, 0]) * (s_top[:, 1] - s_top[:, 0]) + fy[:, 0] * (s_bottom[:, 1] - s_bottom[:, 0])
+            # Each corner's dot product with the column gradient, per point: (M, 4).
+            s00, s01, s10, s11 = _corner_sums(corners, dcols)
+            fy, fx = points.fy.reshape(-1), points.fx.reshape(-1)
+            d_y = (1 - fx) * (s10 - s00) + fx * (s11 - s01)
+            d_x = (1 - fy) * (s01 - s00) + fy * (s11 - s10)
             nan = points.nan.reshape(-1)
             scale = scale.reshape(-1)
             d_y = np.where(nan, np.float32(np.nan), d_y * scale)
             d_x = np.where(nan, np.float32(np.nan), d_x * scale)
             _store(grad_offset, np.stack((d_y, d_x), -1), g, n0, nb, p0, p1, 2)
             if grad_mask is not None:
-                d_mask = (forward_top * s_top).sum(-1) + (forward_bottom * s_bottom).sum(-1)
+                d_mask = forward[:, 0] * s00 + forward[:, 1] * s01 + forward[:, 2] * s10 + forward[:, 3] * s11
                 _store(grad_mask, np.where(nan, np.float32(np.nan), d_mask), g, n0, nb, p0, p1, 1)
-            cell_top, cell_bottom = points.weights(points.cell, masked=True, nan=False)
-            _scatter(grad_rows, image, points.cells, dcols, cell_top, cell_bottom)
+            inside = np.flatnonzero(points.cell)
+            weights = points.weights(points.cell, masked=True, nan=False)
+            _scatter(grad_rows, image, points.cells[inside], dcols[inside], weights[inside])
         grad_x = image.interior(grad_rows, g.n)
         taps_w = grad_w.reshape(g.groups, g.og, g.taps, g.cg).transpose(0, 1, 3, 2)
         grad_w = np.ascontiguousarray(taps_w).reshape(g.weight_shape)
         grad_b = grad_y.sum(axis=(0, 2, 3), dtype=np.float64).astype(np.float32)
         return grad_x, grad_offset, grad_mask, grad_w, grad_b
+
+
+def _corner_sums(corners: np.ndarray, dcols: np.ndarray) -> np.ndarray:
+    """(4, M): each corner's dot product with the point's column gradient, in parts on the cores."""
+    count = corners.shape[0]
+    sums = np.empty((4, count), np.float32)
+    _in_parts(count, corners.size, lambda lo, hi: np.einsum("mic,mc->im", corners[lo:hi], dcols[lo:hi],
+                                                            out=sums[:, lo:hi]))
+    return sums
 
 
 def _store(dst, values, geom: DeformConv2dGeometry, n0, nb, p0, p1, per_point: int) -> None:
@@ -223,18 +230,31 @@ def _store(dst, values, geom: DeformConv2dGeometry, n0, nb, p0, p1, per_point: i
     dst.reshape(g.n, g.offset_groups, g.taps, per_point, g.oh * g.ow)[n0:n0 + nb, ..., p0:p1] = values
 
 
-def _scatter(grad_rows, image: _Image, cells, dcols, top_w, bottom_w) -> None:
-    """col2im: grad_rows[cell + corner] += weight * dcols for every point and corner, summed per cell in a fixed
-    order (stable sort by cell, then segment sums), so the result is deterministic."""
+def _scatter(grad_rows, image: _Image, cells, dcols, weights) -> None:
+    """col2im: grad_rows[cell + corner] += weight * dcols for every point and corner, in a fixed order.
+
+    Points are ranked within their cell (a stable sort by cell): the points of one rank have distinct cells, so
+    each rank adds into grad_rows with one fancy-indexed add per corner (distinct targets, no np.add.at), rank
+    after rank. Cells with more than `SCATTER_RANKS` points (offsets that gather many samples in one place)
+    add their remaining points with np.add.at. The order depends on the data only: deterministic.
+    """
+    count = cells.shape[0]
+    if not count:
+        return
     order = np.argsort(cells, kind="stable")
-    sorted_cells = cells[order]
-    starts = np.flatnonzero(np.diff(sorted_cells, prepend=-1))
-    targets = sorted_cells[starts]
-    rows = np.take(dcols, order, axis=0)
-    for weights, shift in ((top_w, 0), (bottom_w, image.below)):
-        for side in (0, 1):
-            contributions = rows * weights[order, side][:, None]
-            grad_rows[targets + shift + side * image.groups] += np.add.reduceat(contributions, starts, axis=0)
+    starts = np.diff(cells[order], prepend=-1) != 0
+    rank = np.arange(count) - np.flatnonzero(starts)[np.cumsum(starts) - 1]
+    by_rank = order[np.argsort(rank, kind="stable")]
+    bounds = np.concatenate(([0], np.cumsum(np.bincount(rank))))
+    for r in range(min(SCATTER_RANKS, bounds.size - 1)):
+        points = by_rank[bounds[r]:bounds[r + 1]]
+        rows, point_weights, point_cells = dcols[points], weights[points], cells[points]
+        for corner, shift in enumerate(image.shifts):
+            grad_rows[point_cells + shift] += rows * point_weights[:, corner, None]
+    if bounds.size - 1 > SCATTER_RANKS:
+        points = by_rank[bounds[SCATTER_RANKS]:]
+        for corner, shift in enumerate(image.shifts):
+            np.add.at(grad_rows, cells[points] + shift, dcols[points] * weights[points, corner, None])
 
 
 def prepare(backend, spec: DeformConv2dSpec, w: np.ndarray, b: np.ndarray | None, device: DeviceInfo) -> DeformConv2dPrepared:
