@@ -196,8 +196,8 @@ class KernelDeformPrepared(DeformConv2dPrepared):
     def _chunks(self, geom: DeformConv2dGeometry, backward: bool) -> list[tuple[int, DeformConv2dGeometry]]:
         """Host arrays go to the device in parts of the batch whose arrays each fit its largest buffer."""
         pixels, images = geom.oh * geom.ow, geom.h * geom.w
-        arrays = {"input": geom.c * images, "offset": 2 * geom.offset_groups * geom.taps * pixels,
-                  "mask": geom.offset_groups * geom.taps * pixels, "output": geom.o * pixels}
+        arrays = {"copy of x": geom.c * images, "copy of offset": 2 * geom.offset_groups * geom.taps * pixels,
+                  "copy of mask": geom.offset_groups * geom.taps * pixels, "buffer for y": geom.o * pixels}
         buffers = [CallBuffer(name, 4 * size) for name, size in arrays.items()]
         rt = self._rt
         per_chunk = images_per_chunk(geom.n, buffers, rt.limits.max_alloc, rt.max_alloc_name, self.device.backend)
