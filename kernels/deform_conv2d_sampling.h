@@ -36,7 +36,8 @@ DEVICE_FN void deform_point(const GLOBAL float* RESTRICT offset, const GLOBAL fl
 }
 
 // A point's corners 00, 01, 10, 11 (rows y0, y0 + 1 by columns x0, x0 + 1 of its cell): offsets in a
-// plane (clamped into it, so always valid addresses), bilinear weights, and whether each is read. A point outside (-1, H) x (-1, W) reads no corner; a NaN point samples NaN.
+// plane (clamped into it, so always valid addresses), bilinear weights, and whether each is read. A
+// point outside (-1, H) x (-1, W) reads no corner; a NaN point samples NaN.
 typedef struct {
     int at[4];
     float weight[4];

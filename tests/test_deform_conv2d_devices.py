@@ -247,7 +247,8 @@ def test_opencl_host_batch_runs_in_parts_at_the_largest_buffer(opencl, monkeypat
     with DeformConv2d(w, b, backend="opencl", device=index, **LAYER) as layer:
         whole = layer(x, offset, mask), layer.backward(grad_y, x, offset, mask)
         geom = layer.geometry(x, offset, mask)
-        monkeypatch.setattr(rt, "limits", dataclasses.replace(rt.limits, max_alloc=2 * 4 * int(np.prod(geom.offset_shape[1:]))))
+        two_offsets = 2 * 4 * int(np.prod(geom.offset_shape[1:]))  # two images' offset, the largest array
+        monkeypatch.setattr(rt, "limits", dataclasses.replace(rt.limits, max_alloc=two_offsets))
         assert len(layer._prepared._chunks(geom, backward=False)) == 3
         assert np.array_equal(layer(x, offset, mask), whole[0])
         _assert_close(layer.backward(grad_y, x, offset, mask), whole[1])

@@ -102,8 +102,8 @@ class _ImplicitGemm:
         self.ogpad = math.ceil(og / self.tiles.tm) * self.tiles.tm
         packed = _pack(w, groups, og, self.kdim, self.kpad, self.ogpad)
         if packed.nbytes > rt.limits.max_alloc:
-            raise ValueError(f"{rt.info.backend}: the packed weights need {packed.nbytes} bytes, more than the device's "
-                             f"largest buffer ({rt.max_alloc_name}: {rt.limits.max_alloc} bytes)")
+            raise ValueError(f"{rt.info.backend}: the packed weights need {packed.nbytes} bytes, more than the "
+                             f"device's largest buffer ({rt.max_alloc_name}: {rt.limits.max_alloc} bytes)")
         self.weights = rt.upload(packed)
         self.bias = rt.upload(b if b is not None else np.zeros(spec.out_channels, np.float32))
         self.activation = spec.activation
