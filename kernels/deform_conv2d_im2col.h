@@ -74,16 +74,16 @@ KERNEL void deform_conv2d_col2im_coord(const GLOBAL float* RESTRICT x, const GLO
         grad_mask[((int64)(n * G + g) * d.taps + k) * d.npix + p] = nan ? DEFORM_NAN : gm;
 }
 
-// grad_x by gathering: each input pixel (r, q) sums, for the four cells it is a corner of, the points
-// of the tile whose samples fall in that cell (the host's inverse map: `points` holds tap * P + pixel
-// sorted by (tile image, offset group, cell), `starts` where each cell's run begins; a cell (cy, cx)
-// for cy in [-1, H), cx in [-1, W) is number (cy + 1) * (W + 1) + cx + 1), times its bilinear weight
-// and mask. Summation order is fixed, so grad_x is deterministic. `accumulate`: add to grad_x (a later
+// grad_x by gathering: each input pixel (r, q) sums, for the four cells it is a corner of, the points of
+// the tile whose samples fall in that cell times their weight for that corner (the host's inverse map,
+// backends/_deform.py: `points` holds tap * P + pixel, the point's dcol column, sorted by (tile image,
+// offset group, cell), `starts` where each cell's run begins, cell (cy, cx) for cy in [-1, H), cx in
+// [-1, W) being number (cy + 1) * (W + 1) + cx + 1, and `weights` each point's four corner weights, mask
+// included). Summation order is fixed, so grad_x is deterministic. `accumulate`: add to grad_x (a later
 // pixel tile of the same images). Work-item x: input pixel, y: tile image * C + channel.
-KERNEL void deform_conv2d_col2im(const GLOBAL float* RESTRICT offset, const GLOBAL float* RESTRICT mask,
-                                 const GLOBAL float* RESTRICT dcol, const GLOBAL int* RESTRICT starts,
-                                 const GLOBAL int* RESTRICT points, GLOBAL float* RESTRICT grad_x,
-                                 DEFORM_GEOMETRY_ARGS, int accumulate)
+KERNEL void deform_conv2d_col2im(const GLOBAL float* RESTRICT dcol, const GLOBAL int* RESTRICT starts,
+                                 const GLOBAL int* RESTRICT points, const GLOBAL float* RESTRICT weights,
+                                 GLOBAL float* RESTRICT grad_x, DEFORM_GEOMETRY_ARGS, int accumulate)
 {
     const DeformGeometry d = DEFORM_GEOMETRY;
     const int pix = (int)GLOBAL_ID_X, row = GROUP_ID(1), nl = row / C, c = row - nl * C;
@@ -95,15 +95,9 @@ KERNEL void deform_conv2d_col2im(const GLOBAL float* RESTRICT offset, const GLOB
     float acc = 0.0f;
 #pragma unroll
     for (int corner = 0; corner < 4; ++corner) {
-        const int dy = corner >> 1, dx = corner & 1, cy = r - dy, cx = q - dx;
-        const int cell = (cy + 1) * (W + 1) + cx + 1;
-        for (int t = segment[cell]; t < segment[cell + 1]; ++t) {
-            const int id = points[t], k = id / P, pl = id - k * P;
-            float py, px, m;
-            deform_point(offset, mask, &d, n, g, k, p0 + pl, &py, &px, &m);
-            const float fy = py - (float)cy, fx = px - (float)cx;
-            acc += m * (dy ? fy : 1.0f - fy) * (dx ? fx : 1.0f - fx) * dc[(int64)k * P + pl];
-        }
+        const int dy = corner >> 1, dx = corner & 1, cell = (r - dy + 1) * (W + 1) + q - dx + 1;
+        for (int t = segment[cell]; t < segment[cell + 1]; ++t)
+            acc += weights[4 * t + corner] * dc[points[t]];
     }
     GLOBAL float* out = grad_x + (int64)(n * C + c) * H * W + pix;
     *out = accumulate ? *out + acc : acc;

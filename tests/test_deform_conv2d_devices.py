@@ -143,17 +143,19 @@ def test_tiles_refuse_a_pixel_over_the_cap():
         _deform.tiles(geom, 100)
 
 
-def test_inverse_map_lists_each_touching_point_under_its_cell_in_order():
+@pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no-mask"])
+def test_inverse_map_lists_each_touching_point_under_its_cell_in_order(with_mask):
     """Against a loop over the points: every point with a corner in the image (coordinates in [-1, H) x
-    [-1, W)) under the cell floor() gives, in tap-then-pixel order; none else (NaN, outside, exactly H)."""
+    [-1, W)) under the cell floor() gives, in tap-then-pixel order, with its corners' bilinear weights
+    times its mask; none else (NaN, outside, exactly H)."""
     geom = _geometry((2, 4, 5, 6), (4, 2, 3, 3), offset_groups=2, groups=2, padding=1, stride=(1, 2))
     rng = np.random.default_rng(3)
     offset = rng.uniform(-3, 3, geom.offset_shape).astype(np.float32)
     offset[0, :4, 0, 0] = [0, 0, np.nan, 1]  # output 0: tap 0 at (-1, -1) exactly (kept), tap 1 at y NaN
     offset[1, 2, 1, 1] = 5  # tap 1 of output (1, 1): y = H exactly (dropped)
-    tile = _deform.Tile(1, 1, 2, 7)
-    for t in (_deform.Tile(0, 2, 0, geom.oh * geom.ow), tile):
-        starts, points = _deform.inverse_map(offset, geom, t)
+    mask = rng.uniform(0, 1, geom.mask_shape).astype(np.float32) if with_mask else None
+    for t in (_deform.Tile(0, 2, 0, geom.oh * geom.ow), _deform.Tile(1, 1, 2, 7)):
+        starts, points, weights = _deform.inverse_map(offset, mask, geom, t)
         cells = (geom.h + 1) * (geom.w + 1)
         expected = [[] for _ in range(t.nb * geom.offset_groups * cells)]
         for nl in range(t.nb):
@@ -166,11 +168,17 @@ def test_inverse_map_lists_each_touching_point_under_its_cell_in_order():
                         py = np.float32(oy * geom.sh - geom.pt + i * geom.dh) + dy
                         px = np.float32(ox * geom.sw - geom.pl + j * geom.dw) + dx
                         if -1 <= py < geom.h and -1 <= px < geom.w:
-                            cell = (int(np.floor(py)) + 1) * (geom.w + 1) + int(np.floor(px)) + 1
-                            expected[(nl * geom.offset_groups + g) * cells + cell].append(k * t.count + pl)
-        assert starts.dtype == points.dtype == np.int32 and starts[0] == 0
-        assert [list(points[starts[s]:starts[s + 1]]) for s in range(len(expected))] == expected
-        assert starts[-1] == len(points)
+                            cy, cx = np.floor(py), np.floor(px)
+                            m = np.float32(1) if mask is None else mask[t.n0 + nl, g * geom.taps + k, oy, ox]
+                            wy, wx = (m * (1 - (py - cy)), m * (py - cy)), (1 - (px - cx), px - cx)
+                            cell = (int(cy) + 1) * (geom.w + 1) + int(cx) + 1
+                            expected[(nl * geom.offset_groups + g) * cells + cell].append(
+                                (k * t.count + pl, [wy[a] * wx[b] for a in (0, 1) for b in (0, 1)]))
+        assert starts.dtype == points.dtype == np.int32 and weights.dtype == np.float32 and starts[0] == 0
+        assert [list(points[starts[s]:starts[s + 1]]) for s in range(len(expected))] == [
+            [point for point, _ in run] for run in expected]
+        assert starts[-1] == len(points) == len(weights)
+        assert np.array_equal(weights, np.array([w for run in expected for _, w in run], np.float32).reshape(-1, 4))
 
 
 # ---- OpenCL -----------------------------------------------------------------------------------------------

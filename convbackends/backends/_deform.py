@@ -7,9 +7,9 @@ is a grouped 1x1 conv2d of the backend: the forward's (y = W cols), dcol = W^T g
 (grad_y cols^T, its "weights" grad_y repacked each call).
 
 grad_x is gathered, not scattered (no float atomics, deterministic): each input pixel sums the sample
-points of the four cells it is a corner of. `inverse_map` lists a tile's points by cell with a stable sort
-on the host; a point's cell is floor() of its coordinate computed in float32 exactly as the kernels do, so
-host and device agree on it.
+points of the four cells it is a corner of, each times its corner's bilinear weight and mask.
+`inverse_map` lists a tile's points by cell with a stable sort on the host, with those weights; a point's
+cell is floor() of its coordinate computed in float32 exactly as the kernels compute it.
 """
 from __future__ import annotations
 
@@ -81,11 +81,14 @@ def gradient_weights_shape(geom: DeformConv2dGeometry, tile: Tile) -> tuple[int,
     return (geom.o, tile.nb * tile.count, 1, 1)
 
 
-def inverse_map(offset: np.ndarray, geom: DeformConv2dGeometry, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
-    """(starts, points) of a tile: `points` (int32) the ids tap * count + pixel of its sample points whose
-    cell has a corner in the image (coordinates in [-1, H) x [-1, W), not NaN), sorted stably by (tile
+def inverse_map(offset: np.ndarray, mask: np.ndarray | None, geom: DeformConv2dGeometry,
+                tile: Tile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(starts, points, weights) of a tile: `points` (int32) the ids tap * count + pixel of its sample points
+    whose cell has a corner in the image (coordinates in [-1, H) x [-1, W), not NaN), sorted stably by (tile
     image, offset group, cell); cell (cy, cx) is number (cy + 1) * (W + 1) + cx + 1 of its (image, group)
-    segment, and `starts` (int32, segments * cells + 1) where each cell's run of points begins."""
+    segment, and `starts` (int32, segments * cells + 1) where each cell's run of points begins. `weights`
+    (float32, (points, 4)): each point's bilinear weights of its corners 00, 01, 10, 11 times its mask,
+    computed in float32 as the kernels would, (m * wy) * wx."""
     g, t = geom, tile
     taps, groups, count = g.taps, g.offset_groups, t.count
     off = offset[t.n0:t.n0 + t.nb].reshape(t.nb, groups, taps, 2, g.oh * g.ow)[..., t.p0:t.p0 + count]
@@ -96,12 +99,19 @@ def inverse_map(offset: np.ndarray, geom: DeformConv2dGeometry, tile: Tile) -> t
     with np.errstate(invalid="ignore"):
         touches = (py >= -1) & (py < g.h) & (px >= -1) & (px < g.w)
     cells = (g.h + 1) * (g.w + 1)
-    y0 = np.floor(py[touches]).astype(np.int64)
-    x0 = np.floor(px[touches]).astype(np.int64)
+    py, px = py[touches], px[touches]
+    cy, cx = np.floor(py), np.floor(px)
     segment = np.broadcast_to(np.arange(t.nb * groups).reshape(t.nb, groups, 1, 1), touches.shape)[touches]
-    keys = segment * cells + (y0 + 1) * (g.w + 1) + x0 + 1
+    keys = segment * cells + (cy.astype(np.int64) + 1) * (g.w + 1) + cx.astype(np.int64) + 1
     ids = np.broadcast_to(np.arange(taps * count).reshape(taps, count), touches.shape)[touches]
-    points = ids[np.argsort(keys, kind="stable")].astype(np.int32)
+    order = np.argsort(keys, kind="stable")
     starts = np.zeros(t.nb * groups * cells + 1, np.int32)
     np.cumsum(np.bincount(keys, minlength=t.nb * groups * cells), out=starts[1:])
-    return starts, points
+    m = np.float32(1) if mask is None else (
+        mask[t.n0:t.n0 + t.nb].reshape(t.nb, groups, taps, g.oh * g.ow)[..., t.p0:t.p0 + count][touches])
+    fy, fx = (py - cy)[order], (px - cx)[order]
+    m = m if mask is None else m[order]
+    wy = (m * (1 - fy), m * fy)
+    wx = (1 - fx, fx)
+    weights = np.stack([wy[dy] * wx[dx] for dy in (0, 1) for dx in (0, 1)], axis=1).astype(np.float32)
+    return starts, ids[order].astype(np.int32), weights

@@ -6,7 +6,7 @@ Forward: CPU devices sample a tile's columns (deform_conv2d_im2col) and run the 
 bias and activation; GPUs sample inside the GEMM's load stage (deform_conv2d_implicit_gemm, no column buffer).
 Backward, per tile of the batch (_deform.tiles): dcol = W^T grad_y (a 1x1 layer of the transposed weights),
 deform_conv2d_col2im_coord for grad_offset and grad_mask, deform_conv2d_col2im gathering grad_x through the
-host's inverse map (_deform.inverse_map; device inputs have their offsets read back for it), then the tile's
+host's inverse map (_deform.inverse_map; device inputs have offset and mask read back for it), then the tile's
 columns pixel-major and grad_w = grad_y cols^T (a 1x1 layer whose weights are grad_y, repacked per call by
 deform_conv2d_pack), tiles added in order; grad_b a sum per channel.
 
@@ -281,9 +281,10 @@ class KernelDeformPrepared(DeformConv2dPrepared):
             return self._backward
 
     def _gradients(self, grad_y, x, offset, mask, outputs: list, geom: DeformConv2dGeometry, offset_host: np.ndarray,
-                   first: bool) -> None:
+                   mask_host: np.ndarray | None, first: bool) -> None:
         """The five gradients of one batch of device buffers into `outputs` (grad_x, grad_offset, grad_mask or a
-        stand-in, grad_w, grad_b); `first` False: grad_w and grad_b add to what an earlier part left there."""
+        stand-in, grad_w, grad_b); `first` False: grad_w and grad_b add to what an earlier part left there.
+        offset_host and mask_host: the same offset and mask on the host, for the inverse map."""
         rt, g, stages = self._rt, geom, self._backward_stages()
         grad_x, grad_offset, grad_mask, grad_w, grad_b = outputs
         npix, rows = g.oh * g.ow, g.c * g.taps
@@ -303,9 +304,11 @@ class KernelDeformPrepared(DeformConv2dPrepared):
             self._gemm_steps(stages.dcol, gy, dcol, stages.dcol.plan.spec.geometry((t.nb, g.o, 1, t.count)))
             self._launch("col2im_coord", _rows_launch(t.count, t.nb * g.offset_groups * g.taps, self._local, scalars),
                          [x, offset, mask, dcol, grad_offset, grad_mask])
-            starts, points = _deform.inverse_map(offset_host, g, t)
+            starts, points, weights = _deform.inverse_map(offset_host, mask_host, g, t)
+            if not points.size:  # no point touches the image: empty runs, but buffers need a size
+                points, weights = np.zeros(1, np.int32), np.zeros((1, 4), np.float32)
             self._launch("col2im", _rows_launch(g.h * g.w, t.nb * g.c, self._local, scalars + _i32(t.p0 > 0)),
-                         [offset, mask, dcol, rt.upload(starts), rt.upload(points if points.size else starts), grad_x])
+                         [dcol, rt.upload(starts), rt.upload(points), rt.upload(weights), grad_x])
             # The tile's columns pixel-major, [weight group][n * count + p][c * taps + k within the group].
             k = t.nb * t.count
             strides = _i32(t.count * jg, jg, g.taps, (k - 1) * jg, 1)
@@ -335,7 +338,8 @@ class KernelDeformPrepared(DeformConv2dPrepared):
                     md = od if mask is None else rt.upload(mask[images])
                     per_image = [rt.empty((part.n, *s[1:])) if s is not None else None for s in shapes[:3]]
                     outputs = [per_image[0], per_image[1], per_image[2] or per_image[1], grad_w, grad_b]
-                    self._gradients(gyd, xd, od, md, outputs, part, offset[images], index == 0)
+                    self._gradients(gyd, xd, od, md, outputs, part, offset[images],
+                                    None if mask is None else mask[images], index == 0)
                     for host, device in zip(grads[:3], per_image):
                         if device is not None:
                             rt.read(device, host[images])
@@ -348,10 +352,12 @@ class KernelDeformPrepared(DeformConv2dPrepared):
                 mask = offset if mask is None else rt.device_input(mask)
                 grads = [None if s is None else rt.empty_array(s) for s in shapes]
                 if g.n:
-                    offset_host = np.empty(g.offset_shape, np.float32)
-                    rt.read(offset, offset_host)
+                    hosts = [None if s is None else np.empty(s, np.float32) for s in shapes[1:3]]
+                    for device, host in zip((offset, mask), hosts):
+                        if host is not None:
+                            rt.read(device, host)  # for the inverse map
                     outputs = [grads[0], grads[1], grads[2] if grads[2] is not None else grads[1], *grads[3:]]
-                    self._gradients(grad_y, x, offset, mask, outputs, g, offset_host, True)
+                    self._gradients(grad_y, x, offset, mask, outputs, g, *hosts, True)
                 grads = [None if a is None else rt.returned(a) for a in grads]
         return tuple(grads), seconds[0]
 

@@ -39,7 +39,7 @@ _KINDS = {
     "channels_last": (_TEX, _TEX, _TEX, _STORE),
     "cpu_im2col": (_vk.TEXEL_VEC4, _TEX, _TEX, _STORE),
     "col2im_coord": (_TEX, _TEX, _TEX, _TEX, _STORE, _STORE),
-    "col2im": (_TEX, _TEX, _TEX, _STORE, _STORE, _STORE),
+    "col2im": (_TEX, _TEX, _TEX, _STORE, _STORE, _TEX, _STORE),
     "pack": (_TEX, _TEX, _TEX, _STORE),
     "accumulate": (_TEX, _TEX, _TEX, _STORE),
 }
@@ -222,8 +222,9 @@ class _BackwardPlan(_Plan):
                            t.nb * g.offset_groups * g.taps)
             starts_host, starts = self._input(4 * (t.nb * g.offset_groups * cells + 1))
             points_host, points = self._input(4 * k * g.offset_groups * g.taps)
-            self._dispatch("col2im", [dcol, offset, mask, starts, points, grad_x], t, (int(t.p0 > 0),), g.h * g.w,
-                           t.nb * g.c)
+            weights_host, weights = self._input(16 * k * g.offset_groups * g.taps)
+            self._dispatch("col2im", [dcol, offset, mask, starts, points, weights, grad_x], t, (int(t.p0 > 0),),
+                           g.h * g.w, t.nb * g.c)
             plane = _plane(jg, grad_w_tiles)  # [weight group][n * count + p][c * taps + k], planes `plane` apart
             strides = (0, plane, g.taps, k * plane - jg, 1, k)
             self._dispatch("im2col", [x, offset, mask, cols], t, strides, t.count, t.nb * g.offset_groups)
@@ -234,7 +235,7 @@ class _BackwardPlan(_Plan):
                        jg, g.o, 1, packed)
             if not first:
                 self._dispatch("accumulate", [partial, offset, mask, grad_w], t, (g.o * jg,), g.o * jg, 1)
-            self.tiles.append((t, gy_host, _plane(t.count, dcol_gemm.tiles), starts_host, points_host))
+            self.tiles.append((t, gy_host, _plane(t.count, dcol_gemm.tiles), (starts_host, points_host, weights_host)))
 
     def run(self, grad_y, x, offset, mask) -> tuple[tuple, float | None]:
         g = self.geom
@@ -242,13 +243,12 @@ class _BackwardPlan(_Plan):
             if array is not None:
                 buf.write(array)
         flat = grad_y.reshape(g.n, g.o, g.oh * g.ow)
-        for t, gy_host, plane, starts_host, points_host in self.tiles:
+        for t, gy_host, plane, maps in self.tiles:
             tile = np.zeros((t.nb, g.o, plane), np.float32)
             tile[:, :, :t.count] = flat[t.n0:t.n0 + t.nb, :, t.p0:t.p0 + t.count]
             gy_host.write(tile)
-            starts, points = _deform.inverse_map(offset, g, t)
-            self._write(starts_host, starts)
-            self._write(points_host, points)
+            for buf, table in zip(maps, _deform.inverse_map(offset, mask, g, t)):
+                self._write(buf, table)
         seconds = self.recording.submit()
         grads = [None if buf is None else buf.read(math.prod(shape)).reshape(shape) for buf, shape in (
             (self.grad_x, g.input_shape), (self.grad_offset, g.offset_shape),
