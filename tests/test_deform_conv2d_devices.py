@@ -381,3 +381,24 @@ def test_vulkan_releases_what_a_layer_records(vulkan):
     prepared.close()
     with pytest.raises(ValueError, match="closed"):
         prepared.run(x, offset, mask, None)
+
+
+# ---- CUDA (where a GPU is lent) ---------------------------------------------------------------------------
+
+def test_cuda_device_arrays_in_device_arrays_out():
+    """CuPy arrays (one a strided view) give CuPy arrays, the same values as numpy arrays."""
+    availability = available_backends()["cuda"]
+    if not availability.available:
+        require("cuda", availability.reason)
+    import cupy as cp
+
+    x, w, b, offset, mask, grad_y = _problem(seed=5)
+    with DeformConv2d(w, b, backend="cuda", **LAYER) as layer:
+        host = layer(x, offset, mask), layer.backward(grad_y, x, offset, mask)
+        x_view = cp.asarray(np.concatenate([x, x], axis=3))[:, :, :, : x.shape[3]]
+        arrays = [cp.asarray(a) for a in (offset, mask, grad_y)]
+        y = layer(x_view, arrays[0], arrays[1])
+        grads = layer.backward(arrays[2], x_view, arrays[0], arrays[1])
+    assert isinstance(y, cp.ndarray) and all(isinstance(g, cp.ndarray) for g in grads)
+    _assert_close([cp.asnumpy(y)], [host[0]])
+    _assert_close([cp.asnumpy(g) for g in grads], host[1])
