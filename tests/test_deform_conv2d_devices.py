@@ -115,6 +115,23 @@ def test_threads_share_a_layer(target):
     assert not wrong, wrong
 
 
+def test_one_output_pixel_per_image_with_groups(target):
+    """One output pixel and one image: grad_w's GEMM contracts a single pixel per weight group (a depthwise
+    1x1 layer of conv2d), and with one out-channel per group so is the dcol GEMM."""
+    backend, device = target
+    rng = np.random.default_rng(6)
+    x = rng.uniform(-1, 1, (1, 4, 3, 3)).astype(np.float32)
+    offset = rng.uniform(-1, 1, (1, 2 * 2 * 9, 1, 1)).astype(np.float32)
+    mask = rng.uniform(0, 1, (1, 2 * 9, 1, 1)).astype(np.float32)
+    for o in (2, 6):
+        w = rng.uniform(-1, 1, (o, 2, 3, 3)).astype(np.float32)
+        grad_y = rng.uniform(-1, 1, (1, o, 1, 1)).astype(np.float32)
+        with DeformConv2d(w, groups=2) as reference, \
+                DeformConv2d(w, groups=2, backend=backend, device=device) as layer:
+            _assert_close([layer(x, offset, mask)], [deform_conv2d_float64(x, offset, w, None, mask, groups=2)])
+            _assert_close(layer.backward(grad_y, x, offset, mask), reference.backward(grad_y, x, offset, mask))
+
+
 # ---- the shared host pieces -------------------------------------------------------------------------------
 
 def _geometry(x_shape, w_shape, offset_groups=1, mask=True, **kwargs):
@@ -257,7 +274,7 @@ def test_opencl_host_batch_runs_in_parts_at_the_largest_buffer(opencl, monkeypat
         geom = layer.geometry(x, offset, mask)
         two_offsets = 2 * 4 * int(np.prod(geom.offset_shape[1:]))  # two images' offset, the largest array
         monkeypatch.setattr(rt, "limits", dataclasses.replace(rt.limits, max_alloc=two_offsets))
-        assert len(layer._prepared._chunks(geom, backward=False)) == 3
+        assert len(layer._prepared._chunks(geom)) == 3
         assert np.array_equal(layer(x, offset, mask), whole[0])
         _assert_close(layer.backward(grad_y, x, offset, mask), whole[1])
         monkeypatch.setattr(rt, "limits", dataclasses.replace(rt.limits, max_alloc=1000))

@@ -193,8 +193,9 @@ class KernelDeformPrepared(DeformConv2dPrepared):
                      for t in tiles for n0 in range(t.n0, t.n0 + t.nb, step)]
         return tiles
 
-    def _chunks(self, geom: DeformConv2dGeometry, backward: bool) -> list[tuple[int, DeformConv2dGeometry]]:
-        """Host arrays go to the device in parts of the batch whose arrays each fit its largest buffer."""
+    def _chunks(self, geom: DeformConv2dGeometry) -> list[tuple[int, DeformConv2dGeometry]]:
+        """Host arrays go to the device in parts of the batch whose arrays (inputs, and outputs or gradients of
+        the same sizes) each fit its largest buffer."""
         pixels, images = geom.oh * geom.ow, geom.h * geom.w
         arrays = {"copy of x": geom.c * images, "copy of offset": 2 * geom.offset_groups * geom.taps * pixels,
                   "copy of mask": geom.offset_groups * geom.taps * pixels, "buffer for y": geom.o * pixels}
@@ -249,7 +250,7 @@ class KernelDeformPrepared(DeformConv2dPrepared):
         with rt.timer() if timed else contextlib.nullcontext([None]) as seconds:
             if isinstance(x, np.ndarray):
                 y = np.empty(geom.output_shape, np.float32)
-                for start, part in self._chunks(geom, backward=False) if geom.n else ():
+                for start, part in self._chunks(geom) if geom.n else ():
                     images = slice(start, start + part.n)
                     xd, od = rt.upload(x[images]), rt.upload(offset[images])
                     md = od if mask is None else rt.upload(mask[images])
@@ -332,7 +333,7 @@ class KernelDeformPrepared(DeformConv2dPrepared):
             if isinstance(x, np.ndarray):
                 grads = [None if s is None else np.zeros(s, np.float32) for s in shapes]
                 grad_w, grad_b = rt.empty(g.weight_shape), rt.empty((g.o,))
-                for index, (start, part) in enumerate(self._chunks(g, backward=True) if g.n else ()):
+                for index, (start, part) in enumerate(self._chunks(g) if g.n else ()):
                     images = slice(start, start + part.n)
                     xd, od, gyd = rt.upload(x[images]), rt.upload(offset[images]), rt.upload(grad_y[images])
                     md = od if mask is None else rt.upload(mask[images])

@@ -151,7 +151,8 @@ class _ForwardPlan(_Plan):
         self.offset, offset = self._input(4 * math.prod(g.offset_shape))
         self.mask, mask = self._input(4 * math.prod(g.mask_shape)) if g.has_mask else (None, offset)
         tiles = layer.tiles(g)
-        rows, block = g.c * g.taps, _round_up(COLUMN_BLOCK, max(4, gemm.tiles.tn))
+        rows = g.c * g.taps
+        self.block = block = _round_up(COLUMN_BLOCK, max(4, gemm.tiles.tn))
         cols = self._buffer(4 * max(self.blocks(t) for t in tiles) * block * rows, False)
         vector = self.dev.type == "cpu" and g.c_per_offset_group % 4 == 0  # deform_conv2d_cpu_im2col.comp
         if vector:
@@ -169,10 +170,9 @@ class _ForwardPlan(_Plan):
             y_host, y = self._output(4 * self.blocks(t) * block * g.o)
             self._gemm(gemm, cols, y, rows, block, g.o, self.blocks(t))
             self.outputs.append((t, y_host))
-        self.block = block
 
     def blocks(self, tile: _deform.Tile) -> int:
-        return math.ceil(tile.nb * tile.count / COLUMN_BLOCK)
+        return math.ceil(tile.nb * tile.count / self.block)
 
     def run(self, x: np.ndarray, offset: np.ndarray, mask) -> tuple[np.ndarray, float | None]:
         g = self.geom
