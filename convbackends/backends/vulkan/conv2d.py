@@ -100,6 +100,24 @@ def choose_tiles(algorithm: str, dev: _vk.Device, kernel_w: int = 1, stride_w: i
     return Tiles(lx, ly, 4, 4, bk, True)
 
 
+def tile_constants(t: Tiles, unroll: bool = True) -> dict:
+    """The specialization constants (ids of conv2d_layout.glsl) that carry the tiles of a GEMM-shaped or
+    depthwise shader, and whether it unrolls its loops over the kernel."""
+    return {0: t.lx, 1: t.ly, 10: unroll, 11: t.tm, 12: t.tn, 13: t.bk, 14: t.stage, 15: t.cb}
+
+
+def epilogue_constants(activation_code: int, has_bias: bool) -> dict:
+    """The specialization constants of the fused epilogue (ACT, HAS_BIAS); its parameters are push constants."""
+    return {8: activation_code, 9: has_bias}
+
+
+def gemm_1x1_push(c: int, pixels: int, plane: int, o: int, groups: int, row_stride: int, n: int,
+                  activation: tuple[float, float] = _NO_ACTIVATION) -> bytes:
+    """conv2d_gemm_1x1's push constants: n images of c channels x `pixels` points, input planes `plane`
+    floats apart, into o channels in `groups` groups; `activation` its (ALPHA, BETA)."""
+    return _PUSH.pack(c, 1, pixels, plane, o, 1, pixels, groups, row_stride, n, 0, *_NO_KERNEL, *activation)
+
+
 def _round_up(value: int, step: int) -> int:
     return -(-value // step) * step
 
@@ -174,8 +192,11 @@ class _DeviceObjects:
         self.pipelines: list[_vk.Pipeline] = []
         self.plans: OrderedDict[tuple[Conv2dGeometry, bool], _Plan] = OrderedDict()
 
-    def pipeline(self, name: str, constants: dict) -> _vk.Pipeline:
-        found = self.dev.pipeline(name, SPIRV[name], constants, _BINDINGS, _PUSH.size)
+    def pipeline(self, name: str, constants: dict, kinds: tuple = _BINDINGS, push_bytes: int = _PUSH.size
+                 ) -> _vk.Pipeline:
+        """The shader `name`'s pipeline (conv2d's bindings and push constants unless told), released with
+        the holder."""
+        found = self.dev.pipeline(name, SPIRV[name], constants, kinds, push_bytes)
         self.pipelines.append(found)
         return found
 
@@ -210,7 +231,7 @@ class _Shader:
             raise ValueError(f"vulkan: the packed weights ({floats} floats) exceed the device's "
                              f"maxTexelBufferElements ({limit})")
         packed, self.row_stride = pack_weights(w, groups, t, algorithm == "depthwise")
-        constants = {**constants, 0: t.lx, 1: t.ly, 10: unroll, 11: t.tm, 12: t.tn, 13: t.bk, 14: t.stage, 15: t.cb}
+        constants = {**constants, **tile_constants(t, unroll)}
         self.pipeline = held.pipeline(f"conv2d_{algorithm}", constants)
         self.w = held.upload(packed)
 
@@ -307,8 +328,7 @@ class _Plan:
         gemm, unused = wino.gemm, wino.gemm.w  # bindings a shader does not read still need a buffer
         transform_push = _PUSH.pack(geom.c, hp, wp, ps, geom.o, geom.oh, geom.ow, 1, 0, n, tps, *_NO_KERNEL,
                                     *layer.activation_parameters)
-        gemm_push = _PUSH.pack(36 * geom.c, 1, pixels, tps, 36 * geom.o, 1, pixels, 36, gemm.row_stride, 1, 0,
-                               *_NO_KERNEL, *_NO_ACTIVATION)
+        gemm_push = gemm_1x1_push(36 * geom.c, pixels, tps, 36 * geom.o, 36, gemm.row_stride, 1)
         return [
             _vk.Dispatch(wino.input, [x_dev, x_dev, unused, unused, layer.b, v], transform_push,
                          (math.ceil(pixels / (4 * wino.lanes)), 1, geom.c)),  # 4 tiles per invocation
@@ -355,7 +375,7 @@ class VulkanConv2d(Prepared):
         self._finalizer = weakref.finalize(self, dev.release_soon, held.release)
         act = spec.activation
         self.activation_parameters = (act.alpha, act.beta)
-        epilogue = {8: act.code, 9: b is not None}
+        epilogue = epilogue_constants(act.code, b is not None)
         self.winograd = None
         try:
             self.b = held.upload(b if b is not None else np.zeros(1, np.float32))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import struct
 import threading
-from collections import OrderedDict
+import weakref
 
 import numpy as np
 
@@ -26,10 +26,8 @@ from ...ops.deform_conv2d import DeformConv2dGeometry, DeformConv2dPrepared, Def
 from ...runtime import DeviceInfo
 from ...runtime import vulkan as _vk
 from .. import _deform
-from .conv2d import _BINDINGS as _GEMM_BINDINGS
-from .conv2d import _PUSH as _GEMM_PUSH
-from .conv2d import Tiles, _round_up, _Shader, choose_tiles, work_groups
-from .spirv import SPIRV
+from .conv2d import (Tiles, _DeviceObjects, _round_up, _Shader, choose_tiles, epilogue_constants, gemm_1x1_push,
+                     tile_constants, work_groups)
 
 _PUSH = struct.Struct("<30i")  # the geometry, the tile, six values of the shader (deform_conv2d_sampling.glsl)
 _TEX, _STORE = _vk.TEXEL_FLOAT, _vk.STORAGE
@@ -51,11 +49,7 @@ _LANES = 64  # work-group width of the deform shaders
 # beat 16 and 64, and 8 pixels per lane with 32- or 64-point blocks ran up to 20x slower on 512->512 at 7x7.
 COLUMN_BLOCK = 32
 _PLANS_KEPT = 4  # recorded geometries kept per layer and direction
-
-
-def _gemm_push(c: int, pixels: int, plane: int, o: int, groups: int, row_stride: int, n: int) -> bytes:
-    """conv2d_gemm_1x1's push constants for n images of c channels x `pixels`, planes `plane` floats apart."""
-    return _GEMM_PUSH.pack(c, 1, pixels, plane, o, 1, pixels, groups, row_stride, n, 0)
+_LINEAR = epilogue_constants(0, False)  # the backward GEMMs: no bias, no activation
 
 
 def _plane(pixels: int, tiles: Tiles) -> int:
@@ -75,19 +69,22 @@ def _operand_layout(tiles: Tiles, k: int, og: int) -> tuple[int, int, int, int, 
 
 
 class _Plan:
-    """Buffers and a recorded command buffer for one input geometry, in one direction."""
+    """Buffers and a recorded command buffer for one input geometry, in one direction. It keeps no reference
+    to its layer (the layer's finalizer holds the plans)."""
 
     def __init__(self, layer: "VulkanDeformConv2d", geom: DeformConv2dGeometry):
-        self.dev, self.geom, self.layer = layer.dev, geom, layer
+        self.dev, self.geom = layer.dev, geom
+        self._pipelines, self._lanes, self._b = layer.pipelines, layer.lanes, layer.b
+        self._activation = (layer.spec.activation.alpha, layer.spec.activation.beta)
         self._owned, self._copies_in, self._copies_out, self._dispatches = [], [], [], []
         try:
-            self._record()
+            self._record(layer)
             self.recording = _vk.Recording(self.dev, self._dispatches, self._copies_in, self._copies_out)
         except BaseException:
             self._release()
             raise
 
-    def _record(self) -> None:
+    def _record(self, layer: "VulkanDeformConv2d") -> None:
         raise NotImplementedError
 
     def _buffer(self, nbytes: int, host: bool) -> _vk.Buffer:
@@ -114,20 +111,21 @@ class _Plan:
 
     def _dispatch(self, shader: str, buffers: list, tile: _deform.Tile, extra: tuple, width: int, rows: int) -> None:
         push = _PUSH.pack(*tile.scalars(self.geom), *extra, *(0,) * (6 - len(extra)))
-        groups = (math.ceil(width / self.layer.lanes), rows, 1)
-        self._dispatches.append(_vk.Dispatch(self.layer.pipelines[shader], buffers, push, groups))
+        groups = (math.ceil(width / self._lanes), rows, 1)
+        self._dispatches.append(_vk.Dispatch(self._pipelines[shader], buffers, push, groups))
 
-    def _gemm(self, shader: _Shader | tuple, x, y, c: int, pixels: int, o: int, n: int, weights=None) -> None:
+    def _gemm(self, shader: _Shader | tuple, x, y, c: int, pixels: int, o: int, n: int, weights=None,
+              activation: tuple[float, float] = (0.0, 0.0)) -> None:
         """A conv2d_gemm_1x1 dispatch over n images: a _Shader (its weights) or (pipeline, tiles, row stride)
-        with `weights`."""
+        with `weights`; `activation` the epilogue's (alpha, beta)."""
         g = self.geom
         if isinstance(shader, _Shader):
             pipeline, tiles, row_stride, weights = shader.pipeline, shader.tiles, shader.row_stride, shader.w
         else:
             pipeline, tiles, row_stride = shader
-        push = _gemm_push(c, pixels, _plane(pixels, tiles), o, g.groups, row_stride, n)
+        push = gemm_1x1_push(c, pixels, _plane(pixels, tiles), o, g.groups, row_stride, n, activation)
         groups = work_groups(tiles, "gemm_1x1", 1, pixels, o // g.groups, n * g.groups)
-        self._dispatches.append(_vk.Dispatch(pipeline, [x, x, weights, weights, self.layer.b, y], push, groups))
+        self._dispatches.append(_vk.Dispatch(pipeline, [x, x, weights, weights, self._b, y], push, groups))
 
     @staticmethod
     def _write(buf: _vk.Buffer, data: np.ndarray) -> None:
@@ -144,8 +142,8 @@ class _Plan:
 
 
 class _ForwardPlan(_Plan):
-    def _record(self) -> None:
-        g, layer = self.geom, self.layer
+    def _record(self, layer: "VulkanDeformConv2d") -> None:
+        g = self.geom
         gemm = layer.columns
         self.x, x = self._input(4 * math.prod(g.input_shape))
         self.offset, offset = self._input(4 * math.prod(g.offset_shape))
@@ -168,7 +166,7 @@ class _ForwardPlan(_Plan):
             else:
                 self._dispatch("im2col", [x, offset, mask, cols], t, strides, t.count, t.nb * g.offset_groups)
             y_host, y = self._output(4 * self.blocks(t) * block * g.o)
-            self._gemm(gemm, cols, y, rows, block, g.o, self.blocks(t))
+            self._gemm(gemm, cols, y, rows, block, g.o, self.blocks(t), activation=self._activation)
             self.outputs.append((t, y_host))
 
     def blocks(self, tile: _deform.Tile) -> int:
@@ -192,8 +190,8 @@ class _ForwardPlan(_Plan):
 
 
 class _BackwardPlan(_Plan):
-    def _record(self) -> None:
-        g, layer = self.geom, self.layer
+    def _record(self, layer: "VulkanDeformConv2d") -> None:
+        g = self.geom
         stages = layer.backward_stages()
         dcol_gemm, grad_w_tiles = stages.dcol, stages.grad_w_tiles
         self.x, x = self._input(4 * math.prod(g.input_shape))
@@ -261,38 +259,35 @@ class _Backward:
     """What backward adds to a layer, made on its first backward: the dcol GEMM (W^T) and grad_w's GEMM
     pipeline, whose weights each call packs."""
 
-    def __init__(self, dev: _vk.Device, spec: DeformConv2dSpec, w: np.ndarray):
-        linear = {8: 0, 9: 0.0, 10: 0.0, 11: False}
-        self.dcol = _Shader(dev, "gemm_1x1", choose_tiles("gemm_1x1", dev), _deform.transposed_weights(w, spec.groups),
-                            spec.groups, linear)
-        t = self.grad_w_tiles = choose_tiles("gemm_1x1", dev)
-        constants = {**linear, 0: t.lx, 1: t.ly, 12: t.tm, 13: t.tn, 14: t.bk, 15: t.stage, 16: t.cb}
-        self.grad_w_pipeline = dev.pipeline("conv2d_gemm_1x1", SPIRV["conv2d_gemm_1x1"], constants, _GEMM_BINDINGS,
-                                            _GEMM_PUSH.size)
+    def __init__(self, held: _DeviceObjects, spec: DeformConv2dSpec, w: np.ndarray):
+        tiles = self.grad_w_tiles = choose_tiles("gemm_1x1", held.dev)
+        self.dcol = _Shader(held, "gemm_1x1", tiles, _deform.transposed_weights(w, spec.groups), spec.groups, _LINEAR)
+        self.grad_w_pipeline = held.pipeline("conv2d_gemm_1x1", {**_LINEAR, **tile_constants(tiles)})
 
 
 class VulkanDeformConv2d(DeformConv2dPrepared):
-    """A deformable layer on one Vulkan device: pipelines, the forward GEMM's packed weights, recorded plans."""
+    """A deformable layer on one Vulkan device: pipelines, the forward GEMM's packed weights, recorded plans,
+    all held as conv2d's layers hold theirs (released on close() or when the layer is collected)."""
 
     def __init__(self, spec: DeformConv2dSpec, w: np.ndarray, b: np.ndarray | None, device: DeviceInfo):
         self.device, self.spec = device, spec
         dev = self.dev = _vk.device(device.index)
+        held = self._held = _DeviceObjects(dev)
+        self._finalizer = weakref.finalize(self, dev.release_soon, held.release)
+        self._plans = held.plans
         limits = dev.limits
         self.lanes = min(_LANES, limits.maxComputeWorkGroupSize[0], limits.maxComputeWorkGroupInvocations)
-        self.pipelines = {name: dev.pipeline(f"deform_conv2d_{name}", SPIRV[f"deform_conv2d_{name}"], {0: self.lanes},
-                                             kinds, _PUSH.size) for name, kinds in _KINDS.items()}
-        act = spec.activation
-        epilogue = {8: act.code, 9: act.alpha, 10: act.beta, 11: b is not None}
         self._w = w.copy()  # for the backward GEMMs, made on first use
-        self.b = self.columns = self._backward = None
+        self._backward = None
         try:
-            self.b = _vk.upload(dev, b if b is not None else np.zeros(1, np.float32))
-            self.columns = _Shader(dev, "gemm_1x1", choose_tiles("gemm_1x1", dev), _deform.column_weights(w),
-                                   spec.groups, epilogue)
+            self.pipelines = {name: held.pipeline(f"deform_conv2d_{name}", {0: self.lanes}, kinds, _PUSH.size)
+                              for name, kinds in _KINDS.items()}
+            self.b = held.upload(b if b is not None else np.zeros(1, np.float32))
+            self.columns = _Shader(held, "gemm_1x1", choose_tiles("gemm_1x1", dev), _deform.column_weights(w),
+                                   spec.groups, epilogue_constants(spec.activation.code, b is not None))
         except BaseException:
-            self._release_weights()
+            self._finalizer()
             raise
-        self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
         self._lock = threading.Lock()
 
     def tiles(self, geom: DeformConv2dGeometry) -> list[_deform.Tile]:
@@ -315,7 +310,7 @@ class VulkanDeformConv2d(DeformConv2dPrepared):
 
     def backward_stages(self) -> _Backward:
         if self._backward is None:
-            self._backward = _Backward(self.dev, self.spec, self._w)
+            self._backward = _Backward(self._held, self.spec, self._w)
         return self._backward
 
     def _plan(self, geom: DeformConv2dGeometry, kind: type) -> _Plan:
@@ -349,25 +344,12 @@ class VulkanDeformConv2d(DeformConv2dPrepared):
         return self.profile_backward(grad_y, x, offset, mask, geom)[0]
 
     def _check_open(self) -> None:
-        if self.b is None:
+        if not self._finalizer.alive:
             raise ValueError("this Vulkan layer is closed")
 
     def close(self) -> None:
         with self._lock:
-            if self.b is None:
-                return
-            for plan in self._plans.values():
-                plan.close()
-            self._plans.clear()
-            self._release_weights()
-
-    def _release_weights(self) -> None:
-        for shader in (self.columns, self._backward and self._backward.dcol):
-            if shader is not None:
-                self.dev.release(shader.w)
-        if self.b is not None:
-            self.dev.release(self.b)
-        self.b = self.columns = self._backward = None
+            self._finalizer()
 
 
 def prepare(backend, spec: DeformConv2dSpec, w: np.ndarray, b: np.ndarray | None, device: DeviceInfo):
