@@ -229,39 +229,54 @@ class DeformConv2d(Layer):
             check_float32("mask", mask)
         return self.spec.geometry(x.shape, offset.shape, None if mask is None else mask.shape)
 
-    def _inputs(self, **arrays) -> list:
-        """The arrays as the backend takes them: all C-contiguous numpy, or all device arrays it owns."""
-        converted = [None if a is None else self._input(name, a)[0] for name, a in arrays.items()]
+    def _inputs(self, **arrays) -> tuple[list, list]:
+        """(the arrays as the backend takes them: all C-contiguous numpy, or all device arrays it owns; per
+        array the function returning a result in its kind, see arrays.py). None stays None."""
+        pairs = [(None, None) if a is None else self._input(name, a) for name, a in arrays.items()]
+        converted = [array for array, _ in pairs]
         kinds = {type(a) for a in converted if a is not None}
         if len(kinds) > 1:
             names = ", ".join(f"{name}: {type(a).__name__}" for name, a in arrays.items() if a is not None)
             raise TypeError(f"the arrays of one call must all be numpy arrays or all device arrays, got {names}")
-        return converted
+        return converted, [restore for _, restore in pairs]
+
+    def _forward_inputs(self, x, offset, mask):
+        """(the backend's arrays, the function giving y in x's kind, the geometry)."""
+        geom = self.geometry(x, offset, mask)
+        arrays, (restore, *_) = self._inputs(x=x, offset=offset, mask=mask)
+        return arrays, restore, geom
 
     def __call__(self, x, offset, mask=None):
-        geom = self.geometry(x, offset, mask)
-        return self._prepared.run(*self._inputs(x=x, offset=offset, mask=mask), geom)
+        arrays, restore, geom = self._forward_inputs(x, offset, mask)
+        return restore(self._prepared.run(*arrays, geom))
 
     def profile(self, x, offset, mask=None):
-        """Run once; returns (y, device seconds or None where the API gives no device timer)."""
-        geom = self.geometry(x, offset, mask)
-        return self._prepared.profile(*self._inputs(x=x, offset=offset, mask=mask), geom)
+        """Run once; returns (y in x's kind, device seconds or None where the API gives no device timer)."""
+        arrays, restore, geom = self._forward_inputs(x, offset, mask)
+        y, seconds = self._prepared.profile(*arrays, geom)
+        return restore(y), seconds
 
-    def _backward_geometry(self, grad_y, x, offset, mask) -> DeformConv2dGeometry:
+    def _backward_inputs(self, grad_y, x, offset, mask):
+        """(the backend's arrays, the function giving the five gradients in their kinds, the geometry):
+        grad_x, grad_offset and grad_mask take the kind of x, offset and mask, grad_w and grad_b grad_y's."""
         self.spec.check_backward()
         geom = self.geometry(x, offset, mask)
         self.spec.check_grad_output(geom, grad_y)
-        return geom
+        arrays, (grad_y_kind, *kinds) = self._inputs(grad_y=grad_y, x=x, offset=offset, mask=mask)
+        kinds += [grad_y_kind, grad_y_kind]
+        return arrays, lambda grads: tuple(None if g is None else k(g) for g, k in zip(grads, kinds)), geom
 
     def backward(self, grad_y, x, offset, mask=None):
-        """(grad_x, grad_offset, grad_mask (None without a mask), grad_w, grad_b) of sum(grad_y * layer(x, ...))."""
-        geom = self._backward_geometry(grad_y, x, offset, mask)
-        return self._prepared.backward(*self._inputs(grad_y=grad_y, x=x, offset=offset, mask=mask), geom)
+        """(grad_x, grad_offset, grad_mask (None without a mask), grad_w, grad_b) of sum(grad_y * layer(x, ...)),
+        each in the kind of its input (grad_w and grad_b in grad_y's)."""
+        arrays, restore, geom = self._backward_inputs(grad_y, x, offset, mask)
+        return restore(self._prepared.backward(*arrays, geom))
 
     def profile_backward(self, grad_y, x, offset, mask=None):
         """backward once; returns (the five gradients, device seconds or None)."""
-        geom = self._backward_geometry(grad_y, x, offset, mask)
-        return self._prepared.profile_backward(*self._inputs(grad_y=grad_y, x=x, offset=offset, mask=mask), geom)
+        arrays, restore, geom = self._backward_inputs(grad_y, x, offset, mask)
+        grads, seconds = self._prepared.profile_backward(*arrays, geom)
+        return restore(grads), seconds
 
     def __repr__(self) -> str:
         s = self.spec
