@@ -162,6 +162,30 @@ def test_one_shot_forms_reuse_the_layer_and_see_weights_changed_in_place(target)
     grads = deform_conv2d_backward(gy, x, offset, w, padding=1, backend=backend, device=device)
     assert len(grads) == 5 and grads[2] is None
     assert np.allclose(grads[4], first.shape[2] * first.shape[3])
+    w *= 2  # changed in place again: grad_x and grad_offset are linear in w, grad_w does not depend on it
+    doubled = deform_conv2d_backward(gy, x, offset, w, padding=1, backend=backend, device=device)
+    for index in (0, 1):
+        assert compare(doubled[index], 2 * grads[index].astype(np.float64))[3]
+    assert compare(doubled[3], grads[3].astype(np.float64))[3]
+
+
+def test_one_shot_forms_keep_one_prepared_layer_per_weights(monkeypatch):
+    cb.clear_one_shot_cache()
+    case = Case("one-shot", (1, 4, 5, 5), (4, 4, 3, 3), True, dict(padding=1), 9, "deform_conv2d", 2, True, 2.0)
+    x, w, b = case.tensors()
+    offset, mask = case.inputs()
+    made = []
+    original = DeformConv2d.__init__
+
+    def counted(self, *args, **kwargs):
+        made.append(self)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DeformConv2d, "__init__", counted)
+    for _ in range(3):
+        deform_conv2d(x, offset, w, b, mask=mask, padding=1)
+        deform_conv2d_backward(np.ones((1, 4, 5, 5), np.float32), x, offset, w, mask, padding=1)
+    assert len(made) == 2  # one layer with the bias (forward), one without (backward)
 
 
 def _layer_args(offset_channels=36, mask_channels=18, c=4):
