@@ -48,7 +48,11 @@ class _Layers:
 
     @staticmethod
     def _version(tensor):
-        return None if tensor is None else (id(tensor), tensor.data_ptr(), tensor._version, tuple(tensor.shape))
+        if tensor is None:
+            return None
+        if tensor.is_inference():  # made under torch.inference_mode: no version counter, so never reused
+            return object()
+        return id(tensor), tensor.data_ptr(), tensor._version, tuple(tensor.shape)
 
     def get(self, weight, bias) -> _Layer:
         key = (self._version(weight), self._version(bias))

@@ -64,6 +64,18 @@ def test_v1_without_mask_and_without_bias():
     assert compare(y.detach().numpy(), ref)[3]
 
 
+def test_inference_mode_tensors():
+    """Tensors made under torch.inference_mode carry no version counter: the layer is prepared for each call."""
+    x, offset, mask = _inputs(6)
+    with torch.inference_mode():
+        weight = torch.rand(4, 4, 3, 3) - 0.5
+        first = cbt.deform_conv2d(x, offset, weight, padding=1, mask=mask)
+        weight.mul_(2)  # in place, inside inference mode
+        second = cbt.deform_conv2d(x, offset, weight, padding=1, mask=mask)
+    ref = deform_conv2d_float64(x.numpy(), offset.numpy(), weight.numpy(), None, mask.numpy(), padding=1)
+    assert compare(second.numpy(), ref)[3] and compare(first.numpy(), ref / 2)[3]
+
+
 def test_functional_form_in_torchvisions_order():
     x, offset, mask = _inputs(5)
     weight = torch.rand(4, 4, 3, 3) - 0.5
