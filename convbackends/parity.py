@@ -25,7 +25,8 @@ def tolerance(ref: np.ndarray) -> float:
 @dataclass(frozen=True)
 class Case:
     """One layer and input; tensors are drawn from U(-1, 1) with a fixed seed. deform_conv2d cases also draw
-    offsets from U(-offset_scale, offset_scale) for `offset_groups` groups and, with `mask`, a mask from U(0, 1)."""
+    offsets from U(-offset_scale, offset_scale) for `offset_groups` groups and, with `mask`, a mask from U(0, 1).
+    `backward` (deform_conv2d, for the benchmark): the case stands for the layer's gradients, not its forward."""
 
     name: str
     x_shape: tuple
@@ -37,6 +38,7 @@ class Case:
     offset_groups: int = 1
     mask: bool = False
     offset_scale: float = 0.0
+    backward: bool = False
 
     @property
     def out_channels(self) -> int:

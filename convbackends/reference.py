@@ -278,15 +278,17 @@ def deform_conv2d_float64(x, offset, w, b=None, mask=None, **kwargs) -> np.ndarr
 DEFORM_CONV_OPSET = 19
 
 
-def onnx_deform_conv_model(geom, w: np.ndarray, b: np.ndarray | None, activation: Activation) -> bytes:
-    """A serialized float64 ONNX graph: DeformConv (inputs x, offset and, when geom.has_mask, mask) + the
-    activation, explicit pads."""
-    from onnx import TensorProto, helper, numpy_helper
+def onnx_deform_conv_model(geom, w: np.ndarray, b: np.ndarray | None, activation: Activation,
+                           dtype=np.float64) -> bytes:
+    """A serialized ONNX graph of `dtype` (float64: the reference; float32: onnxruntime, a benchmark peer):
+    DeformConv (inputs x, offset and, when geom.has_mask, mask) + the activation, explicit pads."""
+    from onnx import helper, numpy_helper
 
-    inits = [numpy_helper.from_array(np.asarray(w, np.float64), name="W")]
+    element = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    inits = [numpy_helper.from_array(np.asarray(w, dtype), name="W")]
     inputs = ["x", "W", "offset", "B" if b is not None else ""]
     if b is not None:
-        inits.append(numpy_helper.from_array(np.asarray(b, np.float64), name="B"))
+        inits.append(numpy_helper.from_array(np.asarray(b, dtype), name="B"))
     if geom.has_mask:
         inputs.append("mask")
     conv_out = "y" if activation.kind == "none" else "conv"
@@ -295,16 +297,16 @@ def onnx_deform_conv_model(geom, w: np.ndarray, b: np.ndarray | None, activation
         dilations=[geom.dh, geom.dw], pads=[geom.pt, geom.pl, geom.pb, geom.pr], group=geom.groups,
         offset_group=geom.offset_groups)]
     if activation.kind != "none":
-        act_nodes, act_inits = _activation_nodes(helper, numpy_helper, activation, conv_out, "y", np.float64)
+        act_nodes, act_inits = _activation_nodes(helper, numpy_helper, activation, conv_out, "y", dtype)
         nodes += act_nodes
         inits += act_inits
-    graph_inputs = [helper.make_tensor_value_info("x", TensorProto.DOUBLE, list(geom.input_shape)),
-                    helper.make_tensor_value_info("offset", TensorProto.DOUBLE, list(geom.offset_shape))]
+    graph_inputs = [helper.make_tensor_value_info("x", element, list(geom.input_shape)),
+                    helper.make_tensor_value_info("offset", element, list(geom.offset_shape))]
     if geom.has_mask:
-        graph_inputs.append(helper.make_tensor_value_info("mask", TensorProto.DOUBLE, list(geom.mask_shape)))
+        graph_inputs.append(helper.make_tensor_value_info("mask", element, list(geom.mask_shape)))
     graph = helper.make_graph(
         nodes, "deform_conv2d", graph_inputs,
-        [helper.make_tensor_value_info("y", TensorProto.DOUBLE, list(geom.output_shape))], initializer=inits)
+        [helper.make_tensor_value_info("y", element, list(geom.output_shape))], initializer=inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", DEFORM_CONV_OPSET)]).SerializeToString()
 
 
