@@ -369,7 +369,7 @@ def test_vulkan_plans_by_device_kind(vulkan, monkeypatch, as_gpu):
     with DeformConv2d(w, b, backend="vulkan", device=index, **LAYER) as layer:
         layer(x, offset, mask)
         prepared = layer._prepared
-        plan = next(iter(prepared._plans.values()))
+        plan = next(iter(prepared._held.plans.values()))
         used = {name for name, pipeline in prepared.pipelines.items()
                 for d in plan._dispatches if d.pipeline is pipeline}
         assert used == ({"im2col"} if as_gpu else {"channels_last", "cpu_im2col"})

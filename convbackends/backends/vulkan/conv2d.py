@@ -205,6 +205,15 @@ class _DeviceObjects:
         self.buffers.append(buf)
         return buf
 
+    def plan(self, key: tuple, make) -> "PlanBuffers":
+        """The recorded plan for `key`, `make()` when there is none; beyond _PLANS_KEPT the least recently
+        used is closed."""
+        plan = self.plans.pop(key, None) or make()
+        self.plans[key] = plan
+        while len(self.plans) > _PLANS_KEPT:
+            self.plans.popitem(last=False)[1].close()
+        return plan
+
     def release(self) -> None:
         for plan in self.plans.values():
             plan.close()
@@ -266,12 +275,35 @@ class _Winograd:
         return _round_up(tiles, max(4, self.gemm.tiles.tn))
 
 
-class _Plan:
+class PlanBuffers:
+    """What every recorded plan (its `recording`) does with its buffers: takes them from the device's pool and
+    gives them back when it is closed."""
+
+    def __init__(self, device: _vk.Device):
+        self.device = device
+        self._owned: list[_vk.Buffer] = []
+
+    def _buffer(self, nbytes: int, host: bool) -> _vk.Buffer:
+        buf = self.device.acquire(nbytes, host)
+        self._owned.append(buf)
+        return buf
+
+    def close(self) -> None:
+        self.recording.close()
+        self._release()
+
+    def _release(self) -> None:
+        for buf in self._owned:
+            self.device.release(buf)
+        self._owned = []
+
+
+class _Plan(PlanBuffers):
     """Buffers and a recorded command buffer for one input geometry and path, split by batch where a
     buffer would exceed maxTexelBufferElements or maxStorageBufferRange."""
 
     def __init__(self, layer: "VulkanConv2d", geom: Conv2dGeometry, winograd: bool):
-        self.device = layer.dev
+        super().__init__(layer.dev)
         self.geom = geom
         self.padded = layer.padded_input(geom, winograd)
         if winograd:
@@ -279,7 +311,7 @@ class _Plan:
         per_chunk, refusal = layer.images_per_chunk(geom, winograd)
         if per_chunk < 1:
             raise ValueError(refusal)
-        self.chunks, self._owned, self._transformed = [], [], None
+        self.chunks, self._transformed = [], None
         try:
             self.recording = self._record(layer, geom, per_chunk, winograd)
         except BaseException:
@@ -338,11 +370,6 @@ class _Plan:
                          (math.ceil(pixels / wino.lanes), 1, geom.o)),
         ]
 
-    def _buffer(self, nbytes: int, host: bool) -> _vk.Buffer:
-        buf = self.device.acquire(nbytes, host)
-        self._owned.append(buf)
-        return buf
-
     def run(self, x: np.ndarray) -> tuple[np.ndarray, float | None]:
         g = self.geom
         for start, n, interior, _ in self.chunks:
@@ -353,15 +380,6 @@ class _Plan:
         seconds = self.recording.submit()
         outputs = [y_host.read(n * g.o * g.oh * g.ow).reshape(n, g.o, g.oh, g.ow) for _, n, _, y_host in self.chunks]
         return (outputs[0] if len(outputs) == 1 else np.concatenate(outputs)), seconds
-
-    def close(self) -> None:
-        self.recording.close()
-        self._release()
-
-    def _release(self) -> None:
-        for buf in self._owned:
-            self.device.release(buf)
-        self._owned = []
 
 
 class VulkanConv2d(Prepared):
@@ -448,12 +466,7 @@ class VulkanConv2d(Prepared):
                 and self.images_per_chunk(geom, True)[0] >= 1 and _winograd.safe(x))
 
     def _plan(self, geom: Conv2dGeometry, winograd: bool) -> _Plan:
-        key, plans = (geom, winograd), self._held.plans
-        plan = plans.pop(key, None) or _Plan(self, geom, winograd)
-        plans[key] = plan
-        while len(plans) > _PLANS_KEPT:
-            plans.popitem(last=False)[1].close()
-        return plan
+        return self._held.plan((geom, winograd), lambda: _Plan(self, geom, winograd))
 
     def profile(self, x, geom: Conv2dGeometry):
         with self._lock:

@@ -26,8 +26,8 @@ from ...ops.deform_conv2d import DeformConv2dGeometry, DeformConv2dPrepared, Def
 from ...runtime import DeviceInfo
 from ...runtime import vulkan as _vk
 from .. import _deform
-from .conv2d import (Tiles, _DeviceObjects, _round_up, _Shader, choose_tiles, epilogue_constants, gemm_1x1_push,
-                     tile_constants, work_groups)
+from .conv2d import (PlanBuffers, Tiles, _DeviceObjects, _round_up, _Shader, choose_tiles, epilogue_constants,
+                     gemm_1x1_push, tile_constants, work_groups)
 
 _PUSH = struct.Struct("<30i")  # the geometry, the tile, six values of the shader (deform_conv2d_sampling.glsl)
 _TEX, _STORE = _vk.TEXEL_FLOAT, _vk.STORAGE
@@ -48,7 +48,6 @@ _LANES = 64  # work-group width of the deform shaders
 # llvmpipe, measured: a GEMM over whole-tile rows ran about 1.5x slower (256->256 at 56x56); blocks of 32
 # beat 16 and 64, and 8 pixels per lane with 32- or 64-point blocks ran up to 20x slower on 512->512 at 7x7.
 COLUMN_BLOCK = 32
-_PLANS_KEPT = 4  # recorded geometries kept per layer and direction
 _LINEAR = epilogue_constants(0, False)  # the backward GEMMs: no bias, no activation
 
 
@@ -68,18 +67,19 @@ def _operand_layout(tiles: Tiles, k: int, og: int) -> tuple[int, int, int, int, 
     return kpad, ogp, tiles.tm, ogp * kpad, kpad * tiles.tm, tiles.tm
 
 
-class _Plan:
+class _Plan(PlanBuffers):
     """Buffers and a recorded command buffer for one input geometry, in one direction. It keeps no reference
     to its layer (the layer's finalizer holds the plans)."""
 
     def __init__(self, layer: "VulkanDeformConv2d", geom: DeformConv2dGeometry):
-        self.dev, self.geom = layer.dev, geom
+        super().__init__(layer.dev)
+        self.geom = geom
         self._pipelines, self._lanes, self._b = layer.pipelines, layer.lanes, layer.b
         self._activation = (layer.spec.activation.alpha, layer.spec.activation.beta)
-        self._owned, self._copies_in, self._copies_out, self._dispatches = [], [], [], []
+        self._copies_in, self._copies_out, self._dispatches = [], [], []
         try:
             self._record(layer)
-            self.recording = _vk.Recording(self.dev, self._dispatches, self._copies_in, self._copies_out)
+            self.recording = _vk.Recording(self.device, self._dispatches, self._copies_in, self._copies_out)
         except BaseException:
             self._release()
             raise
@@ -87,15 +87,10 @@ class _Plan:
     def _record(self, layer: "VulkanDeformConv2d") -> None:
         raise NotImplementedError
 
-    def _buffer(self, nbytes: int, host: bool) -> _vk.Buffer:
-        buf = self.dev.acquire(max(nbytes, 4), host)
-        self._owned.append(buf)
-        return buf
-
     def _input(self, nbytes: int) -> tuple[_vk.Buffer, _vk.Buffer]:
         """(the host buffer a call writes, the buffer shaders read): one buffer on unified memory."""
         host = self._buffer(nbytes, True)
-        if self.dev.unified:
+        if self.device.unified:
             return host, host
         device = self._buffer(nbytes, False)
         self._copies_in.append((host, device))
@@ -103,7 +98,7 @@ class _Plan:
 
     def _output(self, nbytes: int) -> tuple[_vk.Buffer, _vk.Buffer]:
         host = self._buffer(nbytes, True)
-        if self.dev.unified:
+        if self.device.unified:
             return host, host
         device = self._buffer(nbytes, False)
         self._copies_out.append((host, device))
@@ -131,15 +126,6 @@ class _Plan:
     def _write(buf: _vk.Buffer, data: np.ndarray) -> None:
         buf.write(data.view(np.float32) if data.dtype != np.float32 else data)
 
-    def close(self) -> None:
-        self.recording.close()
-        self._release()
-
-    def _release(self) -> None:
-        for buf in self._owned:
-            self.dev.release(buf)
-        self._owned = []
-
 
 class _ForwardPlan(_Plan):
     def _record(self, layer: "VulkanDeformConv2d") -> None:
@@ -152,7 +138,7 @@ class _ForwardPlan(_Plan):
         rows = g.c * g.taps
         self.block = block = _round_up(COLUMN_BLOCK, max(4, gemm.tiles.tn))
         cols = self._buffer(4 * max(self.blocks(t) for t in tiles) * block * rows, False)
-        vector = self.dev.type == "cpu" and g.c_per_offset_group % 4 == 0  # deform_conv2d_cpu_im2col.comp
+        vector = self.device.type == "cpu" and g.c_per_offset_group % 4 == 0  # deform_conv2d_cpu_im2col.comp
         if vector:
             bordered = self._buffer(4 * g.n * (g.h + 3) * (g.w + 2) * g.c, False)
             whole = _deform.Tile(0, g.n, 0, g.oh * g.ow)
@@ -274,7 +260,6 @@ class VulkanDeformConv2d(DeformConv2dPrepared):
         dev = self.dev = _vk.device(device.index)
         held = self._held = _DeviceObjects(dev)
         self._finalizer = weakref.finalize(self, dev.release_soon, held.release)
-        self._plans = held.plans
         limits = dev.limits
         self.lanes = min(_LANES, limits.maxComputeWorkGroupSize[0], limits.maxComputeWorkGroupInvocations)
         self._w = w.copy()  # for the backward GEMMs, made on first use
@@ -314,12 +299,7 @@ class VulkanDeformConv2d(DeformConv2dPrepared):
         return self._backward
 
     def _plan(self, geom: DeformConv2dGeometry, kind: type) -> _Plan:
-        key = (geom, kind)
-        plan = self._plans.pop(key, None) or kind(self, geom)
-        self._plans[key] = plan
-        while len(self._plans) > _PLANS_KEPT:
-            self._plans.popitem(last=False)[1].close()
-        return plan
+        return self._held.plan((geom, kind), lambda: kind(self, geom))
 
     def profile(self, x, offset, mask, geom: DeformConv2dGeometry):
         with self._lock:
