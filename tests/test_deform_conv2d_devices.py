@@ -376,6 +376,28 @@ def test_vulkan_plans_by_device_kind(vulkan, monkeypatch, as_gpu):
         assert prepared.columns.tiles.stage == as_gpu
 
 
+def test_vulkan_layer_collected_without_close_gives_everything_back(vulkan):
+    """The finalizer holds the device objects, never the layer (nor do its plans): dropping the last reference
+    releases weights, recorded plans and pipelines' uses."""
+    import gc
+    import weakref
+
+    x, w, b, offset, mask, grad_y = _problem(n=1)
+    layer = DeformConv2d(w, b, backend="vulkan", **LAYER)
+    held = layer._prepared._held
+    layer(x, offset, mask)
+    layer.backward(grad_y, x, offset, mask)
+    assert held.plans and held.buffers and held.pipelines
+    users = {id(p): p.users for p in held.pipelines}
+    pipelines = list(held.pipelines)
+    prepared = weakref.ref(layer._prepared)
+    del layer
+    gc.collect()
+    assert prepared() is None
+    assert not held.plans and not held.buffers and not held.pipelines
+    assert all(p.users == users[id(p)] - pipelines.count(p) for p in pipelines)
+
+
 def test_vulkan_releases_what_a_layer_records(vulkan):
     _, w, b, _, _, _ = _problem(n=1)
     per_layer = ("descriptor_set", "command_buffer", "query_pool")
