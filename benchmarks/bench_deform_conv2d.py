@@ -20,7 +20,8 @@ PEER = "onnxruntime"
 def onnxruntime_ratios(report) -> str:
     """Per forward layer and target: onnxruntime's median time / the target's (> 1: the target is faster)."""
     medians = {(r.layer, r.target): r.median_s for r in report.records if r.median_s}
-    targets = [t["id"] for t in report.targets if t["available"] and t["id"] != PEER]
+    ran = {target for _, target in medians}
+    targets = [t["id"] for t in report.targets if t["id"] in ran and t["id"] != PEER]
     rows = []
     for layer in report.layers:
         peer = medians.get((layer["name"], PEER))
