@@ -1,0 +1,160 @@
+"""sparse_conv3d on the CPU: the rulebook by sort + search over int64 site keys, the compute as one
+gather -> GEMM -> scatter-add per kernel tap. Nothing is ever the size of the grid.
+
+Rulebook (the canonical form of ops/sparse_conv3d.py `Rulebook`):
+- submanifold: input and output sites are the same sorted keys; tap t's neighbour of site r is key(r) + delta_t
+  (when its coordinates stay in the grid), found by `searchsorted`. Taps t and K-1-t are mirror images (delta and
+  -delta), so only the first half is searched: the mirror's pairs are the same pairs swapped, still sorted.
+- regular: every (input, tap) gives its output key where the division by the stride is exact and the output is in
+  the grid; `np.unique` of those keys is the sorted output sites, its inverse each candidate's output row.
+Compute: y starts as the bias (SubM: the centre tap's GEMM over every row, plus the bias); each other tap adds
+x[in_rows] @ W_t into y[out_rows]. A row appears at most once per tap, so the indexed add is exact and the
+result is the same bit for bit on every run.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ...ops.sparse_conv3d import Rulebook, RulebookGeometry, SparseConv3dGeometry, SparseConv3dSpec, linear_keys
+from ...runtime import DeviceInfo
+from .. import Prepared
+from .conv2d import activate
+
+
+class HostRulebook(Rulebook):
+    """A rulebook held as its canonical numpy arrays."""
+
+    def __init__(self, geometry: RulebookGeometry, in_indices: np.ndarray, out_indices: np.ndarray,
+                 offsets: np.ndarray, in_rows: np.ndarray, out_rows: np.ndarray, backend: str, device: int):
+        self.geometry, self.in_indices, self.out_indices = geometry, in_indices, out_indices
+        self.n_in, self.n_out = len(in_indices), len(out_indices)
+        self.offsets, self.in_rows, self.out_rows = offsets, in_rows, out_rows
+        self.backend, self.device = backend, device
+        self._swapped: HostRulebook | None = None
+
+    def pairs(self):
+        return self.offsets, self.in_rows, self.out_rows
+
+    def swapped(self) -> "HostRulebook":
+        if self._swapped is None:
+            self._swapped = HostRulebook(self.geometry.swapped(), self.out_indices, self.in_indices, self.offsets,
+                                         self.out_rows, self.in_rows, self.backend, self.device)
+        return self._swapped
+
+
+def _submanifold_pairs(indices: np.ndarray, rules: RulebookGeometry):
+    """Per tap (in_rows, out_rows) of a SubM layer on sorted unique sites."""
+    n = len(indices)
+    keys = linear_keys(indices, rules.in_shape)
+    coords = indices[:, 1:]
+    shape = np.array(rules.in_shape, np.int64)
+    _, h, w = rules.in_shape
+    taps = rules.taps()
+    deltas = taps * np.array(rules.dilation, np.int32) - np.array(rules.padding, np.int32)
+    k = len(taps)
+    pairs: list[tuple[np.ndarray, np.ndarray] | None] = [None] * k
+    for t in range(k // 2):
+        delta = deltas[t]
+        moved = coords + delta
+        inside = np.flatnonzero(((moved >= 0) & (moved < shape)).all(axis=1))
+        wanted = keys[inside] + ((int(delta[0]) * h + int(delta[1])) * w + int(delta[2]))
+        found = np.searchsorted(keys, wanted)
+        np.minimum(found, n - 1, out=found)
+        hit = keys[found] == wanted
+        out_rows = inside[hit].astype(np.int32)
+        in_rows = found[hit].astype(np.int32)
+        pairs[t] = (in_rows, out_rows)
+        pairs[k - 1 - t] = (out_rows, in_rows)
+    every = np.arange(n, dtype=np.int32)
+    pairs[k // 2] = (every, every)
+    return pairs, indices
+
+
+def _regular_pairs(indices: np.ndarray, rules: RulebookGeometry):
+    """Per tap (in_rows, out_rows) of a regular layer, and the sorted output sites."""
+    out_shape = rules.out_shape
+    # Per axis and kernel index: which inputs reach an output coordinate, and which one.
+    reach, where = [], []
+    for axis in range(3):
+        q = indices[:, 1 + axis].astype(np.int64)[None, :] + rules.padding[axis] - (
+            np.arange(rules.kernel[axis], dtype=np.int64)[:, None] * rules.dilation[axis])
+        s = rules.stride[axis]
+        reach.append((q >= 0) & (q % s == 0) & (q < s * out_shape[axis]))
+        where.append(q // s)
+    batch = indices[:, 0].astype(np.int64)
+    od, oh, ow = out_shape
+    kd, kh, kw = rules.kernel
+    rows, keys = [], []
+    for i in range(kd):
+        z_key = batch * od + where[0][i]
+        for j in range(kh):
+            zy_reach = reach[0][i] & reach[1][j]
+            zy_key = z_key * oh + where[1][j]
+            for l in range(kw):
+                inputs = np.flatnonzero(zy_reach & reach[2][l])
+                rows.append(inputs.astype(np.int32))
+                keys.append((zy_key[inputs] * ow) + where[2][l][inputs])
+    out_keys, out_row = np.unique(np.concatenate(keys), return_inverse=True)
+    out_indices = np.empty((len(out_keys), 4), np.int32)
+    rest = out_keys
+    for column, size in ((3, ow), (2, oh), (1, od)):
+        rest, out_indices[:, column] = np.divmod(rest, size)
+    out_indices[:, 0] = rest
+    bounds = np.cumsum([0] + [len(r) for r in rows])
+    out_row = out_row.astype(np.int32).reshape(-1)
+    return [(rows[t], out_row[bounds[t]:bounds[t + 1]]) for t in range(len(rows))], out_indices
+
+
+def build_rulebook(indices: np.ndarray, rules: RulebookGeometry, backend: str, device: int) -> HostRulebook:
+    """The rulebook of a regular or submanifold layer on sorted unique sites."""
+    indices = np.ascontiguousarray(indices)
+    k = rules.kernel_volume
+    if not len(indices):
+        empty = np.zeros(0, np.int32)
+        return HostRulebook(rules, indices, np.zeros((0, 4), np.int32), np.zeros(k + 1, np.int64), empty, empty,
+                            backend, device)
+    pairs, out_indices = (_submanifold_pairs if rules.subm else _regular_pairs)(indices, rules)
+    offsets = np.zeros(k + 1, np.int64)
+    offsets[1:] = np.cumsum([len(p[0]) for p in pairs])
+    in_rows = np.concatenate([p[0] for p in pairs])
+    out_rows = np.concatenate([p[1] for p in pairs])
+    return HostRulebook(rules, indices, out_indices, offsets, in_rows, out_rows, backend, device)
+
+
+class NumpySparsePrepared(Prepared):
+    """w repacked as one (C, O) matrix per tap; the rulebook and the compute on the host."""
+
+    def __init__(self, spec: SparseConv3dSpec, w: np.ndarray, b: np.ndarray | None, device: DeviceInfo):
+        self.spec, self.device = spec, device
+        o, c = spec.out_channels, spec.in_channels
+        self.taps = np.ascontiguousarray(w.reshape(o, c, -1).transpose(2, 1, 0))  # (K, C, O), a copy
+        self.bias = None if b is None else b.copy()
+
+    def rulebook(self, indices, rules: RulebookGeometry) -> HostRulebook:
+        return build_rulebook(indices, rules, self.device.backend, self.device.index)
+
+    def run(self, features, rulebook: Rulebook, geom: SparseConv3dGeometry) -> np.ndarray:
+        offsets, in_rows, out_rows = rulebook.pairs()
+        y = np.empty((geom.n_out, geom.o), np.float32)
+        centre = None
+        if geom.rules.subm and not geom.rules.inverse:
+            centre = len(self.taps) // 2
+            np.matmul(features, self.taps[centre], out=y)
+            if self.bias is not None:
+                y += self.bias
+        else:
+            y[:] = 0 if self.bias is None else self.bias
+        for t in range(len(self.taps)):
+            lo, hi = int(offsets[t]), int(offsets[t + 1])
+            if t == centre or lo == hi:
+                continue
+            y[out_rows[lo:hi]] += features[in_rows[lo:hi]] @ self.taps[t]
+        activate(y, self.spec.activation)
+        return y
+
+    def take_rows(self, features, order: np.ndarray) -> np.ndarray:
+        return features[order]
+
+
+def prepare(backend, spec: SparseConv3dSpec, w: np.ndarray, b: np.ndarray | None, device: DeviceInfo):
+    return NumpySparsePrepared(spec, w, b, device)
