@@ -220,8 +220,9 @@ def _triple(value) -> tuple[int, int, int]:
 
 
 def onnx_conv3d_model(x_shape, w: np.ndarray, b: np.ndarray | None, *, stride, padding, dilation,
-                      transposed: bool = False, output_padding=(0, 0, 0)) -> bytes:
-    """A serialized one-node ONNX graph: a 3-D Conv (or ConvTranspose) with symmetric pads, fixed input shape."""
+                      transposed: bool = False, output_padding=(0, 0, 0), activation: Activation = Activation()) -> bytes:
+    """A serialized one-node ONNX graph: a 3-D Conv (or ConvTranspose) with symmetric pads, then the activation,
+    for a fixed input shape."""
     from onnx import TensorProto, helper, numpy_helper
 
     stride, padding, dilation = _triple(stride), _triple(padding), _triple(dilation)
@@ -232,28 +233,37 @@ def onnx_conv3d_model(x_shape, w: np.ndarray, b: np.ndarray | None, *, stride, p
         inputs.append("B")
     kernel = list(w.shape[2:])
     attrs = dict(kernel_shape=kernel, strides=list(stride), dilations=list(dilation), pads=list(padding) * 2)
+    conv_out = "y" if activation.kind == "none" else "conv"
     if transposed:
         out_channels = w.shape[1]
         out = [s * (n - 1) + op + d * (k - 1) + 1 - 2 * p for n, k, s, p, d, op in zip(
             x_shape[2:], kernel, stride, padding, dilation, output_padding)]
-        node = helper.make_node("ConvTranspose", inputs, ["y"], output_padding=list(output_padding), **attrs)
+        node = helper.make_node("ConvTranspose", inputs, [conv_out], output_padding=list(output_padding), **attrs)
     else:
         out_channels = w.shape[0]
         out = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in zip(
             x_shape[2:], kernel, stride, padding, dilation)]
-        node = helper.make_node("Conv", inputs, ["y"], **attrs)
+        node = helper.make_node("Conv", inputs, [conv_out], **attrs)
+    nodes = [node]
+    if activation.kind != "none":
+        act_nodes, act_inits = _activation_nodes(helper, numpy_helper, activation, conv_out, "y")
+        nodes += act_nodes
+        inits += act_inits
     graph = helper.make_graph(
-        [node], "conv3d", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+        nodes, "conv3d", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [x_shape[0], out_channels, *out])], initializer=inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)]).SerializeToString()
 
 
-def cv2_conv3d(x, w, b=None, *, stride=1, padding=0, dilation=1, transposed=False, output_padding=(0, 0, 0)):
-    """cv2.dnn's dense 3-D Conv (w (O, C, kd, kh, kw)) or ConvTranspose (w (C, O, kd, kh, kw)), float32."""
+def cv2_conv3d(x, w, b=None, *, stride=1, padding=0, dilation=1, transposed=False, output_padding=(0, 0, 0),
+               activation=None):
+    """cv2.dnn's dense 3-D Conv (w (O, C, kd, kh, kw)) or ConvTranspose (w (C, O, kd, kh, kw)) and the
+    activation, float32."""
     import cv2
 
     model = onnx_conv3d_model(x.shape, w, b, stride=stride, padding=padding, dilation=dilation,
-                              transposed=transposed, output_padding=output_padding)
+                              transposed=transposed, output_padding=output_padding,
+                              activation=Activation.parse(activation))
     net = cv2.dnn.readNetFromONNX(np.frombuffer(model, np.uint8))
     net.setInput(np.ascontiguousarray(x, np.float32))
     return net.forward()
@@ -349,3 +359,27 @@ def sparse_inverse_conv3d_float64(features, w, b=None, *, sites, spatial_shape, 
     y = conv_transpose3d_float64(dense, np.asarray(w).transpose(1, 0, 2, 3, 4), b, stride=stride, padding=padding,
                                  dilation=dilation, out_shape=tuple(spatial_shape))
     return activation_float64(_sample(y, np.asarray(sites)), Activation.parse(activation))
+
+
+def cv2_sparse_conv3d(indices, features, w, b=None, *, batch_size, spatial_shape, stride=1, padding=0, dilation=1,
+                      subm=False, activation=None) -> tuple[np.ndarray, np.ndarray]:
+    """cv2.dnn's truth for the sparse layer: (output sites (M, 4) int32 sorted, features (M, O) float32).
+
+    cv2.dnn's dense 3-D Conv (+ activation) of the densified input sampled at the output sites; for a regular
+    layer the sites are where cv2.dnn's conv of the occupancy mask with a kernel of ones is nonzero (whole counts,
+    exact in float32). For small grids: it allocates the dense volume."""
+    indices = np.asarray(indices)
+    kernel = w.shape[2:]
+    if subm:
+        padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, _triple(dilation)))
+        stride = 1
+    dense = _densify(indices, features, batch_size, spatial_shape).astype(np.float32)
+    y = cv2_conv3d(dense, w, b, stride=stride, padding=padding, dilation=dilation, activation=activation)
+    if subm:
+        sites = indices[np.lexsort(indices.T[::-1])] if len(indices) else indices.reshape(0, 4)
+    else:
+        occupancy = _densify(indices, np.ones((len(indices), 1)), batch_size, spatial_shape).astype(np.float32)
+        reached = cv2_conv3d(occupancy, np.ones((1, 1, *kernel), np.float32), stride=stride, padding=padding,
+                             dilation=dilation)
+        sites = np.argwhere(reached[:, 0] > 0.5)
+    return sites.astype(np.int32), _sample(y, sites)

@@ -44,7 +44,7 @@ def _triple(name: str, value, minimum: int) -> tuple[int, int, int]:
     return tuple(int(v) for v in items)
 
 
-def _host(array) -> np.ndarray:
+def to_host(array) -> np.ndarray:
     """A host copy of a numpy array or of a device array with `.get()` (pyopencl, CuPy)."""
     return array if isinstance(array, np.ndarray) else np.asarray(array.get())
 
@@ -119,7 +119,7 @@ class SparseTensor:
     def indices(self) -> np.ndarray:
         """(N, 4) int32 on the host (downloaded once when a device backend produced the tensor)."""
         if self._host_indices is None:
-            self._host_indices = _host(self._indices)
+            self._host_indices = to_host(self._indices)
         return self._host_indices
 
     @property
@@ -134,7 +134,7 @@ class SparseTensor:
         """(B, C, D, H, W) float32 on the host, zeros at inactive sites. For tests and small grids only."""
         out = np.zeros((self.batch_size, self.channels, *self.spatial_shape), np.float32)
         b, z, y, x = self.indices.T
-        out[b, :, z, y, x] = _host(self.features)
+        out[b, :, z, y, x] = to_host(self.features)
         return out
 
     def replace_feature(self, features) -> "SparseTensor":

@@ -18,7 +18,13 @@ import numpy as np
 from ...ops.sparse_conv3d import Rulebook, RulebookGeometry, SparseConv3dGeometry, SparseConv3dSpec, linear_keys
 from ...runtime import DeviceInfo
 from .. import Prepared
-from .conv2d import activate
+from .conv2d import _in_parts, activate
+
+# OpenBLAS runs a GEMM on the calling thread while M * N * K stays at or below 65536 * 4 (its
+# GEMM_MULTITHREAD_THRESHOLD): above it, each call hands work to its threads, which costs a scheduler
+# period whenever the cores are busy. The cores take contiguous ranges of output rows instead (one
+# hand-off per layer, not one per tap and block).
+SERIAL_GEMM_MNK = 65536 * 4
 
 
 class HostRulebook(Rulebook):
@@ -129,6 +135,9 @@ class NumpySparsePrepared(Prepared):
         o, c = spec.out_channels, spec.in_channels
         self.taps = np.ascontiguousarray(w.reshape(o, c, -1).transpose(2, 1, 0))  # (K, C, O), a copy
         self.bias = None if b is None else b.copy()
+        # Rows per GEMM block: OpenBLAS keeps a GEMM on the calling thread up to this size, so each core's
+        # blocks never wait on BLAS threads; at least a few dozen rows keep the call overhead small.
+        self.block_rows = max(32, SERIAL_GEMM_MNK // (c * o))
 
     def rulebook(self, indices, rules: RulebookGeometry) -> HostRulebook:
         return build_rulebook(indices, rules, self.device.backend, self.device.index)
@@ -136,20 +145,31 @@ class NumpySparsePrepared(Prepared):
     def run(self, features, rulebook: Rulebook, geom: SparseConv3dGeometry) -> np.ndarray:
         offsets, in_rows, out_rows = rulebook.pairs()
         y = np.empty((geom.n_out, geom.o), np.float32)
-        centre = None
-        if geom.rules.subm and not geom.rules.inverse:
-            centre = len(self.taps) // 2
-            np.matmul(features, self.taps[centre], out=y)
-            if self.bias is not None:
-                y += self.bias
-        else:
-            y[:] = 0 if self.bias is None else self.bias
-        for t in range(len(self.taps)):
-            lo, hi = int(offsets[t]), int(offsets[t + 1])
-            if t == centre or lo == hi:
-                continue
-            y[out_rows[lo:hi]] += features[in_rows[lo:hi]] @ self.taps[t]
-        activate(y, self.spec.activation)
+        centre = len(self.taps) // 2 if geom.rules.subm and not geom.rules.inverse else None
+        block, act = self.block_rows, self.spec.activation
+
+        def rows(r0: int, r1: int) -> None:
+            """Output rows [r0, r1): every tap in order, then the epilogue; rows of other parts untouched."""
+            if centre is None:
+                y[r0:r1] = 0 if self.bias is None else self.bias
+            else:  # the centre tap of a SubM layer maps every row to itself: a plain GEMM
+                for b0 in range(r0, r1, block):
+                    b1 = min(b0 + block, r1)
+                    np.matmul(features[b0:b1], self.taps[centre], out=y[b0:b1])
+                if self.bias is not None:
+                    y[r0:r1] += self.bias
+            for t in range(len(self.taps)):
+                lo, hi = int(offsets[t]), int(offsets[t + 1])
+                if t == centre or lo == hi:
+                    continue
+                a, b = lo + np.searchsorted(out_rows[lo:hi], (r0, r1))
+                for b0 in range(a, b, block):
+                    b1 = min(b0 + block, b)
+                    targets = out_rows[b0:b1]
+                    y[targets] += np.take(features, in_rows[b0:b1], axis=0) @ self.taps[t]
+            activate(y[r0:r1], act)
+
+        _in_parts(geom.n_out, int(offsets[-1]) * (geom.c + geom.o), rows)
         return y
 
     def take_rows(self, features, order: np.ndarray) -> np.ndarray:
