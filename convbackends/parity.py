@@ -168,6 +168,62 @@ def _transposed_sweep() -> list[Case]:
     return cases
 
 
+def lidar_sites(count, spatial_shape, batch_size=1, seed=0):
+    """Sorted unique (count, 4) int32 sites shaped like a voxelised LiDAR sweep: a sloped ground plane seen from a
+    sensor at one edge, box-shaped objects (cars, buildings) with their walls and roofs, and thin vertical poles;
+    points thin out with range as a spinning sensor's do. Seeded, so every run sees the same sites."""
+    d, h, w = spatial_shape
+    rng = np.random.default_rng(seed)
+    per_batch = [count // batch_size + (b < count % batch_size) for b in range(batch_size)]
+    sites = []
+    for b, wanted in enumerate(per_batch):
+        chosen = np.zeros((0, 3), np.int64)
+        scale = 2
+        while len(chosen) < wanted:
+            points = _scene(rng, scale * wanted + 64, d, h, w)
+            keys = np.unique((points[:, 0] * h + points[:, 1]) * w + points[:, 2])
+            if len(keys) >= wanted:
+                keys = np.sort(rng.choice(keys, wanted, replace=False))
+                chosen = np.stack(np.unravel_index(keys, (d, h, w)), 1)
+            scale *= 2
+        sites.append(np.column_stack([np.full(wanted, b), chosen]))
+    return np.concatenate(sites).astype(np.int32) if sites else np.zeros((0, 4), np.int32)
+
+
+def _scene(rng, n, d, h, w):
+    """n points (z, y, x) in the grid: 55% ground, 35% object surfaces, 10% poles."""
+    n_ground, n_objects = int(0.55 * n), int(0.35 * n)
+    n_poles = n - n_ground - n_objects
+    # Range from the sensor at (y = h/2, x = 0) drawn so density falls like 1/range.
+    r = np.abs(rng.standard_normal(n)) * 0.35 * w + 2
+    angle = rng.uniform(-1.2, 1.2, n)
+    y, x = h / 2 + r * np.sin(angle), r * np.cos(angle)
+    ground = 0.15 * d + 0.03 * d * np.sin(x / w * 3) + rng.normal(0, 0.3, n)
+    z = ground.copy()
+    # Objects: boxes on the ground (centre y, x, half sizes, height); a point lands on the wall facing the
+    # sensor, a side wall or the roof of one of them.
+    boxes = rng.uniform(0, 1, (max(4, n // 3000), 5)) * (h, w, 0.04 * w, 0.03 * h, 0.35 * d) + (0, 0, 2, 2, 2)
+    which = rng.integers(0, len(boxes), n_objects)
+    by, bx, size_x, size_y, height = boxes[which].T
+    face = rng.integers(0, 3, n_objects)
+    u, v = rng.uniform(-1, 1, n_objects), rng.uniform(0, 1, n_objects)
+    oy = np.where(face == 0, by + u * size_y, np.where(face == 1, by - size_y, by + u * size_y))
+    across = rng.uniform(-1, 1, n_objects)
+    ox = np.where(face == 0, bx - size_x, np.where(face == 1, bx + u * size_x, bx + across * size_x))
+    oz = np.where(face == 2, height, v * height)
+    sl = slice(n_ground, n_ground + n_objects)
+    y[sl], x[sl], z[sl] = oy, ox, ground[sl] + oz
+    # Poles: vertical lines at a few places.
+    poles = rng.uniform(0, 1, (max(2, n // 20000), 2)) * (h, w)
+    which = rng.integers(0, len(poles), n_poles)
+    sl = slice(n_ground + n_objects, n)
+    y[sl], x[sl] = poles[which, 0] + rng.normal(0, 0.3, n_poles), poles[which, 1] + rng.normal(0, 0.3, n_poles)
+    z[sl] = ground[sl] + rng.uniform(0, 0.6 * d, n_poles)
+    points = np.column_stack([z, y, x]).astype(np.int64)
+    inside = ((points >= 0) & (points < (d, h, w))).all(axis=1)
+    return points[inside]
+
+
 def _sparse(x_shape, sites, o, kernel, *, bias=True, seed=0, **kwargs) -> Case:
     """A sparse_conv3d case: x_shape (B, C, D, H, W) holds `sites` active sites; w is (O, C, kd, kh, kw)."""
     kernel = kernel if isinstance(kernel, tuple) else (kernel,) * 3

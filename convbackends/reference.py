@@ -383,3 +383,39 @@ def cv2_sparse_conv3d(indices, features, w, b=None, *, batch_size, spatial_shape
                              dilation=dilation)
         sites = np.argwhere(reached[:, 0] > 0.5)
     return sites.astype(np.int32), _sample(y, sites)
+
+
+def sparse_rulebook_dense(in_indices, out_indices, *, batch_size, in_shape, kernel, stride, padding, dilation):
+    """The canonical rulebook (offsets, in_rows, out_rows) by its definition, through a dense grid of row numbers:
+    for every tap and every output site, the input row at o * stride - padding + tap * dilation, if active.
+    Rows are positions in the given (sorted) index arrays. For small grids."""
+    grid = np.full((batch_size, *in_shape), -1, np.int64)
+    in_indices, out_indices = np.asarray(in_indices), np.asarray(out_indices)
+    grid[tuple(in_indices.T)] = np.arange(len(in_indices))
+    offsets, in_rows, out_rows = [0], [], []
+    for tap in np.ndindex(*kernel):
+        at = out_indices[:, 1:] * np.array(stride) - np.array(padding) + np.array(tap) * np.array(dilation)
+        inside = np.flatnonzero(((at >= 0) & (at < np.array(in_shape))).all(axis=1))
+        rows = grid[(out_indices[inside, 0], *at[inside].T)] if inside.size else np.zeros(0, np.int64)
+        active = rows >= 0
+        in_rows.append(rows[active])
+        out_rows.append(inside[active])
+        offsets.append(offsets[-1] + int(active.sum()))
+    return (np.array(offsets, np.int64), np.concatenate(in_rows).astype(np.int32),
+            np.concatenate(out_rows).astype(np.int32))
+
+
+def cv2_sparse_inverse_conv3d(features, w, b=None, *, sites, spatial_shape, in_sites, in_spatial_shape, batch_size,
+                              stride=1, padding=0, dilation=1, activation=None) -> np.ndarray:
+    """cv2.dnn's truth for the inverse layer (see `sparse_inverse_conv3d_float64`): its dense 3-D ConvTranspose
+    (+ activation) of the densified input, sampled at `sites`, float32 (M, O). The output_padding that reaches the
+    regular layer's input grid is the remainder that layer's output-size division dropped, always below the stride."""
+    kernel = np.asarray(w).shape[2:]
+    stride, padding, dilation = _triple(stride), _triple(padding), _triple(dilation)
+    output_padding = [want - (s * (n - 1) + d * (k - 1) + 1 - 2 * p) for want, n, k, s, p, d in zip(
+        spatial_shape, in_spatial_shape, kernel, stride, padding, dilation)]
+    dense = _densify(in_sites, features, batch_size, in_spatial_shape).astype(np.float32)
+    y = cv2_conv3d(dense, np.ascontiguousarray(np.asarray(w).transpose(1, 0, 2, 3, 4)), b, stride=stride,
+                   padding=padding, dilation=dilation, transposed=True, output_padding=output_padding,
+                   activation=activation)
+    return _sample(y, np.asarray(sites))

@@ -48,32 +48,57 @@ class HostRulebook(Rulebook):
         return self._swapped
 
 
+def _axis_reach(coords: np.ndarray, size: int, k: int, step: int, pad: int) -> list[np.ndarray]:
+    """Per kernel index i along one axis: which sites' coordinate + i * step - pad stays in [0, size)."""
+    return [(coords >= pad - i * step) & (coords < size + pad - i * step) for i in range(k)]
+
+
 def _submanifold_pairs(indices: np.ndarray, rules: RulebookGeometry):
-    """Per tap (in_rows, out_rows) of a SubM layer on sorted unique sites."""
+    """Per tap (in_rows, out_rows) of a SubM layer on sorted unique sites.
+
+    Taps come in rows along x: for each (i, j) the sites whose z and y neighbours stay in the grid look up
+    key + delta_z + delta_y + (l * dilation_x - pad_x). With dilation_x 1 those keys are consecutive, so one
+    search finds the first and the others follow by stepping over matches; otherwise each tap searches. Only
+    the taps before the centre are searched: tap K-1-t is tap t mirrored, its pairs swapped."""
     n = len(indices)
-    keys = linear_keys(indices, rules.in_shape)
-    coords = indices[:, 1:]
-    shape = np.array(rules.in_shape, np.int64)
-    _, h, w = rules.in_shape
-    taps = rules.taps()
-    deltas = taps * np.array(rules.dilation, np.int32) - np.array(rules.padding, np.int32)
-    k = len(taps)
+    (kd, kh, kw), (dd, dh, dw), (pd, ph, pw) = rules.kernel, rules.dilation, rules.padding
+    d, h, w = rules.in_shape
+    keys = _compact(linear_keys(indices, rules.in_shape), rules.batch_size * d * h * w)
+    reach_z, reach_y, reach_x = (_axis_reach(indices[:, a + 1], size, k, step, pad) for a, size, k, step, pad in
+                                 zip(range(3), rules.in_shape, rules.kernel, rules.dilation, rules.padding))
+    last = np.int64(n - 1)
+    k = kd * kh * kw
+    centre = k // 2
     pairs: list[tuple[np.ndarray, np.ndarray] | None] = [None] * k
-    for t in range(k // 2):
-        delta = deltas[t]
-        moved = coords + delta
-        inside = np.flatnonzero(((moved >= 0) & (moved < shape)).all(axis=1))
-        wanted = keys[inside] + ((int(delta[0]) * h + int(delta[1])) * w + int(delta[2]))
-        found = np.searchsorted(keys, wanted)
-        np.minimum(found, n - 1, out=found)
-        hit = keys[found] == wanted
-        out_rows = inside[hit].astype(np.int32)
-        in_rows = found[hit].astype(np.int32)
-        pairs[t] = (in_rows, out_rows)
-        pairs[k - 1 - t] = (out_rows, in_rows)
+    for i in range(kd):
+        for j in range(kh):
+            first_tap = (i * kh + j) * kw
+            if first_tap > centre:
+                break
+            sites = np.flatnonzero(reach_z[i] & reach_y[j])
+            base = keys[sites] + keys.dtype.type(((i * dd - pd) * h + (j * dh - ph)) * w - pw)
+            found = None
+            for l in range(kw):
+                t = first_tap + l
+                if t >= centre:
+                    break
+                wanted = base + keys.dtype.type(l * dw)
+                if found is None or dw != 1:
+                    found = np.searchsorted(keys, wanted)
+                cand = keys[np.minimum(found, last)]
+                match = cand == wanted
+                hit = np.flatnonzero(match & reach_x[l][sites])
+                out_rows, in_rows = sites[hit].astype(np.int32), found[hit].astype(np.int32)
+                pairs[t], pairs[k - 1 - t] = (in_rows, out_rows), (out_rows, in_rows)
+                found += match  # the next key along x lies past this one when this one is a site
     every = np.arange(n, dtype=np.int32)
-    pairs[k // 2] = (every, every)
+    pairs[centre] = (every, every)
     return pairs, indices
+
+
+def _compact(keys: np.ndarray, span: int) -> np.ndarray:
+    """int32 keys when every key fits with room for the tap offsets looked up: searches move half the bytes."""
+    return keys.astype(np.int32) if span < (1 << 30) else keys
 
 
 def _regular_pairs(indices: np.ndarray, rules: RulebookGeometry):
