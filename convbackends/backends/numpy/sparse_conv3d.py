@@ -48,9 +48,11 @@ class HostRulebook(Rulebook):
         return self._swapped
 
 
-def _axis_reach(coords: np.ndarray, size: int, k: int, step: int, pad: int) -> list[np.ndarray]:
-    """Per kernel index i along one axis: which sites' coordinate + i * step - pad stays in [0, size)."""
-    return [(coords >= pad - i * step) & (coords < size + pad - i * step) for i in range(k)]
+def _within(coords: np.ndarray, low: int, high: int, shift: int) -> np.ndarray | None:
+    """Which coords + shift lie in [low, high), or None when all of them do (the usual case away from borders)."""
+    if not len(coords) or (coords.min() + shift >= low and coords.max() + shift < high):
+        return None
+    return (coords >= low - shift) & (coords < high - shift)
 
 
 def _submanifold_pairs(indices: np.ndarray, rules: RulebookGeometry):
@@ -58,25 +60,33 @@ def _submanifold_pairs(indices: np.ndarray, rules: RulebookGeometry):
 
     Taps come in rows along x: for each (i, j) the sites whose z and y neighbours stay in the grid look up
     key + delta_z + delta_y + (l * dilation_x - pad_x). With dilation_x 1 those keys are consecutive, so one
-    search finds the first and the others follow by stepping over matches; otherwise each tap searches. Only
-    the taps before the centre are searched: tap K-1-t is tap t mirrored, its pairs swapped."""
+    search finds the first and the others follow by stepping over matches; otherwise each tap searches. A match
+    whose x left the grid is another row's site and is dropped. Only the taps before the centre are searched:
+    tap K-1-t is tap t mirrored, its pairs swapped."""
     n = len(indices)
     (kd, kh, kw), (dd, dh, dw), (pd, ph, pw) = rules.kernel, rules.dilation, rules.padding
     d, h, w = rules.in_shape
     keys = _compact(linear_keys(indices, rules.in_shape), rules.batch_size * d * h * w)
-    reach_z, reach_y, reach_x = (_axis_reach(indices[:, a + 1], size, k, step, pad) for a, size, k, step, pad in
-                                 zip(range(3), rules.in_shape, rules.kernel, rules.dilation, rules.padding))
-    last = np.int64(n - 1)
+    # One past the last key, a value no lookup wants: a search that runs off the end meets it.
+    padded = np.append(keys, np.iinfo(keys.dtype).max)
+    z, y, x = (np.ascontiguousarray(indices[:, a]) for a in (1, 2, 3))
     k = kd * kh * kw
     centre = k // 2
     pairs: list[tuple[np.ndarray, np.ndarray] | None] = [None] * k
+    every = np.arange(n, dtype=np.int32)
     for i in range(kd):
         for j in range(kh):
             first_tap = (i * kh + j) * kw
             if first_tap > centre:
                 break
-            sites = np.flatnonzero(reach_z[i] & reach_y[j])
-            base = keys[sites] + keys.dtype.type(((i * dd - pd) * h + (j * dh - ph)) * w - pw)
+            inside_z, inside_y = _within(z, 0, d, i * dd - pd), _within(y, 0, h, j * dh - ph)
+            inside = inside_z if inside_y is None else inside_y if inside_z is None else inside_z & inside_y
+            shift = keys.dtype.type(((i * dd - pd) * h + (j * dh - ph)) * w - pw)
+            if inside is None:
+                sites, base = every, keys + shift
+            else:
+                sites = np.flatnonzero(inside).astype(np.int32)
+                base = keys[sites] + shift
             found = None
             for l in range(kw):
                 t = first_tap + l
@@ -85,13 +95,14 @@ def _submanifold_pairs(indices: np.ndarray, rules: RulebookGeometry):
                 wanted = base + keys.dtype.type(l * dw)
                 if found is None or dw != 1:
                     found = np.searchsorted(keys, wanted)
-                cand = keys[np.minimum(found, last)]
-                match = cand == wanted
-                hit = np.flatnonzero(match & reach_x[l][sites])
-                out_rows, in_rows = sites[hit].astype(np.int32), found[hit].astype(np.int32)
+                match = padded[found] == wanted
+                hit = np.flatnonzero(match)
+                out_rows, in_rows = sites[hit], found[hit].astype(np.int32)
+                inside_x = _within(x[out_rows], 0, w, l * dw - pw)
+                if inside_x is not None:
+                    out_rows, in_rows = out_rows[inside_x], in_rows[inside_x]
                 pairs[t], pairs[k - 1 - t] = (in_rows, out_rows), (out_rows, in_rows)
                 found += match  # the next key along x lies past this one when this one is a site
-    every = np.arange(n, dtype=np.int32)
     pairs[centre] = (every, every)
     return pairs, indices
 
