@@ -232,9 +232,9 @@ def main(argv=None) -> int:
     if not args.no_curve:
         for sites in CURVE_SITES:
             layer = Layer(f"SubM {sites}", sites, CURVE_GRID, 16, 16, True)
-            r = measure_convbackends(layer, "numpy", max(3, args.repeats // 2))
-            peer = None if missing_spconv else measure_spconv(layer, max(3, args.repeats // 2), r["output"])
-            curve.append((sites, r["rulebook"], r["compute"], r["layer"][0], peer and peer["layer"][0]))
+            r = measure_convbackends(layer, "numpy", args.repeats)
+            peer = None if missing_spconv else measure_spconv(layer, args.repeats, r["output"])
+            curve.append((sites, r["rulebook"], r["compute"], *r["layer"], *(peer["layer"] if peer else (None, None))))
 
     m = machine_info()
     parts = [
@@ -269,8 +269,9 @@ def main(argv=None) -> int:
                      f"spconv output: {check}")
     if curve:
         parts += ["", f"## Scaling: SubM 3x3x3 16->16 in {CURVE_GRID}", "",
-                  markdown_table(["sites", "rulebook ms", "compute ms", "layer ms", "spconv layer ms"],
-                                 [[f"{s}", ms(r), ms(c), ms(t), ms(p)] for s, r, c, t, p in curve])]
+                  markdown_table(["sites", "rulebook ms", "compute ms", "layer ms (CPU)", "spconv layer ms (CPU)"],
+                                 [[f"{row[0]}", ms(row[1]), ms(row[2]), f"{ms(row[3])} ({ms(row[4])})",
+                                   f"{ms(row[5])} ({ms(row[6])})"] for row in curve])]
         if args.plot:
             plot(curve, args.plot)
             parts += ["", f"![scaling]({os.path.basename(args.plot)})"]
@@ -291,11 +292,14 @@ def plot(curve, path: str) -> None:
 
     sites = [c[0] for c in curve]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for column, label in ((1, "numpy rulebook"), (2, "numpy compute"), (3, "numpy layer"), (4, "spconv CPU layer")):
+    lines = ((1, "numpy rulebook", "C0", "-"), (2, "numpy compute", "C1", "-"), (3, "numpy layer", "C2", "-"),
+             (4, "numpy layer, CPU time", "C2", "--"), (5, "spconv CPU build, layer", "C3", "-"),
+             (6, "spconv CPU build, layer, CPU time", "C3", "--"))
+    for column, label, color, style in lines:
         values = [c[column] for c in curve]
         if all(v is not None for v in values):
-            ax.plot(sites, [v * 1e3 for v in values], marker="o", label=label)
-    ax.set(xscale="log", yscale="log", xlabel="active sites", ylabel="ms (median)",
+            ax.plot(sites, [v * 1e3 for v in values], marker="o", color=color, linestyle=style, label=label)
+    ax.set(xscale="log", yscale="log", xlabel="active sites", ylabel="ms (median; CPU time: all threads)",
            title=f"SubM 3x3x3 16->16 in {CURVE_GRID}: time vs active sites")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()

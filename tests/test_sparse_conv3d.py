@@ -431,3 +431,45 @@ def test_cost_follows_the_active_sites_not_the_grid():
 def test_public_names():
     for name in ("SparseTensor", "SparseConv3d", "SparseInverseConv3d", "sparse_conv3d"):
         assert getattr(cb, name) is getattr(__import__("convbackends.ops.sparse_conv3d", fromlist=[name]), name)
+
+
+def test_cv2_dnn_runs_dense_3d_conv_with_pads_strides_dilation():
+    """The truth's premise: cv2.dnn's 3-D Conv and ConvTranspose agree with the float64 definitions."""
+    from convbackends.reference import conv3d_float64, conv_transpose3d_float64, cv2_conv3d
+
+    rng = np.random.default_rng(8)
+    x = uniform(rng, 2, 3, 9, 8, 10)
+    for kernel, stride, padding, dilation in (((3, 3, 3), 1, 0, 1), ((3, 2, 3), 2, 1, 1),
+                                              ((3, 2, 2), (1, 2, 3), (2, 0, 1), (2, 1, 3)), ((5, 1, 4), 3, 2, 2)):
+        w, b = uniform(rng, 4, 3, *kernel), uniform(rng, 4)
+        geometry = dict(stride=stride, padding=padding, dilation=dilation)
+        assert compare(cv2_conv3d(x, w, b, activation="tanh", **geometry),
+                       np.tanh(conv3d_float64(x, w, b, **geometry)))[3]
+        small, wt = uniform(rng, 2, 3, 4, 5, 4), uniform(rng, 3, 4, *kernel)
+        y = cv2_conv3d(small, wt, b, transposed=True, **geometry)
+        assert compare(y, conv_transpose3d_float64(small, wt, b, out_shape=y.shape[2:], **geometry))[3]
+
+
+@pytest.mark.parametrize("as_gpu", [False, True], ids=["device-kernels", "gpu-kernels"])
+def test_opencl_device_features_in_and_out(monkeypatch, as_gpu):
+    """pyopencl features stay on the device through a network; the sites come to the host only when asked."""
+    from conftest import cpu_device, require
+
+    availability = cb.available_backends()["opencl"]
+    if not availability.available:
+        require("opencl", availability.reason)
+    import pyopencl.array as cla
+
+    from convbackends.runtime.opencl import BACKEND
+
+    device = cpu_device(monkeypatch, "opencl", as_gpu)
+    queue = BACKEND.runtime(device).queue
+    rng = np.random.default_rng(9)
+    host = random_tensor(rng, 2, 5, (9, 10, 11), 240)
+    t = cb.SparseTensor(cla.to_device(queue, host.features), host.indices, host.spatial_shape, 2)
+    layers = unet(rng)
+    outputs = run_unet(layers, t, "opencl", device)
+    assert all(isinstance(o.features, cla.Array) for o in outputs)
+    for i, (y, ref) in enumerate(zip(outputs, unet_float64(layers, host))):
+        _, _, _, passed, detail = compare_sparse(y, ref)
+        assert passed, f"layer {i}: {detail}"
