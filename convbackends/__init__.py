@@ -5,6 +5,9 @@ Importing the package loads no GPU library: backends are imported when first ask
 from .ops.base import clear_one_shot_cache
 from .ops.conv2d import Conv2d, conv2d
 from .ops.conv_transpose2d import ConvTranspose2d, ConvTranspose2dGeometry, ConvTranspose2dSpec, conv_transpose2d
+from .ops.sparse_conv3d import (
+    Rulebook, RulebookGeometry, SparseConv3d, SparseConv3dSpec, SparseInverseConv3d, SparseTensor, sparse_conv3d,
+)
 from .runtime import Availability, BackendUnavailable, DeviceInfo, available_backends, devices, opencl_queue
 from .spec import Activation, Conv2dGeometry, Conv2dSpec
 
@@ -21,10 +24,17 @@ __all__ = [
     "ConvTranspose2dGeometry",
     "ConvTranspose2dSpec",
     "DeviceInfo",
+    "Rulebook",
+    "RulebookGeometry",
+    "SparseConv3d",
+    "SparseConv3dSpec",
+    "SparseInverseConv3d",
+    "SparseTensor",
     "available_backends",
     "clear_one_shot_cache",
     "conv2d",
     "conv_transpose2d",
     "devices",
     "opencl_queue",
+    "sparse_conv3d",
 ]
