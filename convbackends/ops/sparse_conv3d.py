@@ -353,7 +353,7 @@ class _SparseLayer(Layer):
         self._prepare(spec, backend, device, host_array("w", w), None if b is None else host_array("b", b))
 
     def _features(self, t: SparseTensor):
-        return self._input(t.features)
+        return self._input("features", t.features)[0]
 
     def _cached(self, t: SparseTensor, rules: RulebookGeometry) -> Rulebook | None:
         """The rulebook kept under this layer's key, checked against this layer and t."""
@@ -411,7 +411,7 @@ class SparseConv3d(_SparseLayer):
         return found
 
     def _take_rows(self, features, order):
-        return self._prepared.take_rows(self._input(features), order)
+        return self._prepared.take_rows(self._input("features", features)[0], order)
 
     def _call(self, t: SparseTensor, timed: bool):
         rulebook = self.rulebook(t)
@@ -489,5 +489,5 @@ def sparse_conv3d(t: SparseTensor, w, b=None, *, stride=1, padding=0, dilation=1
     chosen = get_backend(backend)
     info = chosen.select(device)
     layer = ONE_SHOT.layer(("sparse_conv3d", chosen.name, info.index, spec), (w, b),
-                           lambda: SparseConv3d(w, b, **kwargs, backend=chosen.name, device=info.index))
+                           lambda w, b: SparseConv3d(w, b, **kwargs, backend=chosen.name, device=info.index))
     return layer(t)
