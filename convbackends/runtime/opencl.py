@@ -73,12 +73,12 @@ class Runtime(KernelRuntime):
     def upload(self, array: np.ndarray) -> cl.Buffer:
         return cl.Buffer(self.context, cl.mem_flags.READ_ONLY | cl.mem_flags.COPY_HOST_PTR, hostbuf=array)
 
-    def empty(self, shape):
-        """A pooled buffer for float32 `shape` (a plain buffer: a pyopencl Array costs ~20 us to make)."""
-        return self.pool.allocate(4 * math.prod(shape))
+    def empty(self, shape, dtype=np.float32):
+        """A pooled buffer for `shape` (a plain buffer: a pyopencl Array costs ~20 us to make)."""
+        return self.pool.allocate(np.dtype(dtype).itemsize * math.prod(shape))
 
-    def empty_array(self, shape) -> cla.Array:
-        return cla.empty(self.queue, shape, np.float32, allocator=self.pool)
+    def empty_array(self, shape, dtype=np.float32) -> cla.Array:
+        return cla.empty(self.queue, shape, dtype, allocator=self.pool)
 
     def _host_buffer(self, array: np.ndarray, flags) -> cl.Buffer:
         """A buffer over a contiguous, non-empty host array's own memory (CL_MEM_USE_HOST_PTR)."""

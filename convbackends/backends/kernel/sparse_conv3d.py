@@ -1,0 +1,323 @@
+"""sparse_conv3d on OpenCL and CUDA, from one kernel source: the rulebook built on the device
+(kernels/sparse_conv3d_rulebook.h: binary search for SubM, candidates + radix sort + unique for regular
+layers, a transpose for the inverse) and kept there as a neighbour map (backends/_sparse.py); the compute
+output-stationary over that map (kernels/sparse_conv3d_implicit_gemm.h on GPUs, sparse_conv3d_cpu_gemm.h on
+CPU devices). Only scalars come back during a build: the regular layer's candidate and output counts.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from ...ops.sparse_conv3d import RulebookGeometry, SparseConv3dGeometry, SparseConv3dSpec, to_host
+from ...runtime.kernels import DeviceLimits, GeometryCache, KernelRuntime, Launch, i32, linear_launch, source
+from .. import Prepared
+from .._sparse import NeighbourRulebook, check_rows, geometry_table, radix_shifts, wide_keys
+from .conv2d import GemmTiles, choose_tiles
+
+
+@dataclass(frozen=True)
+class SortPlan:
+    """How a device sorts and scans. CPU devices: few work-items, each a long run of keys (8-bit digits,
+    so few passes); GPUs: a work-item per 32 keys with 4-bit digits, scans in groups of 256."""
+
+    radix_bits: int
+    keys_per_item: int  # 0: split the keys over `items` work-items
+    items: int
+    scan_local: int
+    scan_per_item: int
+
+    @classmethod
+    def for_device(cls, limits: DeviceLimits) -> "SortPlan":
+        if limits.is_cpu:
+            return cls(8, 0, 64, 1, 4096)
+        return cls(4, 32, 0, min(256, limits.max_threads), 4)
+
+    def items_for(self, n: int) -> tuple[int, int]:
+        """(work-items, keys per work-item) of a radix pass over n keys."""
+        if self.keys_per_item:
+            return math.ceil(n / self.keys_per_item), self.keys_per_item
+        items = min(self.items, max(1, math.ceil(n / 4096)))
+        return items, math.ceil(n / items)
+
+    def options(self, wide: bool) -> tuple[str, ...]:
+        return (f"-DKEY_T={'int64' if wide else 'int'}", f"-DRADIX_BITS={self.radix_bits}",
+                f"-DSCAN_LOCAL={self.scan_local}", f"-DSCAN_PER_ITEM={self.scan_per_item}")
+
+
+class RulebookBuilder:
+    """The rulebook kernels of one device; every array a build makes is its own, so threads may share it."""
+
+    def __init__(self, rt: KernelRuntime):
+        self._rt = rt
+        self.plan = SortPlan.for_device(rt.limits)
+        self._source = source("sparse_conv3d_rulebook.h")
+        self._tables = GeometryCache(lambda rules: rt.upload(geometry_table(rules)))
+
+    def _launch(self, name: str, wide: bool, total: int, scalars: tuple, buffers: list) -> None:
+        kernel = self._rt.kernel(self._source, name, self.plan.options(wide))
+        self._rt.launch(kernel, linear_launch(total, scalars), buffers)
+
+    def _int_array(self, shape):
+        return self._rt.empty_array(shape, np.int32)
+
+    def _check(self, name: str, nbytes: int) -> None:
+        rt = self._rt
+        if nbytes > rt.limits.max_alloc:
+            raise ValueError(f"{rt.info.backend}: the rulebook's {name} needs {nbytes} bytes, more than the device's "
+                             f"largest buffer ({rt.max_alloc_name}: {rt.limits.max_alloc} bytes)")
+
+    def fill(self, array, count: int, value: int) -> None:
+        self._launch("sparse_fill", False, count, (np.int32(value), np.int64(count)), [array])
+
+    def scan(self, values, n: int):
+        """The exclusive prefix sums of n int32 values as an int32 array of n + 1, the total last."""
+        out = self._int_array((n + 1,))
+        plan = self.plan
+        block = plan.scan_local * plan.scan_per_item
+        blocks = math.ceil(n / block)
+        sums = self._int_array((blocks,))
+        kernel = self._rt.kernel(self._source, "scan_blocks", plan.options(False))
+        self._rt.launch(kernel, Launch((blocks * plan.scan_local, 1, 1), (plan.scan_local, 1, 1),
+                                       i32(n, blocks)), [values, out, sums])
+        if blocks > 1:
+            bases = self.scan(sums, blocks)
+            self._launch("scan_add", False, n + 1, i32(n, blocks), [out, bases])
+        return out
+
+    def total(self, scanned, n: int) -> int:
+        return int(to_host(scanned[n:n + 1])[0])
+
+    def sort(self, keys, n: int, wide: bool, shifts: list[int]):
+        """keys[0:n] sorted ascending (a new buffer, or keys itself when there is no pass)."""
+        rt, dtype = self._rt, np.int64 if wide else np.int32
+        items, chunk = self.plan.items_for(n)
+        spare = rt.empty((n,), dtype)
+        counts = rt.empty((items << self.plan.radix_bits,), np.int32)
+        for shift in shifts:
+            self._launch("radix_count", wide, items, i32(n, chunk, items, shift), [keys, counts])
+            offsets = self.scan(counts, items << self.plan.radix_bits)
+            self._launch("radix_scatter", wide, items, i32(n, chunk, items, shift), [keys, offsets, spare])
+            keys, spare = spare, keys
+        return keys
+
+    def build(self, indices, rules: RulebookGeometry, n: int, backend: str, device: int) -> NeighbourRulebook:
+        rt, taps = self._rt, rules.kernel_volume
+        check_rows(backend, n, taps)
+        if n == 0:
+            out_indices = indices if rules.subm else rt.empty_array((0, 4), np.int32)
+            return self._rulebook(rules, indices, out_indices, 0, 0, self._int_array((0, taps)), backend, device)
+        sites = rt.upload(indices) if isinstance(indices, np.ndarray) else indices
+        geo = self._tables.get(rules)
+        if rules.subm:
+            return self._rulebook(rules, indices, indices, n, n, self._submanifold(sites, geo, rules, n), backend,
+                                  device)
+        out_indices, nbr = self._regular(sites, geo, rules, n)
+        return self._rulebook(rules, indices, out_indices, n, len(out_indices), nbr, backend, device)
+
+    def _rulebook(self, rules, in_indices, out_indices, n_in, n_out, nbr, backend, device) -> NeighbourRulebook:
+        return NeighbourRulebook(rules, in_indices, out_indices, n_in, n_out, nbr, backend, device,
+                                 lambda nbr, rows, taps: to_host(nbr).reshape(rows, taps), self.transpose)
+
+    def _submanifold(self, sites, geo, rules: RulebookGeometry, n: int):
+        taps, wide = rules.kernel_volume, wide_keys(rules.batch_size, rules.in_shape)
+        self._check("neighbour map", 4 * n * taps)
+        keys = self._rt.empty((n,), np.int64 if wide else np.int32)
+        self._launch("sparse_keys", wide, n, i32(n), [sites, geo, keys])
+        nbr = self._int_array((n, taps))
+        self.fill(nbr, n * taps, -1)
+        rows = taps // 2 // rules.kernel[2] + 1  # tap rows (i, j) up to the centre's
+        self._launch("sparse_subm_neighbours", wide, n * rows, i32(n, rows), [sites, keys, geo, nbr])
+        return nbr
+
+    def _regular(self, sites, geo, rules: RulebookGeometry, n: int):
+        rt, taps = self._rt, rules.kernel_volume
+        wide = wide_keys(rules.batch_size, rules.out_shape)
+        dtype = np.int64 if wide else np.int32
+        counts = rt.empty((n,), np.int32)
+        self._launch("sparse_candidate_counts", wide, n, i32(n), [sites, geo, counts])
+        offsets = self.scan(counts, n)
+        pairs = self.total(offsets, n)
+        if pairs == 0:
+            return rt.empty_array((0, 4), np.int32), self._int_array((0, taps))
+        self._check("candidate keys", 2 * dtype().itemsize * pairs)
+        candidates = rt.empty((pairs,), dtype)
+        self._launch("sparse_candidates", wide, n, i32(n), [sites, geo, offsets, candidates])
+        shifts = radix_shifts(rules.batch_size, rules.out_shape, self.plan.radix_bits)
+        ordered = self.sort(candidates, pairs, wide, shifts)
+        flags = rt.empty((pairs,), np.int32)
+        self._launch("sparse_unique_flags", wide, pairs, i32(pairs), [ordered, flags])
+        ranks = self.scan(flags, pairs)
+        n_out = self.total(ranks, pairs)
+        self._check("neighbour map", 4 * n_out * taps)
+        out_keys = rt.empty((n_out,), dtype)
+        out_indices = self._int_array((n_out, 4))
+        self._launch("sparse_unique_sites", wide, pairs, i32(pairs), [ordered, ranks, geo, out_keys, out_indices])
+        nbr = self._int_array((n_out, taps))
+        self.fill(nbr, n_out * taps, -1)
+        self._launch("sparse_regular_neighbours", wide, n, i32(n, n_out), [sites, out_keys, geo, nbr])
+        return out_indices, nbr
+
+    def transpose(self, nbr, n_out: int, n_in: int, taps: int):
+        """The inverse layer's neighbour map (n_in, taps) from a regular layer's (n_out, taps)."""
+        inv = self._int_array((n_in, taps))
+        if n_in:
+            self.fill(inv, n_in * taps, -1)
+        if n_out:
+            self._launch("sparse_swap_neighbours", False, n_out * taps, i32(n_out, taps), [nbr, inv])
+        return inv
+
+    def gather_rows(self, features, order: np.ndarray):
+        rt = self._rt
+        n, c = len(order), features.shape[1]
+        out = rt.empty_array((n, c))
+        if n:
+            self._launch("sparse_gather_rows", False, n * c, i32(n, c), [rt.device_input(features),
+                                                                         rt.upload(order), out])
+        return rt.returned(out)
+
+
+# conv2d_cpu_gemm-like work-groups of sparse_conv3d_cpu_gemm: output rows per group, and 8-channel
+# blocks per work-item (up to 64 channels in float8 accumulators).
+CPU_ROWS_PER_GROUP = 16
+CPU_MAX_BLOCKS = 8
+
+
+class ComputePlan:
+    """The compute kernel of a layer on a device kind, its packed weights and launch."""
+
+    def __init__(self, spec: SparseConv3dSpec, w: np.ndarray, b: np.ndarray | None, limits: DeviceLimits):
+        o, c = spec.out_channels, spec.in_channels
+        taps = math.prod(spec.kernel)
+        per_tap = w.reshape(o, c, taps).transpose(2, 1, 0)  # (K, C, O)
+        defines = {"ACTIVATION": spec.activation.code, "INDEX_T": limits.index_type}
+        self.tiles: GemmTiles | None = None
+        if limits.is_cpu:
+            self.algorithm = "cpu_gemm"
+            blocks = math.ceil(o / 8)
+            self.blocks_per_item = min(blocks, CPU_MAX_BLOCKS)
+            self.ogpad = math.ceil(blocks / self.blocks_per_item) * self.blocks_per_item * 8
+            packed = np.zeros((taps, c, self.ogpad), np.float32)
+            packed[:, :, :o] = per_tap
+            # [K][ogpad / 8][C][8]: each work-item's slice of a tap is one run per 8-channel block.
+            self.weights = np.ascontiguousarray(packed.reshape(taps, c, self.ogpad // 8, 8).transpose(0, 2, 1, 3))
+            self.local = (min(CPU_ROWS_PER_GROUP, limits.max_threads), 1, 1)
+            defines["OB"] = self.blocks_per_item
+        else:
+            self.algorithm = "implicit_gemm"
+            self.tiles = choose_tiles(o, limits)
+            self.cpad = math.ceil(c / self.tiles.tk) * self.tiles.tk
+            self.ogpad = math.ceil(o / self.tiles.tm) * self.tiles.tm
+            packed = np.zeros((taps, self.cpad, self.ogpad), np.float32)
+            packed[:, :c, :o] = per_tap
+            self.weights = packed
+            self.local = self.tiles.local_size
+            defines.update(self.tiles.defines())
+        self.kernel_name = f"sparse_conv3d_{self.algorithm}"
+        files = ("sparse_conv3d_cpu_gemm.h",) if limits.is_cpu else ("gemm_tile.h", "sparse_conv3d_implicit_gemm.h")
+        self.source = source(*files)
+        self.options = tuple(f"-D{name}={value}" for name, value in defines.items())
+        self.bias = b.copy() if b is not None else np.zeros(o, np.float32)
+        self.spec, self.taps = spec, taps
+
+    @property
+    def threads(self) -> int:
+        return math.prod(self.local)
+
+    def launch(self, geom: SparseConv3dGeometry) -> Launch:
+        act = self.spec.activation
+        params = (np.float32(act.alpha), np.float32(act.beta))
+        lx, ly, _ = self.local
+        if self.tiles is None:
+            blocks = self.ogpad // 8
+            return Launch((math.ceil(geom.n_out / lx) * lx, blocks // self.blocks_per_item, 1), self.local,
+                          i32(geom.n_out, geom.c, geom.o, self.taps, blocks) + params)
+        t = self.tiles
+        return Launch((math.ceil(geom.n_out / t.tn) * lx, (self.ogpad // t.tm) * ly, 1), self.local,
+                      i32(geom.n_out, geom.c, geom.o, self.taps, self.cpad, self.ogpad) + params)
+
+
+def fit_plan(spec, w, b, limits: DeviceLimits, rt: KernelRuntime):
+    """The plan and its built kernel; re-planned once when the kernel allows fewer work-items per group
+    than the device (register pressure on GPUs)."""
+    plan = ComputePlan(spec, w, b, limits)
+    kernel = rt.kernel(plan.source, plan.kernel_name, plan.options)
+    allowed = int(rt.max_threads(kernel))
+    if plan.threads > allowed:
+        plan = ComputePlan(spec, w, b, replace(limits, max_threads=allowed))
+        kernel = rt.kernel(plan.source, plan.kernel_name, plan.options)
+    return plan, kernel
+
+
+class KernelSparsePrepared(Prepared):
+    """A sparse layer on one device: its compute kernel and packed weights (read-only once made) and the
+    device's rulebook kernels. Each call allocates its own buffers, so threads may share a layer."""
+
+    def __init__(self, rt: KernelRuntime, spec: SparseConv3dSpec, w: np.ndarray, b: np.ndarray | None):
+        self.device, self.spec, self._rt = rt.info, spec, rt
+        self.plan, self.kernel = fit_plan(spec, w, b, rt.limits, rt)
+        if self.plan.weights.nbytes > rt.limits.max_alloc:
+            raise ValueError(
+                f"{self.device.backend}: the packed weights need {self.plan.weights.nbytes} bytes, more than the "
+                f"device's largest buffer ({rt.max_alloc_name}: {rt.limits.max_alloc} bytes)")
+        self.weights = rt.upload(self.plan.weights)
+        self.bias = rt.upload(self.plan.bias)
+        self.builder = RulebookBuilder(rt)
+
+    def _check_open(self) -> None:
+        if self.weights is None:
+            raise ValueError("this layer is closed")
+
+    def rulebook(self, indices, rules: RulebookGeometry) -> NeighbourRulebook:
+        self._check_open()
+        return self.builder.build(indices, rules, len(indices), self.device.backend, self.device.index)
+
+    def _check_sizes(self, geom: SparseConv3dGeometry) -> None:
+        rt = self._rt
+        for name, nbytes in (("input features", 4 * geom.n_in * geom.c), ("output features", 4 * geom.n_out * geom.o)):
+            if nbytes > rt.limits.max_alloc:
+                raise ValueError(f"{self.device.backend}: the {name} need {nbytes} bytes, more than the device's "
+                                 f"largest buffer ({rt.max_alloc_name}: {rt.limits.max_alloc} bytes)")
+
+    def _launch(self, x, y, rulebook: NeighbourRulebook, geom: SparseConv3dGeometry) -> None:
+        # An empty input is never read (every neighbour is -1): any buffer stands in for it.
+        x = self.weights if x is None or geom.n_in == 0 else x
+        self._rt.launch(self.kernel, self.plan.launch(geom), [x, rulebook.neighbours, self.weights, self.bias, y])
+
+    def _run(self, features, rulebook: NeighbourRulebook, geom: SparseConv3dGeometry, timed: bool):
+        self._check_open()
+        self._check_sizes(geom)
+        rt = self._rt
+        with rt.timer() if timed else contextlib.nullcontext([None]) as seconds:
+            if isinstance(features, np.ndarray):
+                y = np.empty((geom.n_out, geom.o), np.float32)
+                if geom.n_out:
+                    rt.run_host(features, y, lambda xd, yd: self._launch(xd, yd, rulebook, geom))
+            else:
+                x, y = rt.device_input(features), rt.empty_array((geom.n_out, geom.o))
+                if geom.n_out:
+                    self._launch(x, y, rulebook, geom)
+                y = rt.returned(y)
+        return y, seconds[0]
+
+    def run(self, features, rulebook, geom: SparseConv3dGeometry):
+        return self._run(features, rulebook, geom, timed=False)[0]
+
+    def profile(self, features, rulebook, geom: SparseConv3dGeometry):
+        return self._run(features, rulebook, geom, timed=True)
+
+    def take_rows(self, features, order: np.ndarray):
+        if isinstance(features, np.ndarray):
+            return features[order]
+        self._check_open()
+        return self.builder.gather_rows(features, order)
+
+    def close(self) -> None:
+        self.weights = self.bias = None
+
+
+def prepare(backend, spec: SparseConv3dSpec, w: np.ndarray, b: np.ndarray | None, device) -> KernelSparsePrepared:
+    return KernelSparsePrepared(backend.runtime(device), spec, w, b)

@@ -1,0 +1,321 @@
+// sparse_conv3d's rulebook, built on the device from sorted unique sites (batch, z, y, x), int32 (n, 4).
+// It is kept as a neighbour map nbr (n_out, K) int32: the input row output row r reads through tap t,
+// or -1. Every kernel here writes each element from one work-item, so the map is the same on every run.
+//
+// Sites are compared by their linear key ((b * D + z) * H + y) * W + x, whose order is the site order.
+// KEY_T is int where every key of the grid fits 31 bits, else int64. The grid and the kernel's
+// placement come in a table geo of 18 ints (G_* below); a tap t = (i * kh + j) * kw + l.
+//
+// Submanifold: the output sites are the input sites, so their keys are sorted already: each site looks
+// up key + the tap's offset by binary search, a row of kw taps along x from one search. Taps before the
+// centre reach sites before this one (their offset is negative); tap K-1-t is tap t mirrored, so a
+// match through t also fills the mirror's entry of the site it found, and only taps up to the centre
+// search.
+// Regular: each input writes the output key of every tap that reaches an output (candidates); a radix
+// sort and a flag-and-scan pass make the sorted distinct keys, which are the output sites; a binary
+// search then gives each candidate its output row.
+// Inverse: the neighbour map transposed (sparse_swap_neighbours).
+
+#ifndef KEY_T
+#define KEY_T int
+#endif
+
+#define G_IN 0
+#define G_OUT 3
+#define G_KERNEL 6
+#define G_STRIDE 9
+#define G_PAD 12
+#define G_DIL 15
+
+DEVICE_FN KEY_T site_key(int b, int z, int y, int x, const GLOBAL int* shape)
+{
+    return (((KEY_T)b * shape[0] + z) * shape[1] + y) * shape[2] + x;
+}
+
+// The first position in keys[lo, hi) holding a key >= want.
+DEVICE_FN int lower_bound(const GLOBAL KEY_T* keys, int lo, int hi, KEY_T want)
+{
+    while (lo < hi) {
+        const int mid = (int)(((unsigned)lo + (unsigned)hi) >> 1);
+        if (keys[mid] < want)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+// The output coordinate that input coordinate `coord` reaches along `axis` through kernel index i, or -1.
+DEVICE_FN int output_coord(int coord, int i, int axis, const GLOBAL int* geo)
+{
+    const int q = coord + geo[G_PAD + axis] - i * geo[G_DIL + axis], s = geo[G_STRIDE + axis];
+    if (q < 0 || q % s != 0 || q / s >= geo[G_OUT + axis])
+        return -1;
+    return q / s;
+}
+
+KERNEL void sparse_keys(const GLOBAL int* RESTRICT indices, const GLOBAL int* RESTRICT geo,
+                        GLOBAL KEY_T* RESTRICT keys, int n)
+{
+    const int64 r = GLOBAL_ID_X;
+    if (r >= n)
+        return;
+    const GLOBAL int* site = indices + 4 * r;
+    keys[r] = site_key(site[0], site[1], site[2], site[3], geo + G_IN);
+}
+
+KERNEL void sparse_fill(GLOBAL int* RESTRICT a, int value, int64 count)
+{
+    const int64 i = GLOBAL_ID_X;
+    if (i < count)
+        a[i] = value;
+}
+
+// Work-item (r, row): site r's taps (i, j, 0..kw-1) with row = i * kh + j, up to the centre. nbr starts
+// filled with -1 (the mirrored entries are written only where a site is found).
+KERNEL void sparse_subm_neighbours(const GLOBAL int* RESTRICT indices, const GLOBAL KEY_T* RESTRICT keys,
+                                   const GLOBAL int* RESTRICT geo, GLOBAL int* RESTRICT nbr, int n, int rows)
+{
+    const int64 item = GLOBAL_ID_X;
+    if (item >= (int64)n * rows)
+        return;
+    const int r = (int)(item / rows), row = (int)(item - (int64)r * rows);
+    const int kh = geo[G_KERNEL + 1], kw = geo[G_KERNEL + 2];
+    const int taps = geo[G_KERNEL] * kh * kw, centre = taps / 2;
+    const int i = row / kh, j = row - i * kh;
+    const GLOBAL int* site = indices + 4 * (int64)r;
+    const int z = site[1] + i * geo[G_DIL] - geo[G_PAD], y = site[2] + j * geo[G_DIL + 1] - geo[G_PAD + 1];
+    const bool inside = z >= 0 && z < geo[G_IN] && y >= 0 && y < geo[G_IN + 1];
+    const int dw = geo[G_DIL + 2], x0 = site[3] - geo[G_PAD + 2];
+    const KEY_T here = keys[r];
+    int pos = -1;  // where the previous tap of this row searched; -1 before the first search
+    for (int l = 0; l < kw; ++l) {
+        const int t = row * kw + l;
+        GLOBAL int* slot = nbr + (int64)r * taps + t;
+        if (t == centre) {
+            *slot = r;
+            break;
+        }
+        const int x = x0 + l * dw;
+        int found = -1;
+        if (inside && x >= 0 && x < geo[G_IN + 2]) {
+            const KEY_T want = site_key(site[0], z, y, x, geo + G_IN);
+            // Keys are distinct integers: the site with key `want` lies at most here - want rows before r,
+            // and the next tap's (want + dw) at most dw rows after this one's position.
+            const KEY_T back = here - want;
+            const int lo = pos >= 0 ? pos : back >= r ? 0 : r - (int)back;
+            const int hi = pos >= 0 && pos + dw + 1 < r ? pos + dw + 1 : r;
+            pos = lower_bound(keys, lo, hi, want);
+            if (pos < r && keys[pos] == want)
+                found = pos;
+        }
+        *slot = found;
+        if (found >= 0)
+            nbr[(int64)found * taps + (taps - 1 - t)] = r;
+    }
+}
+
+// How many taps of input site s reach an output (the product of the per-axis counts).
+KERNEL void sparse_candidate_counts(const GLOBAL int* RESTRICT indices, const GLOBAL int* RESTRICT geo,
+                                    GLOBAL int* RESTRICT counts, int n)
+{
+    const int64 s = GLOBAL_ID_X;
+    if (s >= n)
+        return;
+    const GLOBAL int* site = indices + 4 * s;
+    int count = 1;
+    for (int axis = 0; axis < 3; ++axis) {
+        int reach = 0;
+        for (int i = 0; i < geo[G_KERNEL + axis]; ++i)
+            reach += output_coord(site[1 + axis], i, axis, geo) >= 0;
+        count *= reach;
+    }
+    counts[s] = count;
+}
+
+// Input site s's output keys, in tap order, at offsets[s].
+KERNEL void sparse_candidates(const GLOBAL int* RESTRICT indices, const GLOBAL int* RESTRICT geo,
+                              const GLOBAL int* RESTRICT offsets, GLOBAL KEY_T* RESTRICT candidates, int n)
+{
+    const int64 s = GLOBAL_ID_X;
+    if (s >= n)
+        return;
+    const GLOBAL int* site = indices + 4 * s;
+    GLOBAL KEY_T* out = candidates + offsets[s];
+    for (int i = 0; i < geo[G_KERNEL]; ++i) {
+        const int oz = output_coord(site[1], i, 0, geo);
+        if (oz < 0)
+            continue;
+        for (int j = 0; j < geo[G_KERNEL + 1]; ++j) {
+            const int oy = output_coord(site[2], j, 1, geo);
+            if (oy < 0)
+                continue;
+            for (int l = 0; l < geo[G_KERNEL + 2]; ++l) {
+                const int ox = output_coord(site[3], l, 2, geo);
+                if (ox >= 0)
+                    *out++ = site_key(site[0], oz, oy, ox, geo + G_OUT);
+            }
+        }
+    }
+}
+
+// One pass of a stable least-significant-digit radix sort, RADIX_BITS per pass. Work-item i owns the
+// keys [i * chunk, (i + 1) * chunk); counts[d * items + i] is how many of them have digit d, so the
+// exclusive scan of counts is where item i's first key of digit d goes.
+#define RADIX (1 << RADIX_BITS)
+
+KERNEL void radix_count(const GLOBAL KEY_T* RESTRICT keys, GLOBAL int* RESTRICT counts, int n, int chunk, int items,
+                        int shift)
+{
+    const int64 i = GLOBAL_ID_X;
+    if (i >= items)
+        return;
+    int count[RADIX];
+    for (int d = 0; d < RADIX; ++d)
+        count[d] = 0;
+    const int64 start = i * chunk, end = min((int64)n, start + chunk);
+    for (int64 k = start; k < end; ++k)
+        count[(int)(keys[k] >> shift) & (RADIX - 1)] += 1;
+    for (int d = 0; d < RADIX; ++d)
+        counts[(int64)d * items + i] = count[d];
+}
+
+KERNEL void radix_scatter(const GLOBAL KEY_T* RESTRICT keys, const GLOBAL int* RESTRICT offsets,
+                          GLOBAL KEY_T* RESTRICT out, int n, int chunk, int items, int shift)
+{
+    const int64 i = GLOBAL_ID_X;
+    if (i >= items)
+        return;
+    int next[RADIX];
+    for (int d = 0; d < RADIX; ++d)
+        next[d] = offsets[(int64)d * items + i];
+    const int64 start = i * chunk, end = min((int64)n, start + chunk);
+    for (int64 k = start; k < end; ++k) {
+        const KEY_T key = keys[k];
+        out[next[(int)(key >> shift) & (RADIX - 1)]++] = key;
+    }
+}
+
+// Exclusive prefix sums of n ints into out[0..n], out[n] the total, in blocks of SCAN_LOCAL work-items
+// x SCAN_PER_ITEM consecutive elements. scan_blocks scans each block and writes its total to sums; with
+// more than one block the host scans sums the same way and scan_add adds each block's base.
+#define SCAN_BLOCK (SCAN_LOCAL * SCAN_PER_ITEM)
+
+KERNEL void scan_blocks(const GLOBAL int* RESTRICT in, GLOBAL int* RESTRICT out, GLOBAL int* RESTRICT sums, int n,
+                        int blocks)
+{
+    LOCAL_MEM int part[2 * SCAN_LOCAL];
+    const int lid = (int)LOCAL_ID(0), group = GROUP_ID(0);
+    const int64 first = (int64)group * SCAN_BLOCK + (int64)lid * SCAN_PER_ITEM;
+    int total = 0;
+    for (int q = 0; q < SCAN_PER_ITEM; ++q)
+        if (first + q < n)
+            total += in[first + q];
+    // Inclusive scan of the work-items' totals (Hillis-Steele, two buffers).
+    part[lid] = total;
+    BARRIER();
+    int src = 0;
+    for (int step = 1; step < SCAN_LOCAL; step <<= 1) {
+        const int v = part[src * SCAN_LOCAL + lid] + (lid >= step ? part[src * SCAN_LOCAL + lid - step] : 0);
+        src = 1 - src;
+        part[src * SCAN_LOCAL + lid] = v;
+        BARRIER();
+    }
+    const int inclusive = part[src * SCAN_LOCAL + lid];
+    int run = inclusive - total;
+    for (int q = 0; q < SCAN_PER_ITEM; ++q)
+        if (first + q < n) {
+            const int v = in[first + q];
+            out[first + q] = run;
+            run += v;
+        }
+    if (lid == SCAN_LOCAL - 1) {
+        sums[group] = inclusive;
+        if (blocks == 1)
+            out[n] = inclusive;
+    }
+}
+
+KERNEL void scan_add(GLOBAL int* RESTRICT out, const GLOBAL int* RESTRICT bases, int n, int blocks)
+{
+    const int64 i = GLOBAL_ID_X;
+    if (i < n)
+        out[i] += bases[i / SCAN_BLOCK];
+    else if (i == n)
+        out[n] = bases[blocks];
+}
+
+KERNEL void sparse_unique_flags(const GLOBAL KEY_T* RESTRICT sorted, GLOBAL int* RESTRICT flags, int n)
+{
+    const int64 i = GLOBAL_ID_X;
+    if (i < n)
+        flags[i] = i == 0 || sorted[i] != sorted[i - 1];
+}
+
+// The distinct keys at their ranks (the exclusive scan of the flags), and their sites.
+KERNEL void sparse_unique_sites(const GLOBAL KEY_T* RESTRICT sorted, const GLOBAL int* RESTRICT ranks,
+                                const GLOBAL int* RESTRICT geo, GLOBAL KEY_T* RESTRICT out_keys,
+                                GLOBAL int* RESTRICT out_indices, int n)
+{
+    const int64 i = GLOBAL_ID_X;
+    if (i >= n || (i > 0 && sorted[i] == sorted[i - 1]))
+        return;
+    const int64 r = ranks[i];
+    KEY_T key = sorted[i];
+    out_keys[r] = key;
+    GLOBAL int* site = out_indices + 4 * r;
+    for (int axis = 2; axis >= 0; --axis) {
+        const int size = geo[G_OUT + axis];
+        site[1 + axis] = (int)(key % size);
+        key /= size;
+    }
+    site[0] = (int)key;
+}
+
+// Each tap of input site s that reaches an output: nbr[that output's row][tap] = s. nbr starts at -1.
+KERNEL void sparse_regular_neighbours(const GLOBAL int* RESTRICT indices, const GLOBAL KEY_T* RESTRICT out_keys,
+                                      const GLOBAL int* RESTRICT geo, GLOBAL int* RESTRICT nbr, int n, int n_out)
+{
+    const int64 s = GLOBAL_ID_X;
+    if (s >= n)
+        return;
+    const GLOBAL int* site = indices + 4 * s;
+    const int kd = geo[G_KERNEL], kh = geo[G_KERNEL + 1], kw = geo[G_KERNEL + 2], taps = kd * kh * kw;
+    for (int i = 0; i < kd; ++i) {
+        const int oz = output_coord(site[1], i, 0, geo);
+        if (oz < 0)
+            continue;
+        for (int j = 0; j < kh; ++j) {
+            const int oy = output_coord(site[2], j, 1, geo);
+            if (oy < 0)
+                continue;
+            for (int l = 0; l < kw; ++l) {
+                const int ox = output_coord(site[3], l, 2, geo);
+                if (ox < 0)
+                    continue;
+                const int r = lower_bound(out_keys, 0, n_out, site_key(site[0], oz, oy, ox, geo + G_OUT));
+                nbr[(int64)r * taps + (i * kh + j) * kw + l] = (int)s;
+            }
+        }
+    }
+}
+
+// The inverse layer's map: output row r of the regular layer reads input s through t, so the inverse's
+// output row s reads its input row r through t. inv starts at -1.
+KERNEL void sparse_swap_neighbours(const GLOBAL int* RESTRICT nbr, GLOBAL int* RESTRICT inv, int n_out, int taps)
+{
+    const int64 item = GLOBAL_ID_X;
+    if (item >= (int64)n_out * taps)
+        return;
+    const int s = nbr[item];
+    if (s >= 0)
+        inv[(int64)s * taps + item % taps] = (int)(item / taps);
+}
+
+KERNEL void sparse_gather_rows(const GLOBAL float* RESTRICT x, const GLOBAL int* RESTRICT order,
+                               GLOBAL float* RESTRICT y, int n, int c)
+{
+    const int64 i = GLOBAL_ID_X;
+    if (i < (int64)n * c)
+        y[i] = x[(int64)order[i / c] * c + i % c];
+}
