@@ -7,13 +7,14 @@
 // placement come in a table geo of 18 ints (G_* below); a tap t = (i * kh + j) * kw + l.
 //
 // Submanifold: the output sites are the input sites, so their keys are sorted already: each site looks
-// up key + the tap's offset by binary search, a row of kw taps along x from one search. Taps before the
+// up key + the tap's offset by binary search (a gallop from its predecessor's), a row of kw taps along
+// x from one search. Taps before the
 // centre reach sites before this one (their offset is negative); tap K-1-t is tap t mirrored, so a
 // match through t also fills the mirror's entry of the site it found, and only taps up to the centre
 // search.
-// Regular: each input writes the output key of every tap that reaches an output (candidates); a radix
-// sort and a flag-and-scan pass make the sorted distinct keys, which are the output sites; a binary
-// search then gives each candidate its output row.
+// Regular: each input writes the output key of every tap that reaches an output (candidates), with
+// the input row and tap as its value; a radix sort and a flag-and-scan pass give the sorted distinct
+// keys, which are the output sites, and each sorted candidate its output row.
 // Inverse: the neighbour map transposed (sparse_swap_neighbours).
 
 #ifndef KEY_T
@@ -71,47 +72,71 @@ KERNEL void sparse_fill(GLOBAL int* RESTRICT a, int value, int64 count)
         a[i] = value;
 }
 
-// Work-item (r, row): site r's taps (i, j, 0..kw-1) with row = i * kh + j, up to the centre. nbr starts
-// filled with -1 (the mirrored entries are written only where a site is found).
+// lower_bound where the answer is expected near lo: steps of 1, 2, 4, ... then a binary search.
+DEVICE_FN int gallop(const GLOBAL KEY_T* keys, int lo, int hi, KEY_T want)
+{
+    int step = 1;
+    while (step < hi - lo && keys[lo + step - 1] < want) {
+        lo += step;
+        step <<= 1;
+    }
+    return lower_bound(keys, lo, min(hi, lo + step), want);
+}
+
+// Work-item (run, row): the SEARCH_RUN sites from run * SEARCH_RUN, and their taps (i, j, 0..kw-1) with
+// row = i * kh + j, up to the centre. A tap row's keys are key + base + l * dw with base fixed, so the
+// first one's position only grows along the run (a gallop from the previous site's), and each next tap
+// lies at most dw positions after the one before. nbr starts filled with -1 (the mirrored entries are
+// written only where a site is found).
 KERNEL void sparse_subm_neighbours(const GLOBAL int* RESTRICT indices, const GLOBAL KEY_T* RESTRICT keys,
                                    const GLOBAL int* RESTRICT geo, GLOBAL int* RESTRICT nbr, int n, int rows)
 {
     const int64 item = GLOBAL_ID_X;
-    if (item >= (int64)n * rows)
+    const int runs = (n + SEARCH_RUN - 1) / SEARCH_RUN;
+    if (item >= (int64)runs * rows)
         return;
-    const int r = (int)(item / rows), row = (int)(item - (int64)r * rows);
-    const int kh = geo[G_KERNEL + 1], kw = geo[G_KERNEL + 2];
+    const int run = (int)(item / rows), row = (int)(item - (int64)run * rows);
+    const int h = geo[G_IN + 1], w = geo[G_IN + 2], kh = geo[G_KERNEL + 1], kw = geo[G_KERNEL + 2];
     const int taps = geo[G_KERNEL] * kh * kw, centre = taps / 2;
     const int i = row / kh, j = row - i * kh;
-    const GLOBAL int* site = indices + 4 * (int64)r;
-    const int z = site[1] + i * geo[G_DIL] - geo[G_PAD], y = site[2] + j * geo[G_DIL + 1] - geo[G_PAD + 1];
-    const bool inside = z >= 0 && z < geo[G_IN] && y >= 0 && y < geo[G_IN + 1];
-    const int dw = geo[G_DIL + 2], x0 = site[3] - geo[G_PAD + 2];
-    const KEY_T here = keys[r];
-    int pos = -1;  // where the previous tap of this row searched; -1 before the first search
-    for (int l = 0; l < kw; ++l) {
-        const int t = row * kw + l;
-        GLOBAL int* slot = nbr + (int64)r * taps + t;
-        if (t == centre) {
-            *slot = r;
-            break;
+    const int dz = i * geo[G_DIL] - geo[G_PAD], dy = j * geo[G_DIL + 1] - geo[G_PAD + 1];
+    const int dw = geo[G_DIL + 2], pw = geo[G_PAD + 2];
+    const KEY_T base = ((KEY_T)dz * h + dy) * w - pw;  // key offset of the row's tap l = 0
+    const int first = run * SEARCH_RUN, last = min(n, first + SEARCH_RUN);
+    int start = -1;  // the previous site's lower_bound of key + base
+    for (int r = first; r < last; ++r) {
+        const GLOBAL int* site = indices + 4 * (int64)r;
+        const int z = site[1] + dz, y = site[2] + dy;
+        const bool inside = z >= 0 && z < geo[G_IN] && y >= 0 && y < h;
+        const KEY_T here = keys[r], want0 = here + base;
+        int pos = 0;
+        if (inside) {
+            // With z and y inside, every key of the row lies before this site's, at most here - want0 rows back.
+            const KEY_T back = here - want0;
+            const int lo = back >= r ? 0 : r - (int)back;
+            pos = start < 0 ? lower_bound(keys, lo, r, want0) : gallop(keys, max(lo, start), r, want0);
+            start = pos;
         }
-        const int x = x0 + l * dw;
-        int found = -1;
-        if (inside && x >= 0 && x < geo[G_IN + 2]) {
-            const KEY_T want = site_key(site[0], z, y, x, geo + G_IN);
-            // Keys are distinct integers: the site with key `want` lies at most here - want rows before r,
-            // and the next tap's (want + dw) at most dw rows after this one's position.
-            const KEY_T back = here - want;
-            const int lo = pos >= 0 ? pos : back >= r ? 0 : r - (int)back;
-            const int hi = pos >= 0 && pos + dw + 1 < r ? pos + dw + 1 : r;
-            pos = lower_bound(keys, lo, hi, want);
-            if (pos < r && keys[pos] == want)
-                found = pos;
+        for (int l = 0; l < kw; ++l) {
+            const int t = row * kw + l;
+            GLOBAL int* slot = nbr + (int64)r * taps + t;
+            if (t == centre) {
+                *slot = r;
+                break;
+            }
+            const int x = site[3] + l * dw - pw;
+            int found = -1;
+            if (inside) {
+                const KEY_T want = want0 + (KEY_T)l * dw;
+                if (l > 0)
+                    pos = lower_bound(keys, pos, min(r, pos + dw + 1), want);
+                if (x >= 0 && x < w && pos < r && keys[pos] == want)
+                    found = pos;
+            }
+            *slot = found;
+            if (found >= 0)
+                nbr[(int64)found * taps + (taps - 1 - t)] = r;
         }
-        *slot = found;
-        if (found >= 0)
-            nbr[(int64)found * taps + (taps - 1 - t)] = r;
     }
 }
 
@@ -133,35 +158,39 @@ KERNEL void sparse_candidate_counts(const GLOBAL int* RESTRICT indices, const GL
     counts[s] = count;
 }
 
-// Input site s's output keys, in tap order, at offsets[s].
+// Input site s's output keys at offsets[s], in tap order, each with the value s * K + t.
 KERNEL void sparse_candidates(const GLOBAL int* RESTRICT indices, const GLOBAL int* RESTRICT geo,
-                              const GLOBAL int* RESTRICT offsets, GLOBAL KEY_T* RESTRICT candidates, int n)
+                              const GLOBAL int* RESTRICT offsets, GLOBAL KEY_T* RESTRICT candidates,
+                              GLOBAL int* RESTRICT values, int n)
 {
     const int64 s = GLOBAL_ID_X;
     if (s >= n)
         return;
     const GLOBAL int* site = indices + 4 * s;
-    GLOBAL KEY_T* out = candidates + offsets[s];
-    for (int i = 0; i < geo[G_KERNEL]; ++i) {
+    const int kd = geo[G_KERNEL], kh = geo[G_KERNEL + 1], kw = geo[G_KERNEL + 2];
+    int next = offsets[s];
+    for (int i = 0; i < kd; ++i) {
         const int oz = output_coord(site[1], i, 0, geo);
         if (oz < 0)
             continue;
-        for (int j = 0; j < geo[G_KERNEL + 1]; ++j) {
+        for (int j = 0; j < kh; ++j) {
             const int oy = output_coord(site[2], j, 1, geo);
             if (oy < 0)
                 continue;
-            for (int l = 0; l < geo[G_KERNEL + 2]; ++l) {
+            for (int l = 0; l < kw; ++l) {
                 const int ox = output_coord(site[3], l, 2, geo);
-                if (ox >= 0)
-                    *out++ = site_key(site[0], oz, oy, ox, geo + G_OUT);
+                if (ox < 0)
+                    continue;
+                candidates[next] = site_key(site[0], oz, oy, ox, geo + G_OUT);
+                values[next++] = (int)s * kd * kh * kw + (i * kh + j) * kw + l;
             }
         }
     }
 }
 
-// One pass of a stable least-significant-digit radix sort, RADIX_BITS per pass. Work-item i owns the
-// keys [i * chunk, (i + 1) * chunk); counts[d * items + i] is how many of them have digit d, so the
-// exclusive scan of counts is where item i's first key of digit d goes.
+// One pass of a stable least-significant-digit radix sort of keys with values, RADIX_BITS per pass.
+// Work-item i owns the keys [i * chunk, (i + 1) * chunk); counts[d * items + i] is how many of them have
+// digit d, so the exclusive scan of counts is where item i's first key of digit d goes.
 #define RADIX (1 << RADIX_BITS)
 
 KERNEL void radix_count(const GLOBAL KEY_T* RESTRICT keys, GLOBAL int* RESTRICT counts, int n, int chunk, int items,
@@ -180,8 +209,9 @@ KERNEL void radix_count(const GLOBAL KEY_T* RESTRICT keys, GLOBAL int* RESTRICT 
         counts[(int64)d * items + i] = count[d];
 }
 
-KERNEL void radix_scatter(const GLOBAL KEY_T* RESTRICT keys, const GLOBAL int* RESTRICT offsets,
-                          GLOBAL KEY_T* RESTRICT out, int n, int chunk, int items, int shift)
+KERNEL void radix_scatter(const GLOBAL KEY_T* RESTRICT keys, const GLOBAL int* RESTRICT values,
+                          const GLOBAL int* RESTRICT offsets, GLOBAL KEY_T* RESTRICT out_keys,
+                          GLOBAL int* RESTRICT out_values, int n, int chunk, int items, int shift)
 {
     const int64 i = GLOBAL_ID_X;
     if (i >= items)
@@ -192,7 +222,9 @@ KERNEL void radix_scatter(const GLOBAL KEY_T* RESTRICT keys, const GLOBAL int* R
     const int64 start = i * chunk, end = min((int64)n, start + chunk);
     for (int64 k = start; k < end; ++k) {
         const KEY_T key = keys[k];
-        out[next[(int)(key >> shift) & (RADIX - 1)]++] = key;
+        const int to = next[(int)(key >> shift) & (RADIX - 1)]++;
+        out_keys[to] = key;
+        out_values[to] = values[k];
     }
 }
 
@@ -252,18 +284,16 @@ KERNEL void sparse_unique_flags(const GLOBAL KEY_T* RESTRICT sorted, GLOBAL int*
         flags[i] = i == 0 || sorted[i] != sorted[i - 1];
 }
 
-// The distinct keys at their ranks (the exclusive scan of the flags), and their sites.
-KERNEL void sparse_unique_sites(const GLOBAL KEY_T* RESTRICT sorted, const GLOBAL int* RESTRICT ranks,
-                                const GLOBAL int* RESTRICT geo, GLOBAL KEY_T* RESTRICT out_keys,
+// The sites of the distinct keys, at their ranks (the exclusive scan of the flags).
+KERNEL void sparse_unique_sites(const GLOBAL KEY_T* RESTRICT sorted, const GLOBAL int* RESTRICT flags,
+                                const GLOBAL int* RESTRICT ranks, const GLOBAL int* RESTRICT geo,
                                 GLOBAL int* RESTRICT out_indices, int n)
 {
     const int64 i = GLOBAL_ID_X;
-    if (i >= n || (i > 0 && sorted[i] == sorted[i - 1]))
+    if (i >= n || !flags[i])
         return;
-    const int64 r = ranks[i];
     KEY_T key = sorted[i];
-    out_keys[r] = key;
-    GLOBAL int* site = out_indices + 4 * r;
+    GLOBAL int* site = out_indices + 4 * (int64)ranks[i];
     for (int axis = 2; axis >= 0; --axis) {
         const int size = geo[G_OUT + axis];
         site[1 + axis] = (int)(key % size);
@@ -272,32 +302,16 @@ KERNEL void sparse_unique_sites(const GLOBAL KEY_T* RESTRICT sorted, const GLOBA
     site[0] = (int)key;
 }
 
-// Each tap of input site s that reaches an output: nbr[that output's row][tap] = s. nbr starts at -1.
-KERNEL void sparse_regular_neighbours(const GLOBAL int* RESTRICT indices, const GLOBAL KEY_T* RESTRICT out_keys,
-                                      const GLOBAL int* RESTRICT geo, GLOBAL int* RESTRICT nbr, int n, int n_out)
+// Sorted candidate i is output row ranks[i] + flags[i] - 1 (its key's rank) reading input s through t,
+// its value s * K + t. nbr starts at -1.
+KERNEL void sparse_regular_neighbours(const GLOBAL int* RESTRICT values, const GLOBAL int* RESTRICT flags,
+                                      const GLOBAL int* RESTRICT ranks, GLOBAL int* RESTRICT nbr, int n, int taps)
 {
-    const int64 s = GLOBAL_ID_X;
-    if (s >= n)
+    const int64 i = GLOBAL_ID_X;
+    if (i >= n)
         return;
-    const GLOBAL int* site = indices + 4 * s;
-    const int kd = geo[G_KERNEL], kh = geo[G_KERNEL + 1], kw = geo[G_KERNEL + 2], taps = kd * kh * kw;
-    for (int i = 0; i < kd; ++i) {
-        const int oz = output_coord(site[1], i, 0, geo);
-        if (oz < 0)
-            continue;
-        for (int j = 0; j < kh; ++j) {
-            const int oy = output_coord(site[2], j, 1, geo);
-            if (oy < 0)
-                continue;
-            for (int l = 0; l < kw; ++l) {
-                const int ox = output_coord(site[3], l, 2, geo);
-                if (ox < 0)
-                    continue;
-                const int r = lower_bound(out_keys, 0, n_out, site_key(site[0], oz, oy, ox, geo + G_OUT));
-                nbr[(int64)r * taps + (i * kh + j) * kw + l] = (int)s;
-            }
-        }
-    }
+    const int v = values[i], s = v / taps;
+    nbr[(int64)(ranks[i] + flags[i] - 1) * taps + (v - s * taps)] = s;
 }
 
 // The inverse layer's map: output row r of the regular layer reads input s through t, so the inverse's

@@ -21,20 +21,22 @@ from .conv2d import GemmTiles, choose_tiles
 
 @dataclass(frozen=True)
 class SortPlan:
-    """How a device sorts and scans. CPU devices: few work-items, each a long run of keys (8-bit digits,
-    so few passes); GPUs: a work-item per 32 keys with 4-bit digits, scans in groups of 256."""
+    """How a device searches, sorts and scans. CPU devices: few work-items, each a long run of keys (8-bit
+    digits, so few passes) or of sites to search (each search starting where the last one ended); GPUs: a
+    work-item per 32 keys with 4-bit digits, scans in groups of 256, short search runs."""
 
     radix_bits: int
     keys_per_item: int  # 0: split the keys over `items` work-items
     items: int
     scan_local: int
     scan_per_item: int
+    search_run: int
 
     @classmethod
     def for_device(cls, limits: DeviceLimits) -> "SortPlan":
         if limits.is_cpu:
-            return cls(8, 0, 64, 1, 4096)
-        return cls(4, 32, 0, min(256, limits.max_threads), 4)
+            return cls(8, 0, 64, 1, 4096, 32)
+        return cls(4, 32, 0, min(256, limits.max_threads), 4, 4)
 
     def items_for(self, n: int) -> tuple[int, int]:
         """(work-items, keys per work-item) of a radix pass over n keys."""
@@ -45,7 +47,8 @@ class SortPlan:
 
     def options(self, wide: bool) -> tuple[str, ...]:
         return (f"-DKEY_T={'int64' if wide else 'int'}", f"-DRADIX_BITS={self.radix_bits}",
-                f"-DSCAN_LOCAL={self.scan_local}", f"-DSCAN_PER_ITEM={self.scan_per_item}")
+                f"-DSCAN_LOCAL={self.scan_local}", f"-DSCAN_PER_ITEM={self.scan_per_item}",
+                f"-DSEARCH_RUN={self.search_run}")
 
 
 class RulebookBuilder:
@@ -91,18 +94,19 @@ class RulebookBuilder:
     def total(self, scanned, n: int) -> int:
         return int(to_host(scanned[n:n + 1])[0])
 
-    def sort(self, keys, n: int, wide: bool, shifts: list[int]):
-        """keys[0:n] sorted ascending (a new buffer, or keys itself when there is no pass)."""
+    def sort(self, keys, values, n: int, wide: bool, shifts: list[int]):
+        """(keys, values) of n pairs sorted by key, stably (in these buffers or spare ones)."""
         rt, dtype = self._rt, np.int64 if wide else np.int32
         items, chunk = self.plan.items_for(n)
-        spare = rt.empty((n,), dtype)
+        spare_keys, spare_values = rt.empty((n,), dtype), rt.empty((n,), np.int32)
         counts = rt.empty((items << self.plan.radix_bits,), np.int32)
         for shift in shifts:
             self._launch("radix_count", wide, items, i32(n, chunk, items, shift), [keys, counts])
             offsets = self.scan(counts, items << self.plan.radix_bits)
-            self._launch("radix_scatter", wide, items, i32(n, chunk, items, shift), [keys, offsets, spare])
-            keys, spare = spare, keys
-        return keys
+            self._launch("radix_scatter", wide, items, i32(n, chunk, items, shift),
+                         [keys, values, offsets, spare_keys, spare_values])
+            keys, values, spare_keys, spare_values = spare_keys, spare_values, keys, values
+        return keys, values
 
     def build(self, indices, rules: RulebookGeometry, n: int, backend: str, device: int) -> NeighbourRulebook:
         rt, taps = self._rt, rules.kernel_volume
@@ -130,7 +134,8 @@ class RulebookBuilder:
         nbr = self._int_array((n, taps))
         self.fill(nbr, n * taps, -1)
         rows = taps // 2 // rules.kernel[2] + 1  # tap rows (i, j) up to the centre's
-        self._launch("sparse_subm_neighbours", wide, n * rows, i32(n, rows), [sites, keys, geo, nbr])
+        runs = math.ceil(n / self.plan.search_run)
+        self._launch("sparse_subm_neighbours", wide, runs * rows, i32(n, rows), [sites, keys, geo, nbr])
         return nbr
 
     def _regular(self, sites, geo, rules: RulebookGeometry, n: int):
@@ -143,22 +148,21 @@ class RulebookBuilder:
         pairs = self.total(offsets, n)
         if pairs == 0:
             return rt.empty_array((0, 4), np.int32), self._int_array((0, taps))
-        self._check("candidate keys", 2 * dtype().itemsize * pairs)
-        candidates = rt.empty((pairs,), dtype)
-        self._launch("sparse_candidates", wide, n, i32(n), [sites, geo, offsets, candidates])
+        self._check("candidate keys", dtype().itemsize * pairs)
+        candidates, values = rt.empty((pairs,), dtype), rt.empty((pairs,), np.int32)
+        self._launch("sparse_candidates", wide, n, i32(n), [sites, geo, offsets, candidates, values])
         shifts = radix_shifts(rules.batch_size, rules.out_shape, self.plan.radix_bits)
-        ordered = self.sort(candidates, pairs, wide, shifts)
+        candidates, values = self.sort(candidates, values, pairs, wide, shifts)
         flags = rt.empty((pairs,), np.int32)
-        self._launch("sparse_unique_flags", wide, pairs, i32(pairs), [ordered, flags])
+        self._launch("sparse_unique_flags", wide, pairs, i32(pairs), [candidates, flags])
         ranks = self.scan(flags, pairs)
         n_out = self.total(ranks, pairs)
         self._check("neighbour map", 4 * n_out * taps)
-        out_keys = rt.empty((n_out,), dtype)
         out_indices = self._int_array((n_out, 4))
-        self._launch("sparse_unique_sites", wide, pairs, i32(pairs), [ordered, ranks, geo, out_keys, out_indices])
+        self._launch("sparse_unique_sites", wide, pairs, i32(pairs), [candidates, flags, ranks, geo, out_indices])
         nbr = self._int_array((n_out, taps))
         self.fill(nbr, n_out * taps, -1)
-        self._launch("sparse_regular_neighbours", wide, n, i32(n, n_out), [sites, out_keys, geo, nbr])
+        self._launch("sparse_regular_neighbours", wide, pairs, i32(pairs, taps), [values, flags, ranks, nbr])
         return out_indices, nbr
 
     def transpose(self, nbr, n_out: int, n_in: int, taps: int):
