@@ -83,11 +83,12 @@ DEVICE_FN int gallop(const GLOBAL KEY_T* keys, int lo, int hi, KEY_T want)
     return lower_bound(keys, lo, min(hi, lo + step), want);
 }
 
-// Work-item (run, row): the SEARCH_RUN sites from run * SEARCH_RUN, and their taps (i, j, 0..kw-1) with
-// row = i * kh + j, up to the centre. A tap row's keys are key + base + l * dw with base fixed, so the
-// first one's position only grows along the run (a gallop from the previous site's), and each next tap
-// lies at most dw positions after the one before. nbr starts filled with -1 (the mirrored entries are
-// written only where a site is found).
+// Work-item (run, row): the SEARCH_RUN sites from run * SEARCH_RUN and their taps (i, j, 0..kw-1) with
+// row = i * kh + j, up to the centre. The keys of the grid row (b, z + dz, y + dy) that a tap row reads
+// start at P = key(b, z + dz, y + dy, 0), which only grows along the run, so its position is a gallop
+// from the previous site's; each tap's key P + x' then lies at most x' - x'' positions after the
+// previous tap's P + x''. nbr starts filled with -1 (mirrored entries are written only where a site is
+// found).
 KERNEL void sparse_subm_neighbours(const GLOBAL int* RESTRICT indices, const GLOBAL KEY_T* RESTRICT keys,
                                    const GLOBAL int* RESTRICT geo, GLOBAL int* RESTRICT nbr, int n, int rows)
 {
@@ -96,25 +97,23 @@ KERNEL void sparse_subm_neighbours(const GLOBAL int* RESTRICT indices, const GLO
     if (item >= (int64)runs * rows)
         return;
     const int run = (int)(item / rows), row = (int)(item - (int64)run * rows);
-    const int h = geo[G_IN + 1], w = geo[G_IN + 2], kh = geo[G_KERNEL + 1], kw = geo[G_KERNEL + 2];
+    const int w = geo[G_IN + 2], kh = geo[G_KERNEL + 1], kw = geo[G_KERNEL + 2];
     const int taps = geo[G_KERNEL] * kh * kw, centre = taps / 2;
     const int i = row / kh, j = row - i * kh;
     const int dz = i * geo[G_DIL] - geo[G_PAD], dy = j * geo[G_DIL + 1] - geo[G_PAD + 1];
     const int dw = geo[G_DIL + 2], pw = geo[G_PAD + 2];
-    const KEY_T base = ((KEY_T)dz * h + dy) * w - pw;  // key offset of the row's tap l = 0
     const int first = run * SEARCH_RUN, last = min(n, first + SEARCH_RUN);
-    int start = -1;  // the previous site's lower_bound of key + base
+    int start = -1;  // the position of the previous site's P
     for (int r = first; r < last; ++r) {
         const GLOBAL int* site = indices + 4 * (int64)r;
         const int z = site[1] + dz, y = site[2] + dy;
-        const bool inside = z >= 0 && z < geo[G_IN] && y >= 0 && y < h;
-        const KEY_T here = keys[r], want0 = here + base;
-        int pos = 0;
+        const bool inside = z >= 0 && z < geo[G_IN] && y >= 0 && y < geo[G_IN + 1];
+        // Taps up to the centre read sites before this one: every search ends at r.
+        KEY_T row_key = 0;
+        int pos = 0, prev = 0;  // pos: the position of row_key + prev
         if (inside) {
-            // With z and y inside, every key of the row lies before this site's, at most here - want0 rows back.
-            const KEY_T back = here - want0;
-            const int lo = back >= r ? 0 : r - (int)back;
-            pos = start < 0 ? lower_bound(keys, lo, r, want0) : gallop(keys, max(lo, start), r, want0);
+            row_key = site_key(site[0], z, y, 0, geo + G_IN);
+            pos = start < 0 ? lower_bound(keys, 0, r, row_key) : gallop(keys, start, r, row_key);
             start = pos;
         }
         for (int l = 0; l < kw; ++l) {
@@ -126,11 +125,10 @@ KERNEL void sparse_subm_neighbours(const GLOBAL int* RESTRICT indices, const GLO
             }
             const int x = site[3] + l * dw - pw;
             int found = -1;
-            if (inside) {
-                const KEY_T want = want0 + (KEY_T)l * dw;
-                if (l > 0)
-                    pos = lower_bound(keys, pos, min(r, pos + dw + 1), want);
-                if (x >= 0 && x < w && pos < r && keys[pos] == want)
+            if (inside && x >= 0 && x < w) {
+                pos = lower_bound(keys, pos, min(r, pos + x - prev + 1), row_key + x);
+                prev = x;
+                if (pos < r && keys[pos] == row_key + x)
                     found = pos;
             }
             *slot = found;

@@ -159,7 +159,8 @@ class Buffer:
             self.array = np.frombuffer(vk.vkMapMemory(handle, self.memory, 0, nbytes, 0), np.float32)
 
     def write(self, data: np.ndarray) -> None:
-        self.array[: data.size] = data.reshape(-1)
+        """Copy data's bytes to the buffer's start (float32, or any dtype: int32 sites are copied, not cast)."""
+        self.array.view(data.dtype)[: data.size] = data.reshape(-1)
         self.flush()
 
     def flush(self) -> None:
