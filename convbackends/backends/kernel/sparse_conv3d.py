@@ -19,6 +19,13 @@ from .._sparse import NeighbourRulebook, check_rows, geometry_table, radix_shift
 from .conv2d import GemmTiles, choose_tiles
 
 
+# The kernels of sparse_conv3d_rulebook.h.
+RULEBOOK_KERNELS = ("sparse_keys", "sparse_fill", "sparse_subm_neighbours", "sparse_candidate_counts",
+                    "sparse_candidates", "radix_count", "radix_scatter", "scan_blocks", "scan_add",
+                    "sparse_unique_flags", "sparse_unique_sites", "sparse_regular_neighbours",
+                    "sparse_swap_neighbours", "sparse_gather_rows")
+
+
 @dataclass(frozen=True)
 class SortPlan:
     """How a device searches, sorts and scans. CPU devices: few work-items, each a long run of keys (8-bit
