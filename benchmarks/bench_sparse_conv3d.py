@@ -57,28 +57,35 @@ CURVE_GRID = (41, 1600, 1408)
 CURVE_SITES = (5_000, 10_000, 20_000, 50_000, 100_000, 200_000)
 
 
-def median_seconds(fn, repeats: int) -> float:
-    return timed(fn, repeats)[0]
-
-
 def timed(fn, repeats: int) -> tuple[float, float]:
-    """Median wall-clock and median CPU seconds (all threads of this process) of `repeats` calls after a warm-up.
-    On a shared machine the CPU time is the steadier figure: it leaves out the time other jobs held the cores."""
-    fn()
-    wall, cpu = [], []
-    for _ in range(repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
+    """Median wall-clock and CPU seconds of `repeats` calls after a warm-up (see `side_by_side`)."""
+    return side_by_side({"fn": fn}, repeats)["fn"]
+
+
+def side_by_side(calls: dict, repeats: int) -> dict[str, tuple[float, float]]:
+    """Each call's median wall-clock and median CPU seconds (all threads of this process), the calls taking
+    turns so that every one meets the same load: on a shared machine the load moves within seconds. The CPU time
+    leaves out the time other jobs held the cores, the steadier figure there."""
+    for fn in calls.values():
         fn()
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    return statistics.median(wall), statistics.median(cpu)
+    samples = {name: ([], []) for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fn()
+            samples[name][0].append(time.perf_counter() - start)
+            samples[name][1].append(time.process_time() - start_cpu)
+    return {name: (statistics.median(wall), statistics.median(cpu)) for name, (wall, cpu) in samples.items()}
 
 
-def sgemm_rate(repeats: int) -> float:
-    """GFLOP/s of a 2048^2 float32 GEMM through numpy's BLAS, all cores."""
+def sgemm_call():
+    """A 2048^2 float32 GEMM through numpy's BLAS, all cores: 2 * 2048^3 flops."""
     rng = np.random.default_rng(0)
     a, b = (rng.random((2048, 2048), dtype=np.float32) for _ in range(2))
-    return 2 * 2048**3 / median_seconds(lambda: a @ b, repeats) / 1e9
+    return lambda: a @ b
+
+
+SGEMM_FLOPS = 2 * 2048**3
 
 
 def tensors(layer: Layer, seed: int = 0):
@@ -90,7 +97,7 @@ def tensors(layer: Layer, seed: int = 0):
     return features, indices, w, b
 
 
-def gemm_only_seconds(prepared, rulebook, features, repeats: int) -> float:
+def gemm_only_call(prepared, rulebook, features):
     """The numpy compute's GEMMs alone: the same blocks per tap and output-row part, inputs gathered beforehand."""
     offsets, in_rows, out_rows = rulebook.pairs()
     block, taps = prepared.block_rows, prepared.taps
@@ -112,26 +119,27 @@ def gemm_only_seconds(prepared, rulebook, features, repeats: int) -> float:
 
     work = int(offsets[-1]) * (features.shape[1] + taps.shape[2])  # what run() gives _in_parts
     _in_parts(rulebook.n_out, work, collect)
-    return median_seconds(lambda: _in_parts(rulebook.n_out, work, replay), repeats)
+    return lambda: _in_parts(rulebook.n_out, work, replay)
 
 
-def measure_convbackends(layer: Layer, backend: str, repeats: int) -> dict:
+def convbackends_calls(layer: Layer, backend: str):
+    """(calls to time, facts, the layer to close): rulebook, compute, a whole layer call, and on numpy the GEMMs."""
     features, indices, w, b = tensors(layer)
     t = cb.SparseTensor(features, indices, layer.grid, 1)
-    with cb.SparseConv3d(w, b, backend=backend, **layer.options) as conv:
-        rules = conv.spec.rules(t)
-        prepared = conv._prepared
-        rulebook = prepared.rulebook(t._indices, rules)
-        geom = SparseConv3dGeometry(rules, rulebook.n_in, rulebook.n_out, layer.c, layer.o)
-        result = dict(
-            rulebook=median_seconds(lambda: prepared.rulebook(t._indices, rules), repeats),
-            compute=median_seconds(lambda: prepared.run(features, rulebook, geom), repeats),
-            layer=timed(lambda: conv(cb.SparseTensor(features, indices, layer.grid, 1)), repeats),
-            pairs=int(rulebook.pairs()[0][-1]), n_out=rulebook.n_out, output=conv(t),
-        )
-        if backend == "numpy":
-            result["gemm"] = gemm_only_seconds(prepared, rulebook, features, repeats)
-    return result
+    conv = cb.SparseConv3d(w, b, backend=backend, **layer.options)
+    rules = conv.spec.rules(t)
+    prepared = conv._prepared
+    rulebook = prepared.rulebook(t._indices, rules)
+    geom = SparseConv3dGeometry(rules, rulebook.n_in, rulebook.n_out, layer.c, layer.o)
+    calls = {
+        f"{backend} rulebook": lambda: prepared.rulebook(t._indices, rules),
+        f"{backend} compute": lambda: prepared.run(features, rulebook, geom),
+        f"{backend} layer": lambda: conv(cb.SparseTensor(features, indices, layer.grid, 1)),
+    }
+    if backend == "numpy":
+        calls["numpy gemm"] = gemm_only_call(prepared, rulebook, features)
+    facts = dict(pairs=int(rulebook.pairs()[0][-1]), n_out=rulebook.n_out, output=conv(t))
+    return calls, facts, conv
 
 
 def spconv_available() -> str | None:
@@ -143,8 +151,9 @@ def spconv_available() -> str | None:
     return None
 
 
-def measure_spconv(layer: Layer, repeats: int, ours: cb.SparseTensor) -> dict:
-    """spconv's layer (its forward builds the rulebook), weights converted to its (O, kd, kh, kw, C)."""
+def spconv_calls(layer: Layer, ours: cb.SparseTensor):
+    """spconv's layer (its forward builds the rulebook), weights converted to its (O, kd, kh, kw, C): the call to
+    time, and its output checked against ours (sites equal? rows of features beyond the tolerance)."""
     import spconv.pytorch as spconv
     import torch
 
@@ -156,12 +165,12 @@ def measure_spconv(layer: Layer, repeats: int, ours: cb.SparseTensor) -> dict:
         conv.weight.copy_(torch.from_numpy(w.transpose(0, 2, 3, 4, 1).copy()))
         conv.bias.copy_(torch.from_numpy(b))
 
-        def call():
+    def call():
+        with torch.no_grad():
             x = spconv.SparseConvTensor(torch.from_numpy(features), torch.from_numpy(indices), list(layer.grid), 1)
             return conv(x)
 
-        seconds = timed(call, repeats)
-        y = call()
+    y = call()
     sites, values = y.indices.numpy(), y.features.numpy()
     order = np.lexsort(sites.T[::-1])
     same_sites = np.array_equal(sites[order], ours.indices)
@@ -169,7 +178,7 @@ def measure_spconv(layer: Layer, repeats: int, ours: cb.SparseTensor) -> dict:
     if same_sites:
         ref = to_host(ours.features)
         mismatched = int((np.abs(values[order] - ref).max(axis=1) > tolerance(ref)).sum())
-    return dict(layer=seconds, same_sites=same_sites, mismatched_rows=mismatched)
+    return call, dict(same_sites=same_sites, mismatched_rows=mismatched)
 
 
 def measure_dense_cv2(layer: Layer, limit_gib: float, repeats: int) -> float | None:
@@ -182,7 +191,7 @@ def measure_dense_cv2(layer: Layer, limit_gib: float, repeats: int) -> float | N
         return None
     features, indices, w, b = tensors(layer)
     dense = cb.SparseTensor(features, indices, layer.grid, 1).dense()
-    return median_seconds(lambda: cv2_conv3d(dense, w, b, stride=layer.stride, padding=1), max(1, repeats // 3))
+    return timed(lambda: cv2_conv3d(dense, w, b, stride=layer.stride, padding=1), max(1, repeats // 3))[0]
 
 
 def markdown_table(columns, rows) -> str:
@@ -206,35 +215,56 @@ def main(argv=None) -> int:
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     missing_spconv = spconv_available()
     load_before = os.getloadavg()
-    sgemm = sgemm_rate(args.repeats)
+    sgemm = sgemm_call()
 
-    rows, goals = [], []
+    def measure(layer: Layer, layer_backends, with_gemm: bool):
+        """Every timed call of one layer side by side: ours per backend, spconv's, and the sgemm reference."""
+        calls, facts, layers = {}, {}, []
+        for backend in layer_backends:
+            more, facts[backend], conv = convbackends_calls(layer, backend)
+            calls.update(more)
+            layers.append(conv)
+        base = facts.get("numpy") or facts[layer_backends[0]]
+        check = None
+        if not missing_spconv:
+            calls["spconv layer"], check = spconv_calls(layer, base["output"])
+        if with_gemm:
+            calls["sgemm"] = sgemm
+        times = side_by_side(calls, args.repeats)
+        for conv in layers:
+            conv.close()
+        return times, facts, check
+
+    rows, goals, sgemm_rates = [], [], []
     for layer in LAYERS:
-        results = {backend: measure_convbackends(layer, backend, args.repeats) for backend in backends}
-        base = results.get("numpy") or results[backends[0]]
-        peer = None if missing_spconv else measure_spconv(layer, args.repeats, base["output"])
+        times, facts, peer = measure(layer, backends, with_gemm=True)
         dense = measure_dense_cv2(layer, args.dense_limit_gib, args.repeats)
-        for backend, r in results.items():
-            flops = 2 * r["pairs"] * layer.c * layer.o
-            gemm = r.get("gemm")
-            speedup = peer["layer"][0] / r["layer"][0] if peer else None
+        rate = SGEMM_FLOPS / times["sgemm"][0] / 1e9
+        sgemm_rates.append(rate)
+        theirs = times.get("spconv layer")
+        for backend, f in facts.items():
+            ours = times[f"{backend} layer"]
+            flops = 2 * f["pairs"] * layer.c * layer.o
+            gemm = times.get(f"{backend} gemm", (None,))[0]
+            speedup = theirs and (theirs[0] / ours[0], theirs[1] / ours[1])
             rows.append([
-                layer.name, backend, f"{r['pairs'] / layer.sites:.1f}", f"{r['n_out']}", ms(r["rulebook"]),
-                ms(r["compute"]), f"{ms(r['layer'][0])} ({ms(r['layer'][1])})", "-" if gemm is None else
-                f"{flops / gemm / 1e9:.0f} ({flops / gemm / 1e9 / sgemm:.0%})",
-                f"{ms(peer['layer'][0])} ({ms(peer['layer'][1])})" if peer else "-",
-                "-" if speedup is None else f"{speedup:.1f}x ({peer['layer'][1] / r['layer'][1]:.1f}x)", ms(dense),
+                layer.name, backend, f"{f['pairs'] / layer.sites:.1f}", f"{f['n_out']}",
+                ms(times[f"{backend} rulebook"][0]), ms(times[f"{backend} compute"][0]),
+                f"{ms(ours[0])} ({ms(ours[1])})",
+                "-" if gemm is None else f"{flops / gemm / 1e9:.0f} ({flops / gemm / 1e9 / rate:.0%})",
+                f"{ms(theirs[0])} ({ms(theirs[1])})" if theirs else "-",
+                f"{speedup[0]:.1f}x ({speedup[1]:.1f}x)" if theirs else "-", ms(dense),
             ])
-            if backend == "numpy" and peer:
-                goals.append((layer.name, speedup, gemm and flops / gemm / 1e9 / sgemm, peer))
+            if backend == "numpy" and theirs:
+                goals.append((layer.name, speedup, flops / gemm / 1e9 / rate, peer))
 
     curve = []
     if not args.no_curve:
         for sites in CURVE_SITES:
             layer = Layer(f"SubM {sites}", sites, CURVE_GRID, 16, 16, True)
-            r = measure_convbackends(layer, "numpy", args.repeats)
-            peer = None if missing_spconv else measure_spconv(layer, args.repeats, r["output"])
-            curve.append((sites, r["rulebook"], r["compute"], *r["layer"], *(peer["layer"] if peer else (None, None))))
+            times, _, _ = measure(layer, ["numpy"], with_gemm=False)
+            curve.append((sites, times["numpy rulebook"][0], times["numpy compute"][0], *times["numpy layer"],
+                          *times.get("spconv layer", (None, None))))
 
     m = machine_info()
     parts = [
@@ -245,8 +275,10 @@ def main(argv=None) -> int:
         f"before the run {load_before[0]:.1f} (a shared machine: other jobs ran beside this one)",
         f"- packages: " + ", ".join(f"{k} {v}" for k, v in m["packages"].items())
         + ("" if missing_spconv else ", spconv (CPU build)"),
-        f"- sgemm rate measured in this run (2048^2 float32, numpy BLAS, all cores): {sgemm:.0f} GFLOP/s",
-        f"- method: median of {args.repeats} calls after one warm-up, seeded LiDAR-like sites "
+        f"- sgemm rate (2048^2 float32, numpy BLAS, all cores), measured beside each layer: "
+        f"{min(sgemm_rates):.0f}-{max(sgemm_rates):.0f} GFLOP/s",
+        f"- method: per layer, every timed call (ours, spconv's, the sgemm) takes turns, {args.repeats} rounds after "
+        "one warm-up, medians; seeded LiDAR-like sites "
         "(`parity.lidar_sites`). pairs/site: rulebook pairs per input site. GEMM GFLOP/s: useful flops "
         "(2 x pairs x C x O) over the time of the compute's GEMMs replayed alone, and its share of the sgemm rate. "
         "spconv layer: its forward on a fresh tensor (rulebook included), to compare with our \"layer\" column. "
@@ -260,13 +292,13 @@ def main(argv=None) -> int:
     ]
     if missing_spconv:
         parts.append(f"spconv not measured: {missing_spconv}")
-    for name, speedup, share, peer in goals:
+    for name, (wall, cpu), share, peer in goals:
         check = "sites equal" if peer["same_sites"] else "SITES DIFFER"
         if peer["mismatched_rows"]:
             check += f", {peer['mismatched_rows']} rows of spconv's features differ from ours beyond the tolerance"
-        parts.append(f"- {name}: {speedup:.1f}x spconv's wall time (goal >= 5x: {'met' if speedup >= 5 else 'NOT met'}); "
-                     f"GEMM at {share:.0%} of sgemm (goal >= 50%: {'met' if share >= 0.5 else 'NOT met'}); "
-                     f"spconv output: {check}")
+        parts.append(f"- {name}: {wall:.1f}x spconv's wall time, {cpu:.1f}x its CPU time (goal >= 5x: "
+                     f"{'met' if min(wall, cpu) >= 5 else 'NOT met'}); GEMM at {share:.0%} of sgemm (goal >= 50%: "
+                     f"{'met' if share >= 0.5 else 'NOT met'}); spconv output: {check}")
     if curve:
         parts += ["", f"## Scaling: SubM 3x3x3 16->16 in {CURVE_GRID}", "",
                   markdown_table(["sites", "rulebook ms", "compute ms", "layer ms (CPU)", "spconv layer ms (CPU)"],

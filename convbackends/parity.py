@@ -171,7 +171,8 @@ def _transposed_sweep() -> list[Case]:
 def lidar_sites(count, spatial_shape, batch_size=1, seed=0):
     """Sorted unique (count, 4) int32 sites shaped like a voxelised LiDAR sweep: a sloped ground plane seen from a
     sensor at one edge, box-shaped objects (cars, buildings) with their walls and roofs, and thin vertical poles;
-    points thin out with range as a spinning sensor's do. Seeded, so every run sees the same sites."""
+    points thin out with range as a spinning sensor's do; `count` of the voxels they hit are kept. Seeded, so every
+    run sees the same sites."""
     d, h, w = spatial_shape
     rng = np.random.default_rng(seed)
     per_batch = [count // batch_size + (b < count % batch_size) for b in range(batch_size)]
@@ -194,7 +195,7 @@ def _scene(rng, n, d, h, w):
     """n points (z, y, x) in the grid: 55% ground, 35% object surfaces, 10% poles."""
     n_ground, n_objects = int(0.55 * n), int(0.35 * n)
     n_poles = n - n_ground - n_objects
-    # Range from the sensor at (y = h/2, x = 0) drawn so density falls like 1/range.
+    # Range from the sensor at (y = h/2, x = 0): half-normal, most returns near it, thinning out with range.
     r = np.abs(rng.standard_normal(n)) * 0.35 * w + 2
     angle = rng.uniform(-1.2, 1.2, n)
     y, x = h / 2 + r * np.sin(angle), r * np.cos(angle)

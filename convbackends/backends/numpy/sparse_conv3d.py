@@ -113,37 +113,46 @@ def _compact(keys: np.ndarray, span: int) -> np.ndarray:
 
 
 def _regular_pairs(indices: np.ndarray, rules: RulebookGeometry):
-    """Per tap (in_rows, out_rows) of a regular layer, and the sorted output sites."""
-    out_shape = rules.out_shape
+    """Per tap (in_rows, out_rows) of a regular layer, and the sorted output sites.
+
+    Every (input, tap) that lands on the output grid gives a candidate output key: sorted, the distinct keys are
+    the output sites, and each candidate's rank among them is its output row."""
+    (od, oh, ow), kernel = rules.out_shape, rules.kernel
+    dtype = np.int32 if rules.batch_size * od * oh * ow < (1 << 31) else np.int64
     # Per axis and kernel index: which inputs reach an output coordinate, and which one.
     reach, where = [], []
     for axis in range(3):
-        q = indices[:, 1 + axis].astype(np.int64)[None, :] + rules.padding[axis] - (
-            np.arange(rules.kernel[axis], dtype=np.int64)[:, None] * rules.dilation[axis])
+        q = indices[:, 1 + axis][None, :] + rules.padding[axis] - (
+            np.arange(kernel[axis], dtype=np.int32)[:, None] * rules.dilation[axis])
         s = rules.stride[axis]
-        reach.append((q >= 0) & (q % s == 0) & (q < s * out_shape[axis]))
-        where.append(q // s)
-    batch = indices[:, 0].astype(np.int64)
-    od, oh, ow = out_shape
-    kd, kh, kw = rules.kernel
+        reach.append((q >= 0) & (q < s * rules.out_shape[axis]) & (q % s == 0 if s > 1 else True))
+        where.append((q // s).astype(dtype))
+    batch = indices[:, 0].astype(dtype)
     rows, keys = [], []
-    for i in range(kd):
-        z_key = batch * od + where[0][i]
-        for j in range(kh):
+    for i in range(kernel[0]):
+        z_key = batch * dtype(od) + where[0][i]
+        for j in range(kernel[1]):
             zy_reach = reach[0][i] & reach[1][j]
-            zy_key = z_key * oh + where[1][j]
-            for l in range(kw):
+            zy_key = (z_key * dtype(oh) + where[1][j]) * dtype(ow)
+            for l in range(kernel[2]):
                 inputs = np.flatnonzero(zy_reach & reach[2][l])
                 rows.append(inputs.astype(np.int32))
-                keys.append((zy_key[inputs] * ow) + where[2][l][inputs])
-    out_keys, out_row = np.unique(np.concatenate(keys), return_inverse=True)
+                keys.append(zy_key[inputs] + where[2][l][inputs])
+    candidates = np.concatenate(keys)
+    order = np.argsort(candidates)  # any order among equal keys: each gets the same rank
+    ranked = candidates[order]
+    first = np.empty(len(ranked), bool)
+    first[:1] = True
+    np.not_equal(ranked[1:], ranked[:-1], out=first[1:])
+    out_keys = ranked[first]
+    out_row = np.empty(len(candidates), np.int32)
+    out_row[order] = np.cumsum(first, dtype=np.int32) - 1
     out_indices = np.empty((len(out_keys), 4), np.int32)
     rest = out_keys
     for column, size in ((3, ow), (2, oh), (1, od)):
         rest, out_indices[:, column] = np.divmod(rest, size)
     out_indices[:, 0] = rest
     bounds = np.cumsum([0] + [len(r) for r in rows])
-    out_row = out_row.astype(np.int32).reshape(-1)
     return [(rows[t], out_row[bounds[t]:bounds[t + 1]]) for t in range(len(rows))], out_indices
 
 
@@ -153,8 +162,8 @@ def build_rulebook(indices: np.ndarray, rules: RulebookGeometry, backend: str, d
     k = rules.kernel_volume
     if not len(indices):
         empty = np.zeros(0, np.int32)
-        return HostRulebook(rules, indices, np.zeros((0, 4), np.int32), np.zeros(k + 1, np.int64), empty, empty,
-                            backend, device)
+        out_indices = indices if rules.subm else np.zeros((0, 4), np.int32)
+        return HostRulebook(rules, indices, out_indices, np.zeros(k + 1, np.int64), empty, empty, backend, device)
     pairs, out_indices = (_submanifold_pairs if rules.subm else _regular_pairs)(indices, rules)
     offsets = np.zeros(k + 1, np.int64)
     offsets[1:] = np.cumsum([len(p[0]) for p in pairs])
