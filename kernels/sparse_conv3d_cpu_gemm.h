@@ -1,10 +1,12 @@
-// sparse_conv3d_cpu_gemm: the CPU-device (PoCL) form of sparse_conv3d_implicit_gemm, OpenCL only.
+// sparse_conv3d_cpu_gemm: the CPU-device (PoCL) compute of sparse_conv3d, OpenCL only: output-stationary
+// over the rulebook's neighbour map nbr (n_out, K) (GPUs run sparse_conv3d_gather_gemm, a pass per tap).
 // A work-item owns one output row and OB blocks of 8 output channels in float8 accumulators; it walks
-// the row's taps in order and skips the ones the neighbour map marks -1, so it computes exactly the
-// rulebook's pairs, with no local memory (a CPU runs a work-group as a loop over its work-items). The
-// input row and the tap's weights are read straight from global memory (the caches keep them).
-// Each tap's products are summed apart and then added to the row's total (as the numpy backend's
-// per-tap GEMMs do): rounding errors grow with C + K, not C * K.
+// the row's taps in order and skips the ones the map marks -1, so it computes exactly the rulebook's
+// pairs and sums each output in tap order (no atomics: the same bits on every run), with no local
+// memory (a CPU runs a work-group as a loop over its work-items) and one store per output. The input
+// row and the tap's weights are read straight from global memory (the caches keep them). Each tap's
+// products are summed apart and then added to the row's total (as the numpy backend's per-tap GEMMs
+// do): rounding errors grow with C + K, not C * K.
 // Weights packed [K][ogpad / 8][C][8], zero padded. Work-item x = output row, y = group of OB blocks.
 
 KERNEL void sparse_conv3d_cpu_gemm(const GLOBAL float* RESTRICT x, const GLOBAL int* RESTRICT nbr,

@@ -324,6 +324,37 @@ KERNEL void sparse_swap_neighbours(const GLOBAL int* RESTRICT nbr, GLOBAL int* R
         inv[(int64)s * taps + item % taps] = (int)(item / taps);
 }
 
+// The pair lists (the canonical form) from the neighbour map: tap-major flags, their exclusive scan
+// (positions), then each pair at its position; per tap ascending in the output row, as the map's rows.
+KERNEL void sparse_pair_flags(const GLOBAL int* RESTRICT nbr, GLOBAL int* RESTRICT flags, int n_out, int taps)
+{
+    const int64 item = GLOBAL_ID_X;
+    if (item >= (int64)n_out * taps)
+        return;
+    const int t = (int)(item / n_out), r = (int)(item - (int64)t * n_out);
+    flags[item] = nbr[(int64)r * taps + t] >= 0;
+}
+
+KERNEL void sparse_pair_lists(const GLOBAL int* RESTRICT nbr, const GLOBAL int* RESTRICT flags,
+                              const GLOBAL int* RESTRICT positions, GLOBAL int* RESTRICT in_rows,
+                              GLOBAL int* RESTRICT out_rows, int n_out, int taps)
+{
+    const int64 item = GLOBAL_ID_X;
+    if (item >= (int64)n_out * taps || !flags[item])
+        return;
+    const int t = (int)(item / n_out), r = (int)(item - (int64)t * n_out), p = positions[item];
+    in_rows[p] = nbr[(int64)r * taps + t];
+    out_rows[p] = r;
+}
+
+// offsets[t] = positions[t * n_out] for t = 0..K: where each tap's pairs start, the total last.
+KERNEL void sparse_tap_offsets(const GLOBAL int* RESTRICT positions, GLOBAL int* RESTRICT offsets, int n_out, int taps)
+{
+    const int64 t = GLOBAL_ID_X;
+    if (t <= taps)
+        offsets[t] = positions[t * n_out];
+}
+
 KERNEL void sparse_gather_rows(const GLOBAL float* RESTRICT x, const GLOBAL int* RESTRICT order,
                                GLOBAL float* RESTRICT y, int n, int c)
 {

@@ -13,7 +13,8 @@ layout(local_size_x_id = 0) in;
 
 const int KEYS = 0, FILL = 1, SUBM_NEIGHBOURS = 2, CANDIDATE_COUNTS = 3, CANDIDATES = 4, RADIX_COUNT = 5,
           RADIX_SCATTER = 6, SCAN_BLOCKS = 7, SCAN_ADD = 8, UNIQUE_FLAGS = 9, UNIQUE_SITES = 10,
-          REGULAR_NEIGHBOURS = 11, SWAP_NEIGHBOURS = 12, COPY_TOTAL = 13;
+          REGULAR_NEIGHBOURS = 11, SWAP_NEIGHBOURS = 12, COPY_TOTAL = 13, PAIR_FLAGS = 14, PAIR_LISTS = 15,
+          TAP_OFFSETS = 16;
 layout(constant_id = 1) const int STAGE = 0;
 layout(constant_id = 2) const bool WIDE = false;
 layout(constant_id = 3) const int RADIX_BITS = 4;
@@ -321,6 +322,32 @@ void swap_neighbours() {
         b1.v[s * taps + item % taps] = uint(item / taps);
 }
 
+// The pair lists from the neighbour map (n rows of a taps): PAIR_FLAGS b0 nbr -> b1 tap-major flags;
+// PAIR_LISTS with b2 their exclusive scan (positions) -> b3 in_rows, b4 out_rows; TAP_OFFSETS b2
+// positions -> b3 [t] = positions[t * n] for t = 0..a.
+void pair_flags() {
+    const int item = int(gl_GlobalInvocationID.x), taps = p.a;
+    if (item >= p.n * taps)
+        return;
+    const int t = item / p.n, r = item - t * p.n;
+    b1.v[item] = int(b0.v[r * taps + t]) >= 0 ? 1u : 0u;
+}
+
+void pair_lists() {
+    const int item = int(gl_GlobalInvocationID.x), taps = p.a;
+    if (item >= p.n * taps || b1.v[item] == 0u)
+        return;
+    const int t = item / p.n, r = item - t * p.n, at = int(b2.v[item]);
+    b3.v[at] = b0.v[r * taps + t];
+    b4.v[at] = uint(r);
+}
+
+void tap_offsets() {
+    const int t = int(gl_GlobalInvocationID.x);
+    if (t <= p.a)
+        b3.v[t] = b2.v[t * p.n];
+}
+
 // b1[a] = b0[n]: a scan's total into a small buffer the host reads.
 void copy_total() {
     if (gl_GlobalInvocationID.x == 0)
@@ -341,4 +368,7 @@ void main() {
     else if (STAGE == REGULAR_NEIGHBOURS) regular_neighbours();
     else if (STAGE == SWAP_NEIGHBOURS) swap_neighbours();
     else if (STAGE == COPY_TOTAL) copy_total();
+    else if (STAGE == PAIR_FLAGS) pair_flags();
+    else if (STAGE == PAIR_LISTS) pair_lists();
+    else if (STAGE == TAP_OFFSETS) tap_offsets();
 }

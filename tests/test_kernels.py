@@ -59,7 +59,7 @@ def _sparse_sources():
     for i, o in enumerate((128, 64, 32, 16, 5)):
         w = np.zeros((o, 16, 3, 3, 3), np.float32)
         plan = _sparse_kernels.ComputePlan(SparseConv3dSpec.create(w, activation=ACTIVATIONS[i]), w, None, GPU)
-        sources.append((plan.kernel_name, plan.source, plan.options))
+        sources += [(name, plan.source, plan.options) for name in (plan.kernel_name, "sparse_conv3d_epilogue")]
     rulebook = kernel_runtime.source("sparse_conv3d_rulebook.h")
     plan = _sparse_kernels.SortPlan.for_device(GPU)
     return sources + [(name, rulebook, plan.options(wide)) for wide in (False, True)

@@ -1,8 +1,9 @@
 """sparse_conv3d on OpenCL and CUDA, from one kernel source: the rulebook built on the device
 (kernels/sparse_conv3d_rulebook.h: binary search for SubM, candidates + radix sort + unique for regular
-layers, a transpose for the inverse) and kept there as a neighbour map (backends/_sparse.py); the compute
-output-stationary over that map (kernels/sparse_conv3d_implicit_gemm.h on GPUs, sparse_conv3d_cpu_gemm.h on
-CPU devices). Only scalars come back during a build: the regular layer's candidate and output counts.
+layers) and kept there as a neighbour map and, for GPUs, as pair lists (backends/_sparse.py); the compute a
+gather-GEMM-scatter pass per tap over the pair lists on GPUs (kernels/sparse_conv3d_gather_gemm.h) and
+output-stationary over the map on CPU devices (sparse_conv3d_cpu_gemm.h). Only scalars come back during a
+build: the regular layer's candidate and output counts, and the pair lists' K + 1 offsets.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np
 from ...ops.sparse_conv3d import RulebookGeometry, SparseConv3dGeometry, SparseConv3dSpec, to_host
 from ...runtime.kernels import DeviceLimits, GeometryCache, KernelRuntime, Launch, i32, linear_launch, source
 from .. import Prepared
-from .._sparse import NeighbourRulebook, check_rows, geometry_table, radix_shifts, wide_keys
+from .._sparse import NeighbourRulebook, RulebookForms, check_rows, geometry_table, radix_shifts, wide_keys
 from .conv2d import GemmTiles, choose_tiles
 
 
@@ -23,7 +24,8 @@ from .conv2d import GemmTiles, choose_tiles
 RULEBOOK_KERNELS = ("sparse_keys", "sparse_fill", "sparse_subm_neighbours", "sparse_candidate_counts",
                     "sparse_candidates", "radix_count", "radix_scatter", "scan_blocks", "scan_add",
                     "sparse_unique_flags", "sparse_unique_sites", "sparse_regular_neighbours",
-                    "sparse_swap_neighbours", "sparse_gather_rows")
+                    "sparse_swap_neighbours", "sparse_pair_flags", "sparse_pair_lists", "sparse_tap_offsets",
+                    "sparse_gather_rows")
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,8 @@ class SortPlan:
 
 
 class RulebookBuilder:
-    """The rulebook kernels of one device; every array a build makes is its own, so threads may share it."""
+    """The rulebook kernels of one device, and the `ops` of its rulebooks' forms (backends/_sparse.py); every
+    array a build makes is its own, so threads may share it."""
 
     def __init__(self, rt: KernelRuntime):
         self._rt = rt
@@ -119,19 +122,19 @@ class RulebookBuilder:
         rt, taps = self._rt, rules.kernel_volume
         check_rows(backend, n, taps)
         if n == 0:
-            out_indices = indices if rules.subm else rt.empty_array((0, 4), np.int32)
-            return self._rulebook(rules, indices, out_indices, 0, 0, self._int_array((0, taps)), backend, device)
-        sites = rt.upload(indices) if isinstance(indices, np.ndarray) else indices
-        geo = self._tables.get(rules)
-        if rules.subm:
-            return self._rulebook(rules, indices, indices, n, n, self._submanifold(sites, geo, rules, n), backend,
-                                  device)
-        out_indices, nbr = self._regular(sites, geo, rules, n)
-        return self._rulebook(rules, indices, out_indices, n, len(out_indices), nbr, backend, device)
-
-    def _rulebook(self, rules, in_indices, out_indices, n_in, n_out, nbr, backend, device) -> NeighbourRulebook:
-        return NeighbourRulebook(rules, in_indices, out_indices, n_in, n_out, nbr, backend, device,
-                                 lambda nbr, rows, taps: to_host(nbr).reshape(rows, taps), self.transpose)
+            out_indices, nbr = indices if rules.subm else rt.empty_array((0, 4), np.int32), self._int_array((0, taps))
+        else:
+            sites = rt.upload(indices) if isinstance(indices, np.ndarray) else indices
+            geo = self._tables.get(rules)
+            if rules.subm:
+                out_indices, nbr = indices, self._submanifold(sites, geo, rules, n)
+            else:
+                out_indices, nbr = self._regular(sites, geo, rules, n)
+        n_out = len(out_indices)
+        forms = RulebookForms(self, taps, n_out, n, neighbours=nbr)
+        if not rt.limits.is_cpu:  # what GPUs compute over: made now, as part of the build
+            forms.pair_lists()
+        return NeighbourRulebook(rules, indices, out_indices, n, n_out, forms, backend, device)
 
     def _submanifold(self, sites, geo, rules: RulebookGeometry, n: int):
         taps, wide = rules.kernel_volume, wide_keys(rules.batch_size, rules.in_shape)
@@ -172,6 +175,34 @@ class RulebookBuilder:
         self._launch("sparse_regular_neighbours", wide, pairs, i32(pairs, taps), [values, flags, ranks, nbr])
         return out_indices, nbr
 
+    # -- the ops of RulebookForms ----------------------------------------------------------------------------
+    @staticmethod
+    def read_ints(array, count: int) -> np.ndarray:
+        return to_host(array).reshape(-1)[:count] if count else np.zeros(0, np.int32)
+
+    @staticmethod
+    def release(arrays) -> None:
+        """Device arrays free their memory when dropped."""
+
+    def pair_lists(self, nbr, n_out: int, taps: int):
+        """(offsets (K + 1,) int64 host, in_rows, out_rows) of a neighbour map: the canonical pairs."""
+        if n_out == 0:
+            empty = self._int_array((0,))
+            return np.zeros(taps + 1, np.int64), empty, empty
+        total = n_out * taps
+        flags = self._rt.empty((total,), np.int32)
+        self._launch("sparse_pair_flags", False, total, i32(n_out, taps), [nbr, flags])
+        positions = self.scan(flags, total)
+        offsets = self._int_array((taps + 1,))
+        self._launch("sparse_tap_offsets", False, taps + 1, i32(n_out, taps), [positions, offsets])
+        offsets = to_host(offsets).astype(np.int64)
+        count = int(offsets[-1])
+        in_rows, out_rows = self._int_array((count,)), self._int_array((count,))
+        if count:
+            self._launch("sparse_pair_lists", False, total, i32(n_out, taps), [nbr, flags, positions, in_rows,
+                                                                               out_rows])
+        return offsets, in_rows, out_rows
+
     def transpose(self, nbr, n_out: int, n_in: int, taps: int):
         """The inverse layer's neighbour map (n_in, taps) from a regular layer's (n_out, taps)."""
         inv = self._int_array((n_in, taps))
@@ -191,14 +222,17 @@ class RulebookBuilder:
         return rt.returned(out)
 
 
-# conv2d_cpu_gemm-like work-groups of sparse_conv3d_cpu_gemm: output rows per group, and 8-channel
-# blocks per work-item (up to 64 channels in float8 accumulators).
+# sparse_conv3d_cpu_gemm's work-groups: output rows per group, and 8-channel blocks per work-item (up to
+# 64 channels in float8 accumulators).
 CPU_ROWS_PER_GROUP = 16
 CPU_MAX_BLOCKS = 8
 
 
 class ComputePlan:
-    """The compute kernel of a layer on a device kind, its packed weights and launch."""
+    """The compute of a layer on a device kind: its kernels, packed weights and launches. CPU devices:
+    sparse_conv3d_cpu_gemm over the neighbour map, weights [K][ogpad / 8][C][8]. GPUs: a
+    sparse_conv3d_gather_gemm pass per tap over the pair lists, then sparse_conv3d_epilogue, weights
+    [K][cpad][ogpad] in gemm_tile.h's tiles."""
 
     def __init__(self, spec: SparseConv3dSpec, w: np.ndarray, b: np.ndarray | None, limits: DeviceLimits):
         o, c = spec.out_channels, spec.in_channels
@@ -217,8 +251,9 @@ class ComputePlan:
             self.weights = np.ascontiguousarray(packed.reshape(taps, c, self.ogpad // 8, 8).transpose(0, 2, 1, 3))
             self.local = (min(CPU_ROWS_PER_GROUP, limits.max_threads), 1, 1)
             defines["OB"] = self.blocks_per_item
+            files = ("sparse_conv3d_cpu_gemm.h",)
         else:
-            self.algorithm = "implicit_gemm"
+            self.algorithm = "gather_gemm"
             self.tiles = choose_tiles(o, limits)
             self.cpad = math.ceil(c / self.tiles.tk) * self.tiles.tk
             self.ogpad = math.ceil(o / self.tiles.tm) * self.tiles.tm
@@ -227,28 +262,35 @@ class ComputePlan:
             self.weights = packed
             self.local = self.tiles.local_size
             defines.update(self.tiles.defines())
+            files = ("gemm_tile.h", "sparse_conv3d_gather_gemm.h")
         self.kernel_name = f"sparse_conv3d_{self.algorithm}"
-        files = ("sparse_conv3d_cpu_gemm.h",) if limits.is_cpu else ("gemm_tile.h", "sparse_conv3d_implicit_gemm.h")
         self.source = source(*files)
         self.options = tuple(f"-D{name}={value}" for name, value in defines.items())
         self.bias = b.copy() if b is not None else np.zeros(o, np.float32)
         self.spec, self.taps = spec, taps
+        act = spec.activation
+        self.params = (np.float32(act.alpha), np.float32(act.beta))
 
     @property
     def threads(self) -> int:
         return math.prod(self.local)
 
     def launch(self, geom: SparseConv3dGeometry) -> Launch:
-        act = self.spec.activation
-        params = (np.float32(act.alpha), np.float32(act.beta))
-        lx, ly, _ = self.local
-        if self.tiles is None:
-            blocks = self.ogpad // 8
-            return Launch((math.ceil(geom.n_out / lx) * lx, blocks // self.blocks_per_item, 1), self.local,
-                          i32(geom.n_out, geom.c, geom.o, self.taps, blocks) + params)
-        t = self.tiles
-        return Launch((math.ceil(geom.n_out / t.tn) * lx, (self.ogpad // t.tm) * ly, 1), self.local,
-                      i32(geom.n_out, geom.c, geom.o, self.taps, self.cpad, self.ogpad) + params)
+        """sparse_conv3d_cpu_gemm over every output row."""
+        lx = self.local[0]
+        blocks = self.ogpad // 8
+        return Launch((math.ceil(geom.n_out / lx) * lx, blocks // self.blocks_per_item, 1), self.local,
+                      i32(geom.n_out, geom.c, geom.o, self.taps, blocks) + self.params)
+
+    def tap_launch(self, geom: SparseConv3dGeometry, tap: int, first: int, count: int) -> Launch:
+        """sparse_conv3d_gather_gemm over one tap's `count` pairs from `first`."""
+        t, (lx, ly, _) = self.tiles, self.local
+        return Launch((math.ceil(count / t.tn) * lx, (self.ogpad // t.tm) * ly, 1), self.local,
+                      i32(first, count, tap, geom.c, geom.o, self.cpad, self.ogpad))
+
+    def epilogue_launch(self, geom: SparseConv3dGeometry) -> Launch:
+        total = geom.n_out * geom.o
+        return linear_launch(total, (np.int32(geom.o), np.int64(total)) + self.params)
 
 
 def fit_plan(spec, w, b, limits: DeviceLimits, rt: KernelRuntime):
@@ -264,12 +306,15 @@ def fit_plan(spec, w, b, limits: DeviceLimits, rt: KernelRuntime):
 
 
 class KernelSparsePrepared(Prepared):
-    """A sparse layer on one device: its compute kernel and packed weights (read-only once made) and the
+    """A sparse layer on one device: its compute kernels and packed weights (read-only once made) and the
     device's rulebook kernels. Each call allocates its own buffers, so threads may share a layer."""
 
     def __init__(self, rt: KernelRuntime, spec: SparseConv3dSpec, w: np.ndarray, b: np.ndarray | None):
         self.device, self.spec, self._rt = rt.info, spec, rt
         self.plan, self.kernel = fit_plan(spec, w, b, rt.limits, rt)
+        self.epilogue = None
+        if self.plan.tiles is not None:
+            self.epilogue = rt.kernel(self.plan.source, "sparse_conv3d_epilogue", self.plan.options)
         if self.plan.weights.nbytes > rt.limits.max_alloc:
             raise ValueError(
                 f"{self.device.backend}: the packed weights need {self.plan.weights.nbytes} bytes, more than the "
@@ -293,24 +338,44 @@ class KernelSparsePrepared(Prepared):
                 raise ValueError(f"{self.device.backend}: the {name} need {nbytes} bytes, more than the device's "
                                  f"largest buffer ({rt.max_alloc_name}: {rt.limits.max_alloc} bytes)")
 
-    def _launch(self, x, y, rulebook: NeighbourRulebook, geom: SparseConv3dGeometry) -> None:
-        # An empty input is never read (every neighbour is -1): any buffer stands in for it.
-        x = self.weights if x is None or geom.n_in == 0 else x
-        self._rt.launch(self.kernel, self.plan.launch(geom), [x, rulebook.neighbours, self.weights, self.bias, y])
+    def _launcher(self, rulebook: NeighbourRulebook, geom: SparseConv3dGeometry):
+        """launch(x, y): the compute's launches into device buffers x and y, with the rulebook's form
+        (made now if this is its first compute, so not inside the timed launches)."""
+        rt, plan = self._rt, self.plan
+        if plan.tiles is None:
+            nbr = rulebook.forms.neighbours()
+
+            def launch(x, y) -> None:
+                # An empty input is never read (every neighbour is -1): any buffer stands in for it.
+                x = self.weights if x is None or geom.n_in == 0 else x
+                rt.launch(self.kernel, plan.launch(geom), [x, nbr, self.weights, self.bias, y])
+            return launch
+        offsets, in_rows, out_rows = rulebook.forms.pair_lists()
+
+        def launch(x, y) -> None:
+            self.builder.fill(y, geom.n_out * geom.o, 0)  # 0.0f
+            for t in range(plan.taps):
+                first, count = int(offsets[t]), int(offsets[t + 1] - offsets[t])
+                if count:
+                    rt.launch(self.kernel, plan.tap_launch(geom, t, first, count),
+                              [x, in_rows, out_rows, self.weights, y])
+            rt.launch(self.epilogue, plan.epilogue_launch(geom), [y, self.bias])
+        return launch
 
     def _run(self, features, rulebook: NeighbourRulebook, geom: SparseConv3dGeometry, timed: bool):
         self._check_open()
         self._check_sizes(geom)
         rt = self._rt
+        launch = self._launcher(rulebook, geom) if geom.n_out else None
         with rt.timer() if timed else contextlib.nullcontext([None]) as seconds:
             if isinstance(features, np.ndarray):
                 y = np.empty((geom.n_out, geom.o), np.float32)
                 if geom.n_out:
-                    rt.run_host(features, y, lambda xd, yd: self._launch(xd, yd, rulebook, geom))
+                    rt.run_host(features, y, launch)
             else:
                 x, y = rt.device_input(features), rt.empty_array((geom.n_out, geom.o))
                 if geom.n_out:
-                    self._launch(x, y, rulebook, geom)
+                    launch(x, y)
                 y = rt.returned(y)
         return y, seconds[0]
 

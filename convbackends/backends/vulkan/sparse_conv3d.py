@@ -1,16 +1,16 @@
-"""sparse_conv3d on Vulkan: the rulebook built on the device by shaders/sparse_conv3d_rulebook.comp (the
-stages of kernels/sparse_conv3d_rulebook.h: binary search for SubM, candidates + radix sort + unique for
-regular layers, a transpose for the inverse) and kept there as a neighbour map (backends/_sparse.py); the
-compute output-stationary over it (shaders/sparse_conv3d_implicit_gemm.comp: staged tiles on GPUs, a row
-per invocation on CPU devices). Features and sites are numpy in and out; what a build reads back is the
-regular layer's candidate and output counts and, at its end, the output sites.
+"""sparse_conv3d on Vulkan, as backends/kernel/sparse_conv3d.py on OpenCL and CUDA: the rulebook built on
+the device by shaders/sparse_conv3d_rulebook.comp (the stages of kernels/sparse_conv3d_rulebook.h: binary
+search for SubM, candidates + radix sort + unique for regular layers) and kept there as a neighbour map and,
+for GPUs, as pair lists (backends/_sparse.py); the compute a gather-GEMM-scatter pass per tap over the pair
+lists on GPUs (shaders/sparse_conv3d_gather_gemm.comp) and output-stationary over the map on CPU devices
+(sparse_conv3d_cpu_gemm.comp). Features and sites are numpy in and out; what a build reads back is the
+regular layer's candidate and output counts, the pair lists' K + 1 offsets and, at its end, the output sites.
 """
 from __future__ import annotations
 
 import math
 import struct
 import threading
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,20 +20,23 @@ from ...runtime import DeviceInfo
 from ...runtime import vulkan as _vk
 from ...runtime.kernels import DeviceLimits
 from .. import Prepared
-from .._sparse import NeighbourRulebook, check_rows, geometry_table
+from .._sparse import NeighbourRulebook, RulebookForms, check_rows, geometry_table
 from ..kernel.conv2d import choose_tiles
 from .spirv import SPIRV
 
 RULEBOOK = "sparse_conv3d_rulebook"
-COMPUTE = "sparse_conv3d_implicit_gemm"
 # The stages of sparse_conv3d_rulebook.comp (its STAGE constant).
 (KEYS, FILL, SUBM_NEIGHBOURS, CANDIDATE_COUNTS, CANDIDATES, RADIX_COUNT, RADIX_SCATTER, SCAN_BLOCKS, SCAN_ADD,
- UNIQUE_FLAGS, UNIQUE_SITES, REGULAR_NEIGHBOURS, SWAP_NEIGHBOURS, COPY_TOTAL) = range(14)
+ UNIQUE_FLAGS, UNIQUE_SITES, REGULAR_NEIGHBOURS, SWAP_NEIGHBOURS, COPY_TOTAL, PAIR_FLAGS, PAIR_LISTS,
+ TAP_OFFSETS) = range(17)
 _RULEBOOK_BINDINGS = (_vk.STORAGE,) * 6
 _RULEBOOK_PUSH = struct.Struct("<26i")  # geo[18], field_bits[3], n, a, b, c, d
-# x, nbr, w, w as vec4, bias, y: the bindings of sparse_conv3d_implicit_gemm.comp.
-_COMPUTE_BINDINGS = (_vk.TEXEL_FLOAT, _vk.STORAGE, _vk.TEXEL_FLOAT, _vk.TEXEL_VEC4, _vk.TEXEL_FLOAT, _vk.STORAGE)
-_COMPUTE_PUSH = struct.Struct("<6i")  # N_OUT, C, O, TAPS, CPAD, OGPAD
+# x, nbr, w as vec4, bias, y: the bindings of sparse_conv3d_cpu_gemm.comp.
+_CPU_BINDINGS = (_vk.TEXEL_FLOAT, _vk.STORAGE, _vk.TEXEL_VEC4, _vk.TEXEL_FLOAT, _vk.STORAGE)
+_CPU_PUSH = struct.Struct("<5i")  # N_OUT, C, O, TAPS, OGPAD
+# x, in_rows, out_rows, w, bias, y: the bindings of sparse_conv3d_gather_gemm.comp.
+_GPU_BINDINGS = (_vk.TEXEL_FLOAT, _vk.STORAGE, _vk.STORAGE, _vk.TEXEL_FLOAT, _vk.TEXEL_FLOAT, _vk.STORAGE)
+_GPU_PUSH = struct.Struct("<8i")  # FIRST, COUNT, TAP, C, O, CPAD, OGPAD, TOTAL
 LINEAR_LOCAL = 64
 # Direct path: vec4s of output channels per invocation (llvmpipe keeps them in registers).
 DIRECT_MAX_VEC4 = 4
@@ -84,7 +87,11 @@ class _Build:
         self.made: list[_vk.Buffer] = []
 
     def buffer(self, nbytes: int) -> _vk.Buffer:
-        buf = self.dev.acquire(max(4, nbytes), host=self.dev.unified)
+        """A device buffer (mapped host memory where that is the device's)."""
+        return self.buffer_on(nbytes, self.dev.unified)
+
+    def buffer_on(self, nbytes: int, host: bool) -> _vk.Buffer:
+        buf = self.dev.acquire(max(4, nbytes), host)
         self.made.append(buf)
         return buf
 
@@ -126,15 +133,16 @@ class _Build:
         self.submit()
         return int(self.builder.totals.read(1).view(np.int32)[0])
 
-    def submit(self) -> None:
-        if not self.dispatches:
-            return
-        recording = _vk.Recording(self.dev, self.dispatches)
+    def submit(self, copies_in=(), copies_out=()) -> float | None:
+        """Run the recorded dispatches (and copies); the device seconds where the device measures them."""
+        if not self.dispatches and not copies_in and not copies_out:
+            return None
+        recording = _vk.Recording(self.dev, self.dispatches, copies_in, copies_out)
         try:
-            recording.submit()
+            return recording.submit()
         finally:
             recording.close()
-        self.dispatches = []
+            self.dispatches = []
 
     def read(self, buf: _vk.Buffer, count: int) -> np.ndarray:
         """count int32 of a buffer (this build's recorded work submitted first)."""
@@ -168,39 +176,31 @@ def read_ints(dev: _vk.Device, buf: _vk.Buffer, count: int) -> np.ndarray:
 
 
 class RulebookBuilder:
-    """A layer's rulebook stages (their pipelines are the device's); each build has its own buffers, and a
-    lock serialises regular builds for the one small buffer their totals come back through."""
+    """A device's rulebook stages, and the `ops` of its rulebooks' forms (backends/_sparse.py): one per
+    device, kept with it (rulebooks outlive layers). Each build has its own buffers; a lock serialises
+    regular builds for the one small buffer their totals come back through."""
 
     def __init__(self, dev: _vk.Device, index: int):
         self.dev, self.index = dev, index
-        self.plan = SortPlan.for_device(dev)
         self.no_geometry = (0,) * 18
         self.dummy = dev.acquire(4, host=dev.unified)
         self.totals = dev.acquire(4, host=True)
         self._lock = threading.Lock()
+
+    @property
+    def plan(self) -> SortPlan:
+        return SortPlan.for_device(self.dev)
 
     def pipeline(self, stage: int, wide: bool, local: int) -> _vk.Pipeline:
         plan = self.plan
         constants = {0: local, 1: stage, 2: wide, 3: plan.radix_bits, 4: plan.scan_per_item, 5: plan.search_run}
         return self.dev.pipeline(RULEBOOK, SPIRV[RULEBOOK], constants, _RULEBOOK_BINDINGS, _RULEBOOK_PUSH.size)
 
-    def close(self) -> None:
-        self.dev.release(self.dummy)
-        self.dev.release(self.totals)
-
     def _check(self, name: str, nbytes: int) -> None:
         limit = self.dev.limits.maxStorageBufferRange
         if nbytes > limit:
             raise ValueError(f"vulkan: the rulebook's {name} needs {nbytes} bytes, more than the device's "
                              f"maxStorageBufferRange ({limit} bytes)")
-
-    def _rulebook(self, rules, in_indices, out_indices, n_in, n_out, nbr) -> NeighbourRulebook:
-        dev = self.dev
-        rulebook = NeighbourRulebook(rules, in_indices, out_indices, n_in, n_out, nbr, "vulkan", self.index,
-                                     lambda buf, rows, taps: read_ints(dev, buf, rows * taps).reshape(rows, taps),
-                                     self.transpose)
-        weakref.finalize(rulebook, dev.release, nbr)
-        return rulebook
 
     def build(self, indices: np.ndarray, rules: RulebookGeometry) -> NeighbourRulebook:
         n, taps = len(indices), rules.kernel_volume
@@ -210,21 +210,22 @@ class RulebookBuilder:
         if bits > 64:
             raise ValueError(f"vulkan: the grid {grid} x batch {rules.batch_size} needs {bits}-bit site keys; the "
                              "shaders pack keys in 64 bits (the OpenCL and CUDA backends take any grid)")
-        if n == 0:
-            out_indices = indices if rules.subm else np.zeros((0, 4), np.int32)
-            build = _Build(self)
-            return self._rulebook(rules, indices, out_indices, 0, 0, build.keep(build.buffer(4)))
         self._check("neighbour map", 4 * n * taps)
         build = _Build(self)
         try:
-            if rules.subm:
-                nbr = self._submanifold(build, indices, rules, bits > 32)
-                return self._rulebook(rules, indices, indices, n, n, build.keep(nbr))
-            with self._lock:  # its totals come back through self.totals
-                out_indices, nbr = self._regular(build, indices, rules, bits > 32)
-            return self._rulebook(rules, indices, out_indices, n, len(out_indices), build.keep(nbr))
+            if n == 0:
+                out_indices, nbr = indices if rules.subm else np.zeros((0, 4), np.int32), build.buffer(4)
+            elif rules.subm:
+                out_indices, nbr = indices, self._submanifold(build, indices, rules, bits > 32)
+            else:
+                with self._lock:  # its totals come back through self.totals
+                    out_indices, nbr = self._regular(build, indices, rules, bits > 32)
+            forms = RulebookForms(self, taps, len(out_indices), n, neighbours=build.keep(nbr))
         finally:
             build.release()
+        if self.dev.type != "cpu":  # what GPUs compute over: made now, as part of the build
+            forms.pair_lists()
+        return NeighbourRulebook(rules, indices, out_indices, n, len(out_indices), forms, "vulkan", self.index)
 
     def _submanifold(self, build: _Build, indices: np.ndarray, rules: RulebookGeometry, wide: bool) -> _vk.Buffer:
         n, taps = len(indices), rules.kernel_volume
@@ -277,6 +278,14 @@ class RulebookBuilder:
         build.linear(REGULAR_NEIGHBOURS, [values, flags, ranks, nbr], pairs, n=pairs, a=taps)
         return build.read(sites_out, 4 * n_out).reshape(n_out, 4), nbr
 
+    # -- the ops of RulebookForms ----------------------------------------------------------------------------
+    def read_ints(self, buf: _vk.Buffer, count: int) -> np.ndarray:
+        return read_ints(self.dev, buf, count)
+
+    def release(self, buffers) -> None:
+        for buf in buffers:
+            self.dev.release(buf)
+
     def transpose(self, nbr: _vk.Buffer, n_out: int, n_in: int, taps: int) -> _vk.Buffer:
         """The inverse layer's neighbour map (n_in, taps) from a regular layer's (n_out, taps)."""
         build = _Build(self)
@@ -291,15 +300,52 @@ class RulebookBuilder:
         finally:
             build.release()
 
+    def pair_lists(self, nbr: _vk.Buffer, n_out: int, taps: int):
+        """(offsets (K + 1,) int64 host, in_rows, out_rows) of a neighbour map: the canonical pairs."""
+        build = _Build(self)
+        try:
+            if n_out == 0:
+                return np.zeros(taps + 1, np.int64), build.keep(build.buffer(4)), build.keep(build.buffer(4))
+            total = n_out * taps
+            flags = build.buffer(4 * total)
+            build.linear(PAIR_FLAGS, [nbr, flags], total, n=n_out, a=taps)
+            positions = build.scan(flags, total)
+            offsets = build.buffer(4 * (taps + 1))
+            build.linear(TAP_OFFSETS, [build.builder.dummy, build.builder.dummy, positions, offsets], taps + 1,
+                         n=n_out, a=taps)
+            offsets = build.read(offsets, taps + 1).astype(np.int64)
+            count = int(offsets[-1])
+            in_rows, out_rows = build.buffer(4 * count), build.buffer(4 * count)
+            if count:
+                build.linear(PAIR_LISTS, [nbr, flags, positions, in_rows, out_rows], total, n=n_out, a=taps)
+                build.submit()
+            return offsets, build.keep(in_rows), build.keep(out_rows)
+        finally:
+            build.release()
+
+
+_builders: dict[int, RulebookBuilder] = {}
+_builders_lock = threading.Lock()
+
+
+def builder(index: int) -> RulebookBuilder:
+    """The rulebook builder of Vulkan device `index`, made on first use."""
+    with _builders_lock:
+        found = _builders.get(index)
+        dev = _vk.device(index)
+        if found is None or found.dev is not dev:  # a device made anew after a shutdown
+            found = _builders[index] = RulebookBuilder(dev, index)
+        return found
+
 
 @dataclass(frozen=True)
 class Tiles:
-    """The compute's work group (lx, ly), and: staged, tm channels x tn rows, wm x wn per invocation, bk
-    deep; direct, cb vec4s of channels per invocation."""
+    """The compute's work group (lx, ly), and: on GPUs (gather), tm channels x tn pairs, wm x wn per
+    invocation, bk deep; on CPU devices, cb vec4s of channels per invocation."""
 
     lx: int
     ly: int
-    stage: bool
+    gather: bool
     tm: int = 1
     tn: int = 1
     bk: int = 1
@@ -309,50 +355,56 @@ class Tiles:
 
 
 def choose_compute_tiles(dev: _vk.Device, o: int) -> Tiles:
+    """CPU devices: a subgroup of rows per work group. GPUs: the GEMM tiles of backends/kernel/conv2d.py
+    that fit the device's work group and shared memory."""
     limits = dev.limits
+    threads = min(limits.maxComputeWorkGroupInvocations, limits.maxComputeWorkGroupSize[0])
     if dev.type == "cpu":
-        lanes = min(dev.subgroup_size, limits.maxComputeWorkGroupSize[0], limits.maxComputeWorkGroupInvocations)
-        return Tiles(max(1, lanes), 1, False, cb=min(DIRECT_MAX_VEC4, math.ceil(o / 4)))
-    gemm = choose_tiles(o, DeviceLimits("gpu", min(limits.maxComputeWorkGroupInvocations,
-                                                   limits.maxComputeWorkGroupSize[0]),
-                                        limits.maxComputeSharedMemorySize))
+        return Tiles(max(1, min(dev.subgroup_size, threads)), 1, False, cb=min(DIRECT_MAX_VEC4, math.ceil(o / 4)))
+    gemm = choose_tiles(o, DeviceLimits("gpu", threads, limits.maxComputeSharedMemorySize))
     lx, ly, _ = gemm.local_size
     return Tiles(lx, ly, True, gemm.tm, gemm.tn, gemm.tk, gemm.wm, gemm.wn)
 
 
 class VulkanSparseConv3d(Prepared):
-    """A sparse layer on one Vulkan device: packed weights, the compute pipeline, the device's rulebook
-    stages. Each call records and submits its own command buffer with its own buffers."""
+    """A sparse layer on one Vulkan device: packed weights and the compute pipelines; the device's rulebook
+    builder. Each call records and submits its own command buffer with its own buffers."""
 
     def __init__(self, spec: SparseConv3dSpec, w: np.ndarray, b: np.ndarray | None, device: DeviceInfo):
         self.device, self.spec = device, spec
         dev = self.dev = _vk.device(device.index)
+        self.builder = builder(device.index)
         o, c = spec.out_channels, spec.in_channels
         self.taps = taps = math.prod(spec.kernel)
         t = self.tiles = choose_compute_tiles(dev, o)
         per_tap = w.reshape(o, c, taps).transpose(2, 1, 0)  # (K, C, O)
-        if t.stage:
+        act = spec.activation
+        epilogue = {8: act.code, 9: act.alpha, 10: act.beta}
+        if t.gather:
             self.cpad, self.ogpad = math.ceil(c / t.bk) * t.bk, math.ceil(o / t.tm) * t.tm
             packed = np.zeros((taps, self.cpad, self.ogpad), np.float32)
             packed[:, :c, :o] = per_tap
+            tiles = {0: t.lx, 1: t.ly, 3: t.tm, 4: t.tn, 5: t.bk, 6: t.wm, 7: t.wn, **epilogue}
+            name = "sparse_conv3d_gather_gemm"
+            self.pipeline = dev.pipeline(name, SPIRV[name], {**tiles, 2: False}, _GPU_BINDINGS, _GPU_PUSH.size)
+            self.epilogue = dev.pipeline(name, SPIRV[name], {**epilogue, 0: LINEAR_LOCAL, 1: 1, 2: True},
+                                         _GPU_BINDINGS, _GPU_PUSH.size)
         else:
             self.cpad, self.ogpad = c, math.ceil(o / (4 * t.cb)) * 4 * t.cb
             padded = np.zeros((taps, c, self.ogpad), np.float32)
             padded[:, :, :o] = per_tap
             packed = padded.reshape(taps, c, self.ogpad // 4, 4).transpose(0, 2, 1, 3)  # [K][OGPAD / 4][C][4]
+            name = "sparse_conv3d_cpu_gemm"
+            self.pipeline = dev.pipeline(name, SPIRV[name], {0: t.lx, 1: t.cb, 2: act.code, 3: act.alpha,
+                                                             4: act.beta}, _CPU_BINDINGS, _CPU_PUSH.size)
         packed = np.ascontiguousarray(packed).reshape(-1)
         if packed.size > dev.limits.maxTexelBufferElements:
             raise ValueError(f"vulkan: the packed weights ({packed.size} floats) exceed the device's "
                              f"maxTexelBufferElements ({dev.limits.maxTexelBufferElements})")
-        act = spec.activation
-        constants = {0: t.lx, 1: t.ly, 2: t.stage, 3: t.tm, 4: t.tn, 5: t.bk, 6: t.wm, 7: t.wn, 8: act.code,
-                     9: act.alpha, 10: act.beta, 11: t.cb}
-        self.pipeline = dev.pipeline(COMPUTE, SPIRV[COMPUTE], constants, _COMPUTE_BINDINGS, _COMPUTE_PUSH.size)
-        self.w = self.b = self.builder = None
+        self.w = _vk.upload(dev, packed)
+        self.b = None
         try:
-            self.w = _vk.upload(dev, packed)
             self.b = _vk.upload(dev, b if b is not None else np.zeros(o, np.float32))
-            self.builder = RulebookBuilder(dev, device.index)
         except BaseException:
             self.close()
             raise
@@ -374,49 +426,52 @@ class VulkanSparseConv3d(Prepared):
             raise ValueError(f"vulkan: the output features ({4 * geom.n_out * geom.o} bytes) exceed the device's "
                              f"maxStorageBufferRange ({limits.maxStorageBufferRange} bytes)")
 
+    def _dispatch(self, build: _Build, x: _vk.Buffer, y: _vk.Buffer, rulebook: NeighbourRulebook,
+                  geom: SparseConv3dGeometry) -> None:
+        t = self.tiles
+        if not t.gather:
+            push = _CPU_PUSH.pack(geom.n_out, geom.c, geom.o, self.taps, self.ogpad)
+            build.dispatches.append(_vk.Dispatch(self.pipeline, [x, rulebook.forms.neighbours(), self.w, self.b, y],
+                                                 push, (math.ceil(geom.n_out / t.lx), self.ogpad // (4 * t.cb), 1)))
+            return
+        offsets, in_rows, out_rows = rulebook.forms.pair_lists()
+        total = geom.n_out * geom.o
+        build.fill(y, total, 0)  # 0.0
+        buffers = [x, in_rows, out_rows, self.w, self.b, y]
+        for tap in range(self.taps):
+            first, count = int(offsets[tap]), int(offsets[tap + 1] - offsets[tap])
+            if count:
+                push = _GPU_PUSH.pack(first, count, tap, geom.c, geom.o, self.cpad, self.ogpad, total)
+                build.dispatches.append(_vk.Dispatch(self.pipeline, buffers, push,
+                                                     (math.ceil(count / t.tn), self.ogpad // t.tm, 1)))
+        push = _GPU_PUSH.pack(0, 0, 0, geom.c, geom.o, self.cpad, self.ogpad, total)
+        build.dispatches.append(_vk.Dispatch(self.epilogue, buffers, push, (math.ceil(total / LINEAR_LOCAL), 1, 1)))
+
     def profile(self, features, rulebook: NeighbourRulebook, geom: SparseConv3dGeometry):
         self._check_open()
         self._check_sizes(geom)
         y = np.empty((geom.n_out, geom.o), np.float32)
         if not geom.n_out:
             return y, None
-        dev, t = self.dev, self.tiles
-        owned, copies_in, copies_out = [], [], []
-
-        def buffer(nbytes: int, host: bool) -> _vk.Buffer:
-            buf = dev.acquire(max(4, nbytes), host)
-            owned.append(buf)
-            return buf
-
+        dev, build = self.dev, _Build(self.builder)
+        copies_in, copies_out = [], []
         try:
             x_dev = self.w  # an empty input is never read (every neighbour is -1): any buffer stands in
             if geom.n_in:
-                x_host = buffer(features.nbytes, True)
+                x_host = x_dev = build.buffer_on(features.nbytes, True)
                 x_host.write(np.ascontiguousarray(features))
-                x_dev = x_host
                 if not dev.unified:
-                    x_dev = buffer(x_host.nbytes, False)
+                    x_dev = build.buffer_on(x_host.nbytes, False)
                     copies_in.append((x_host, x_dev))
-            y_host = y_dev = buffer(y.nbytes, True)
+            y_host = y_dev = build.buffer_on(y.nbytes, True)
             if not dev.unified:
-                y_dev = buffer(y_host.nbytes, False)
+                y_dev = build.buffer_on(y_host.nbytes, False)
                 copies_out.append((y_host, y_dev))
-            push = _COMPUTE_PUSH.pack(geom.n_out, geom.c, geom.o, self.taps, self.cpad, self.ogpad)
-            if t.stage:
-                groups = (math.ceil(geom.n_out / t.tn), self.ogpad // t.tm, 1)
-            else:
-                groups = (math.ceil(geom.n_out / t.lx), self.ogpad // (4 * t.cb), 1)
-            dispatch = _vk.Dispatch(self.pipeline, [x_dev, rulebook.neighbours, self.w, self.w, self.b, y_dev], push,
-                                    groups)
-            recording = _vk.Recording(dev, [dispatch], copies_in, copies_out)
-            try:
-                seconds = recording.submit()
-            finally:
-                recording.close()
+            self._dispatch(build, x_dev, y_dev, rulebook, geom)
+            seconds = build.submit(copies_in, copies_out)
             y[...] = y_host.read(y.size).reshape(y.shape)
         finally:
-            for buf in owned:
-                dev.release(buf)
+            build.release()
         return y, seconds
 
     def run(self, features, rulebook, geom: SparseConv3dGeometry):
@@ -429,9 +484,7 @@ class VulkanSparseConv3d(Prepared):
         for buf in (self.w, self.b):
             if buf is not None:
                 self.dev.release(buf)
-        if self.builder is not None:
-            self.builder.close()
-        self.w = self.b = self.builder = None
+        self.w = self.b = None
 
 
 def prepare(backend, spec: SparseConv3dSpec, w: np.ndarray, b: np.ndarray | None, device: DeviceInfo) -> Prepared:
