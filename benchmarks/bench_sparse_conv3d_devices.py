@@ -19,6 +19,7 @@ import sys
 import convbackends as cb
 from convbackends.bench import machine_info
 from convbackends.ops.sparse_conv3d import SparseConv3dGeometry
+from convbackends.runtime import get_backend
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_sparse_conv3d import LAYERS, markdown_table, ms, side_by_side, tensors  # noqa: E402
@@ -47,7 +48,7 @@ def plan_as_gpus(backends) -> None:
         elif backend == "vulkan":
             from convbackends.runtime import vulkan as _vk
 
-            _vk.device(cb.get_backend("vulkan").select().index).type = "gpu"
+            _vk.device(get_backend("vulkan").select().index).type = "gpu"
 
 
 def calls_of(layer, backend: str):

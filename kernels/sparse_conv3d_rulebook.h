@@ -46,10 +46,18 @@ DEVICE_FN int lower_bound(const GLOBAL KEY_T* keys, int lo, int hi, KEY_T want)
     return lo;
 }
 
+// A regular layer's strides compiled in (-DSTRIDE_D=.. -DSTRIDE_H=.. -DSTRIDE_W=..), so that its divisions
+// are by constants; else read from geo.
+#ifdef STRIDE_D
+#define STRIDE_OF(axis, geo) ((axis) == 0 ? STRIDE_D : (axis) == 1 ? STRIDE_H : STRIDE_W)
+#else
+#define STRIDE_OF(axis, geo) ((geo)[G_STRIDE + (axis)])
+#endif
+
 // The output coordinate that input coordinate `coord` reaches along `axis` through kernel index i, or -1.
 DEVICE_FN int output_coord(int coord, int i, int axis, const GLOBAL int* geo)
 {
-    const int q = coord + geo[G_PAD + axis] - i * geo[G_DIL + axis], s = geo[G_STRIDE + axis];
+    const int q = coord + geo[G_PAD + axis] - i * geo[G_DIL + axis], s = STRIDE_OF(axis, geo);
     if (q < 0 || q % s != 0 || q / s >= geo[G_OUT + axis])
         return -1;
     return q / s;
@@ -147,6 +155,7 @@ KERNEL void sparse_candidate_counts(const GLOBAL int* RESTRICT indices, const GL
         return;
     const GLOBAL int* site = indices + 4 * s;
     int count = 1;
+#pragma unroll
     for (int axis = 0; axis < 3; ++axis) {
         int reach = 0;
         for (int i = 0; i < geo[G_KERNEL + axis]; ++i)

@@ -62,8 +62,10 @@ def _sparse_sources():
         sources += [(name, plan.source, plan.options) for name in (plan.kernel_name, "sparse_conv3d_epilogue")]
     rulebook = kernel_runtime.source("sparse_conv3d_rulebook.h")
     plan = _sparse_kernels.SortPlan.for_device(GPU)
-    return sources + [(name, rulebook, plan.options(wide)) for wide in (False, True)
-                      for name in _sparse_kernels.RULEBOOK_KERNELS]
+    sources += [(name, rulebook, plan.options(wide)) for wide in (False, True)
+                for name in _sparse_kernels.RULEBOOK_KERNELS]
+    return sources + [(name, rulebook, plan.options(False, (2, 1, 3)))  # a regular layer's strides compiled in
+                      for name in ("sparse_candidate_counts", "sparse_candidates")]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")

@@ -44,7 +44,7 @@ class SortPlan:
     @classmethod
     def for_device(cls, limits: DeviceLimits) -> "SortPlan":
         if limits.is_cpu:
-            return cls(8, 0, 64, 1, 4096, 32)
+            return cls(8, 0, 64, 1, 16384, 32)
         return cls(4, 32, 0, min(256, limits.max_threads), 4, 4)
 
     def items_for(self, n: int) -> tuple[int, int]:
@@ -54,10 +54,12 @@ class SortPlan:
         items = min(self.items, max(1, math.ceil(n / 4096)))
         return items, math.ceil(n / items)
 
-    def options(self, wide: bool) -> tuple[str, ...]:
+    def options(self, wide: bool, strides: tuple[int, int, int] | None = None) -> tuple[str, ...]:
+        """The rulebook program's defines: key width, sort and scan shapes, and a regular layer's strides."""
+        compiled = () if strides is None else tuple(f"-DSTRIDE_{a}={s}" for a, s in zip("DHW", strides))
         return (f"-DKEY_T={'int64' if wide else 'int'}", f"-DRADIX_BITS={self.radix_bits}",
                 f"-DSCAN_LOCAL={self.scan_local}", f"-DSCAN_PER_ITEM={self.scan_per_item}",
-                f"-DSEARCH_RUN={self.search_run}")
+                f"-DSEARCH_RUN={self.search_run}", *compiled)
 
 
 class RulebookBuilder:
@@ -70,8 +72,8 @@ class RulebookBuilder:
         self._source = source("sparse_conv3d_rulebook.h")
         self._tables = GeometryCache(lambda rules: rt.upload(geometry_table(rules)))
 
-    def _launch(self, name: str, wide: bool, total: int, scalars: tuple, buffers: list) -> None:
-        kernel = self._rt.kernel(self._source, name, self.plan.options(wide))
+    def _launch(self, name: str, wide: bool, total: int, scalars: tuple, buffers: list, strides=None) -> None:
+        kernel = self._rt.kernel(self._source, name, self.plan.options(wide, strides))
         self._rt.launch(kernel, linear_launch(total, scalars), buffers)
 
     def _int_array(self, shape):
@@ -153,14 +155,14 @@ class RulebookBuilder:
         wide = wide_keys(rules.batch_size, rules.out_shape)
         dtype = np.int64 if wide else np.int32
         counts = rt.empty((n,), np.int32)
-        self._launch("sparse_candidate_counts", wide, n, i32(n), [sites, geo, counts])
+        self._launch("sparse_candidate_counts", wide, n, i32(n), [sites, geo, counts], rules.stride)
         offsets = self.scan(counts, n)
         pairs = self.total(offsets, n)
         if pairs == 0:
             return rt.empty_array((0, 4), np.int32), self._int_array((0, taps))
         self._check("candidate keys", dtype().itemsize * pairs)
         candidates, values = rt.empty((pairs,), dtype), rt.empty((pairs,), np.int32)
-        self._launch("sparse_candidates", wide, n, i32(n), [sites, geo, offsets, candidates, values])
+        self._launch("sparse_candidates", wide, n, i32(n), [sites, geo, offsets, candidates, values], rules.stride)
         shifts = radix_shifts(rules.batch_size, rules.out_shape, self.plan.radix_bits)
         candidates, values = self.sort(candidates, values, pairs, wide, shifts)
         flags = rt.empty((pairs,), np.int32)

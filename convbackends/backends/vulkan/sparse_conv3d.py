@@ -58,7 +58,7 @@ class SortPlan:
     @classmethod
     def for_device(cls, dev: _vk.Device) -> "SortPlan":
         if dev.type == "cpu":
-            return cls(8, 0, 64, 1, 1, 4096, 32)
+            return cls(8, 0, 64, 1, 1, 16384, 32)
         local = min(256, dev.limits.maxComputeWorkGroupInvocations, dev.limits.maxComputeWorkGroupSize[0])
         return cls(4, 32, 0, min(64, local), local, 4, 4)
 
