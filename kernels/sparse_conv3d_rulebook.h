@@ -1,6 +1,7 @@
 // sparse_conv3d's rulebook, built on the device from sorted unique sites (batch, z, y, x), int32 (n, 4).
 // It is kept as a neighbour map nbr (n_out, K) int32: the input row output row r reads through tap t,
-// or -1. Every kernel here writes each element from one work-item, so the map is the same on every run.
+// or -1; and, for GPUs, as the pair lists (the canonical form) made from it. Every kernel here writes
+// each element from one work-item, so both are the same on every run.
 //
 // Sites are compared by their linear key ((b * D + z) * H + y) * W + x, whose order is the site order.
 // KEY_T is int where every key of the grid fits 31 bits, else int64. The grid and the kernel's
@@ -8,14 +9,13 @@
 //
 // Submanifold: the output sites are the input sites, so their keys are sorted already: each site looks
 // up key + the tap's offset by binary search (a gallop from its predecessor's), a row of kw taps along
-// x from one search. Taps before the
-// centre reach sites before this one (their offset is negative); tap K-1-t is tap t mirrored, so a
-// match through t also fills the mirror's entry of the site it found, and only taps up to the centre
-// search.
+// x from one search. Taps before the centre reach sites before this one; tap K-1-t is tap t mirrored,
+// so a match through t also fills the mirror's entry of the site it found, and only taps up to the
+// centre search.
 // Regular: each input writes the output key of every tap that reaches an output (candidates), with
 // the input row and tap as its value; a radix sort and a flag-and-scan pass give the sorted distinct
 // keys, which are the output sites, and each sorted candidate its output row.
-// Inverse: the neighbour map transposed (sparse_swap_neighbours).
+// Inverse: the neighbour map transposed (sparse_swap_neighbours), or the pair lists swapped (host side).
 
 #ifndef KEY_T
 #define KEY_T int

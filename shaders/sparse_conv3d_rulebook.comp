@@ -1,8 +1,8 @@
 #version 450
 // sparse_conv3d's rulebook on the device: the stages of kernels/sparse_conv3d_rulebook.h (same
 // algorithms, same names), one pipeline per stage (STAGE). The result is the neighbour map nbr
-// (n_out, K) int32: the input row output row r reads through tap t, or -1; every stage writes each
-// element from one invocation, so the map is the same on every run.
+// (n_out, K) int32: the input row output row r reads through tap t, or -1, and for GPUs the pair lists
+// made from it; every stage writes each element from one invocation, so both are the same on every run.
 //
 // Keys here pack the fields (b, z, y, x) into bits (x lowest, FIELD_BITS per field of the grid keyed),
 // which orders them as sites are ordered and decodes with shifts; as a uvec2 (low, high word), stored

@@ -9,7 +9,7 @@ SOURCE_SHA256 = {
     'conv2d_winograd_output': '5b6d6c3c5ee8e03d96bad5e8512442c37121d56b45f5b3fce6b7c23c15f1b941',
     'sparse_conv3d_cpu_gemm': '2b100be273e83fc2e2aee3edc3611dd527434f3803696445d12487b3188d5bfe',
     'sparse_conv3d_gather_gemm': '2e3e96b48ad66330ba793315bd63e1ad0b869511735ca897729cc55dfb63761d',
-    'sparse_conv3d_rulebook': '1b2f0fd25857cfc64814a997c411b3dc3c26e0c578cc73ca02518d24a4516290',
+    'sparse_conv3d_rulebook': '8516d630df1a50c963ed0d5f8b5a7ba79359f6ee8d140a8dc9e0d0fa83c75963',
 }
 
 _BASE64 = {
