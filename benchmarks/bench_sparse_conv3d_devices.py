@@ -100,9 +100,10 @@ def main(argv=None) -> int:
                          f"{flops / co / 1e9:.1f}", f"{ms(la)} ({ms(la_cpu)})",
                          f"{base[0] / la:.2f}x ({base[1] / la_cpu:.2f}x)"])
     m = machine_info()
+    planned = "; CPU devices planned as GPUs" if args.gpu_kernels else ""
     print(f"# sparse_conv3d on the device backends\n\n- machine: {m['cpu']}, {m['cpu_count']} cores; load average "
           f"{load:.1f} before the run (shared)\n- median of {args.repeats} calls after a warm-up, all calls of a layer "
-          f"taking turns; in parentheses the median CPU time of the process{'; CPU devices planned as GPUs' if args.gpu_kernels else ''}\n")
+          f"taking turns; in parentheses the median CPU time of the process{planned}\n")
     print(markdown_table(["layer", "backend", "rulebook ms (CPU)", "compute ms (CPU)", "compute GFLOP/s",
                           "layer ms (CPU)", f"{backends[0]} layer / this"], rows))
     return 0
