@@ -169,6 +169,7 @@ class RulebookBuilder:
         self._launch("sparse_unique_flags", wide, pairs, i32(pairs), [candidates, flags])
         ranks = self.scan(flags, pairs)
         n_out = self.total(ranks, pairs)
+        check_rows(self._rt.info.backend, n_out, taps)
         self._check("neighbour map", 4 * n_out * taps)
         out_indices = self._int_array((n_out, 4))
         self._launch("sparse_unique_sites", wide, pairs, i32(pairs), [candidates, flags, ranks, geo, out_indices])

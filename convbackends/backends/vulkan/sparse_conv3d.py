@@ -270,6 +270,7 @@ class RulebookBuilder:
         build.linear(UNIQUE_FLAGS, [keys, flags], pairs, wide=wide, n=pairs)
         ranks = build.scan(flags, pairs)
         n_out = build.total(ranks, pairs)
+        check_rows("vulkan", n_out, taps)
         self._check("neighbour map", 4 * n_out * taps)
         sites_out = build.buffer(16 * n_out)
         build.linear(UNIQUE_SITES, [keys, flags, ranks, sites_out], pairs, wide=wide, bits=bits, n=pairs)
