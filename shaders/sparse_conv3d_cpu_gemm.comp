@@ -12,11 +12,10 @@ layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
 
 layout(constant_id = 1) const int CB = 1;
 layout(constant_id = 2) const int ACT = 0;
-layout(constant_id = 3) const float ALPHA = 0.0;
-layout(constant_id = 4) const float BETA = 0.0;
 
 layout(push_constant) uniform Shape {
     int N_OUT, C, O, TAPS, OGPAD;
+    float ALPHA, BETA;  // the activation's parameters (activation.glsl)
 } shape;
 
 // Tensors are read through texel buffers: on llvmpipe far cheaper than storage-buffer loads.
@@ -27,13 +26,6 @@ layout(set = 0, binding = 3) uniform samplerBuffer bias;
 layout(std430, set = 0, binding = 4) writeonly buffer Output { float y[]; };
 
 #include "activation.glsl"
-
-// NaN in, NaN out, as the numpy backend and the float64 oracle have it: GPU max, min and clamp return the
-// other operand for a NaN (SPIR-V leaves it undefined), which would turn relu(NaN) into 0.
-float epilogue(float v) {
-    const float a = activate(v);
-    return isnan(v) ? v : a;
-}
 
 void main() {
     const int r = int(gl_GlobalInvocationID.x), b0 = int(gl_WorkGroupID.y) * CB, blocks = shape.OGPAD / 4;
@@ -62,6 +54,6 @@ void main() {
         [[unroll]] for (int e = 0; e < 4; ++e) {
             const int m = (b0 + q) * 4 + e;
             if (m < shape.O)
-                y[r * shape.O + m] = epilogue(acc[q][e] + texelFetch(bias, m).x);
+                y[r * shape.O + m] = activate(acc[q][e] + texelFetch(bias, m).x);
         }
 }

@@ -18,12 +18,11 @@ layout(constant_id = 5) const int BK = 1;
 layout(constant_id = 6) const int WM = 1;
 layout(constant_id = 7) const int WN = 1;
 layout(constant_id = 8) const int ACT = 0;
-layout(constant_id = 9) const float ALPHA = 0.0;
-layout(constant_id = 10) const float BETA = 0.0;
 
 // FIRST, COUNT: the tap's pairs in the lists; TOTAL: the epilogue's elements (n_out x O).
 layout(push_constant) uniform Shape {
     int FIRST, COUNT, TAP, C, O, CPAD, OGPAD, TOTAL;
+    float ALPHA, BETA;  // the activation's parameters (activation.glsl)
 } shape;
 
 layout(set = 0, binding = 0) uniform samplerBuffer x;
@@ -34,13 +33,6 @@ layout(set = 0, binding = 4) uniform samplerBuffer bias;
 layout(std430, set = 0, binding = 5) buffer Output { float y[]; };
 
 #include "activation.glsl"
-
-// NaN in, NaN out, as the numpy backend and the float64 oracle have it: GPU max, min and clamp return the
-// other operand for a NaN (SPIR-V leaves it undefined), which would turn relu(NaN) into 0.
-float epilogue(float v) {
-    const float a = activate(v);
-    return isnan(v) ? v : a;
-}
 
 const int LX = int(gl_WorkGroupSize.x);
 const int LY = int(gl_WorkGroupSize.y);
@@ -95,7 +87,7 @@ void tap_pass() {
 void epilogue_pass() {
     const int i = int(gl_GlobalInvocationID.x);
     if (i < shape.TOTAL)
-        y[i] = epilogue(y[i] + texelFetch(bias, i % shape.O).x);
+        y[i] = activate(y[i] + texelFetch(bias, i % shape.O).x);
 }
 
 void main() {

@@ -205,25 +205,22 @@ class Plan:
         return self.algorithm in ("implicit_gemm", "cpu_gemm")
 
     def padded(self, geom: Conv2dGeometry) -> tuple[int, int] | None:
-        """(HP, WP) of the zero-padded input copy the kernel reads, or None when it reads x itself.
-        Depthwise pads to whole work-groups and conv2d_cpu_gemm to whole 8-pixel blocks, so their
-        taps need no checks even past the output."""
+        """(HP, WP) of the zero-padded input copy the kernel reads, or None when it reads x itself. It spans
+        the reads of the real outputs only (work-items past them re-read the last row or pixel), and
+        whole 8-pixel blocks where a CPU kernel reads vectors, so no tap needs a bounds check."""
         unpadded = not any((geom.pt, geom.pl, geom.pb, geom.pr))
         # conv2d_cpu_gemm reads an unpadded input in place (a ragged row's last block gathers) unless
         # its rows are too short for one vector read: a copy in whole blocks, small there, is faster.
         short = self.algorithm == "cpu_gemm" and geom.sw <= 2 and geom.w < 8 * geom.sw + (geom.kw - 1) * geom.dw
         if self.algorithm == "gemm_1x1" or (self.algorithm != "depthwise" and unpadded and not short):
             return None
-        oh, ow = geom.oh, geom.ow
-        if self.algorithm == "depthwise":
-            lx, ly = self.dw_local
-            lx *= self.dw_vec
-            oh, ow = math.ceil(oh / ly) * ly, math.ceil(ow / lx) * lx
-            if self.dw_vec > 1 and geom.sw == 2:  # the last stride-2 read (16 inputs) reaches one element further
-                return (oh - 1) * geom.sh + (geom.kh - 1) * geom.dh + 1, ow * 2 + (geom.kw - 1) * geom.dw
-        elif self.algorithm == "cpu_gemm":  # rows of whole 8-pixel blocks, 16 inputs each at stride 2
-            return (oh - 1) * geom.sh + (geom.kh - 1) * geom.dh + 1, math.ceil(ow / 8) * 8 * geom.sw + (geom.kw - 1) * geom.dw
-        return (oh - 1) * geom.sh + (geom.kh - 1) * geom.dh + 1, (ow - 1) * geom.sw + (geom.kw - 1) * geom.dw + 1
+        oh, ow, sw = geom.oh, geom.ow, geom.sw
+        rows = (oh - 1) * geom.sh + (geom.kh - 1) * geom.dh + 1  # items past the output re-read the last row
+        reach = (geom.kw - 1) * geom.dw
+        if sw <= 2 and (self.algorithm == "cpu_gemm" or (self.algorithm == "depthwise" and self.dw_vec > 1)):
+            # vector reads: whole 8-pixel blocks, 16 inputs each at stride 2
+            return rows, math.ceil(ow / 8) * 8 * sw + reach
+        return rows, (ow - 1) * sw + reach + 1  # gathers clamp to the row's last pixel
 
     def vector_blocks(self, geom: Conv2dGeometry) -> int:
         """conv2d_cpu_gemm: the leading 8-pixel blocks of an output row whose vector reads (8 inputs at

@@ -379,7 +379,7 @@ def _implicit_gemm_rows(x, w, bias, act, geom: Conv2dGeometry, out, cap: int) ->
 
 def _depthwise_layout(geom: Conv2dGeometry):
     """The layout `conv2d_depthwise` reads its taps from: (phase rows, phase columns, band rows, bands,
-    per tap (phase, row shift, column shift)).
+    per tap (phase slot, row shift, column shift), the (a, b) of each phase slot).
 
     Phase (a, b) holds padded pixels (r*sh + a, q*sw + b). Tap (i, j) of output (r, q) reads padded
     pixel (r*sh + i*dh, q*sw + j*dw): pixel (r + i*dh // sh, q + j*dw // sw) of phase
@@ -391,14 +391,17 @@ def _depthwise_layout(geom: Conv2dGeometry):
     leaves its phase.
     """
     g = geom
-    taps = [((i * g.dh % g.sh) * g.sw + j * g.dw % g.sw, i * g.dh // g.sh, j * g.dw // g.sw)
+    # Only the phases some tap reads are kept (at most kh * kw of them, whatever the stride).
+    phases = sorted({(i * g.dh % g.sh, j * g.dw % g.sw) for i in range(g.kh) for j in range(g.kw)})
+    slot = {phase: k for k, phase in enumerate(phases)}
+    taps = [(slot[(i * g.dh % g.sh, j * g.dw % g.sw)], i * g.dh // g.sh, j * g.dw // g.sw)
             for i in range(g.kh) for j in range(g.kw)]
     cols = g.ow + (g.kw - 1) * g.dw // g.sw
     band_rows = min(g.oh, max(1, (GEMV_SERIAL_ELEMS - 1) // (len(taps) * g.og * cols)))
     bands = -(-g.oh // band_rows)
     band_rows = -(-g.oh // bands)
     rows = bands * band_rows + (g.kh - 1) * g.dh // g.sh + (cols > g.ow)
-    return rows, cols, band_rows, bands, taps
+    return rows, cols, band_rows, bands, taps, phases
 
 
 def conv2d_depthwise(x, w, bias, act, geom: Conv2dGeometry, out) -> None:
@@ -412,8 +415,8 @@ def conv2d_depthwise(x, w, bias, act, geom: Conv2dGeometry, out) -> None:
     """
     g = geom
     mult = g.og
-    rows, cols, band_rows, bands, taps = _depthwise_layout(g)
-    phases = g.sh * g.sw
+    rows, cols, band_rows, bands, taps, used = _depthwise_layout(g)
+    phases = len(used)
     band_len = band_rows * cols
     per_channel = phases * rows * cols + (len(taps) + mult) * bands * band_len
     step = max(1, min(g.c, DEPTHWISE_BLOCK_ELEMS // per_channel))
@@ -421,12 +424,11 @@ def conv2d_depthwise(x, w, bias, act, geom: Conv2dGeometry, out) -> None:
         step = -(-g.c // -(-_workers() // g.n))
     # Per phase (a, b): the phase rows and columns that hold input pixels, and the first input row/column.
     spans = []
-    for a in range(g.sh):
-        for b in range(g.sw):
-            r0, q0 = max(0, -(-(g.pt - a) // g.sh)), max(0, -(-(g.pl - b) // g.sw))
-            r1 = max(r0, min(rows, (g.h - 1 + g.pt - a) // g.sh + 1))
-            q1 = max(q0, min(cols, (g.w - 1 + g.pl - b) // g.sw + 1))
-            spans.append((r0, r1, q0, q1, r0 * g.sh + a - g.pt, q0 * g.sw + b - g.pl))
+    for a, b in used:
+        r0, q0 = max(0, -(-(g.pt - a) // g.sh)), max(0, -(-(g.pl - b) // g.sw))
+        r1 = max(r0, min(rows, (g.h - 1 + g.pt - a) // g.sh + 1))
+        q1 = max(q0, min(cols, (g.w - 1 + g.pl - b) // g.sw + 1))
+        spans.append((r0, r1, q0, q1, r0 * g.sh + a - g.pt, q0 * g.sw + b - g.pl))
     y_all = out.reshape(g.n, g.c, mult, g.oh, g.ow)
     w_taps = w[:, None]
     b_all = None if bias is None else bias.reshape(g.c, 1, mult, 1)

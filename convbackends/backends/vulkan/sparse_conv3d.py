@@ -33,10 +33,10 @@ _RULEBOOK_BINDINGS = (_vk.STORAGE,) * 6
 _RULEBOOK_PUSH = struct.Struct("<26i")  # geo[18], field_bits[3], n, a, b, c, d
 # x, nbr, w as vec4, bias, y: the bindings of sparse_conv3d_cpu_gemm.comp.
 _CPU_BINDINGS = (_vk.TEXEL_FLOAT, _vk.STORAGE, _vk.TEXEL_VEC4, _vk.TEXEL_FLOAT, _vk.STORAGE)
-_CPU_PUSH = struct.Struct("<5i")  # N_OUT, C, O, TAPS, OGPAD
+_CPU_PUSH = struct.Struct("<5i2f")  # N_OUT, C, O, TAPS, OGPAD, ALPHA, BETA
 # x, in_rows, out_rows, w, bias, y: the bindings of sparse_conv3d_gather_gemm.comp.
 _GPU_BINDINGS = (_vk.TEXEL_FLOAT, _vk.STORAGE, _vk.STORAGE, _vk.TEXEL_FLOAT, _vk.TEXEL_FLOAT, _vk.STORAGE)
-_GPU_PUSH = struct.Struct("<8i")  # FIRST, COUNT, TAP, C, O, CPAD, OGPAD, TOTAL
+_GPU_PUSH = struct.Struct("<8i2f")  # FIRST, COUNT, TAP, C, O, CPAD, OGPAD, TOTAL, ALPHA, BETA
 LINEAR_LOCAL = 64
 # Direct path: vec4s of output channels per invocation (llvmpipe keeps them in registers).
 DIRECT_MAX_VEC4 = 4
@@ -380,7 +380,8 @@ class VulkanSparseConv3d(Prepared):
         t = self.tiles = choose_compute_tiles(dev, o)
         per_tap = w.reshape(o, c, taps).transpose(2, 1, 0)  # (K, C, O)
         act = spec.activation
-        epilogue = {8: act.code, 9: act.alpha, 10: act.beta}
+        epilogue = {8: act.code}
+        self.activation_parameters = (act.alpha, act.beta)
         if t.gather:
             self.cpad, self.ogpad = math.ceil(c / t.bk) * t.bk, math.ceil(o / t.tm) * t.tm
             packed = np.zeros((taps, self.cpad, self.ogpad), np.float32)
@@ -396,8 +397,8 @@ class VulkanSparseConv3d(Prepared):
             padded[:, :, :o] = per_tap
             packed = padded.reshape(taps, c, self.ogpad // 4, 4).transpose(0, 2, 1, 3)  # [K][OGPAD / 4][C][4]
             name = "sparse_conv3d_cpu_gemm"
-            self.pipeline = dev.pipeline(name, SPIRV[name], {0: t.lx, 1: t.cb, 2: act.code, 3: act.alpha,
-                                                             4: act.beta}, _CPU_BINDINGS, _CPU_PUSH.size)
+            self.pipeline = dev.pipeline(name, SPIRV[name], {0: t.lx, 1: t.cb, 2: act.code},
+                                         _CPU_BINDINGS, _CPU_PUSH.size)
         packed = np.ascontiguousarray(packed).reshape(-1)
         if packed.size > dev.limits.maxTexelBufferElements:
             raise ValueError(f"vulkan: the packed weights ({packed.size} floats) exceed the device's "
@@ -431,7 +432,7 @@ class VulkanSparseConv3d(Prepared):
                   geom: SparseConv3dGeometry) -> None:
         t = self.tiles
         if not t.gather:
-            push = _CPU_PUSH.pack(geom.n_out, geom.c, geom.o, self.taps, self.ogpad)
+            push = _CPU_PUSH.pack(geom.n_out, geom.c, geom.o, self.taps, self.ogpad, *self.activation_parameters)
             build.dispatches.append(_vk.Dispatch(self.pipeline, [x, rulebook.forms.neighbours(), self.w, self.b, y],
                                                  push, (math.ceil(geom.n_out / t.lx), self.ogpad // (4 * t.cb), 1)))
             return
@@ -442,10 +443,11 @@ class VulkanSparseConv3d(Prepared):
         for tap in range(self.taps):
             first, count = int(offsets[tap]), int(offsets[tap + 1] - offsets[tap])
             if count:
-                push = _GPU_PUSH.pack(first, count, tap, geom.c, geom.o, self.cpad, self.ogpad, total)
+                push = _GPU_PUSH.pack(first, count, tap, geom.c, geom.o, self.cpad, self.ogpad, total,
+                                      *self.activation_parameters)
                 build.dispatches.append(_vk.Dispatch(self.pipeline, buffers, push,
                                                      (math.ceil(count / t.tn), self.ogpad // t.tm, 1)))
-        push = _GPU_PUSH.pack(0, 0, 0, geom.c, geom.o, self.cpad, self.ogpad, total)
+        push = _GPU_PUSH.pack(0, 0, 0, geom.c, geom.o, self.cpad, self.ogpad, total, *self.activation_parameters)
         build.dispatches.append(_vk.Dispatch(self.epilogue, buffers, push, (math.ceil(total / LINEAR_LOCAL), 1, 1)))
 
     def profile(self, features, rulebook: NeighbourRulebook, geom: SparseConv3dGeometry):
