@@ -45,8 +45,8 @@ def _triple(name: str, value, minimum: int) -> tuple[int, int, int]:
 
 
 def to_host(array) -> np.ndarray:
-    """A host copy of a numpy array or of a device array with `.get()` (pyopencl, CuPy)."""
-    return array if isinstance(array, np.ndarray) else np.asarray(array.get())
+    """A numpy array as is; a host copy (or zero-copy view) of a device array, torch tensor or DLPack producer."""
+    return array if isinstance(array, np.ndarray) else host_array("array", array)
 
 
 def linear_keys(indices: np.ndarray, spatial_shape) -> np.ndarray:
@@ -57,8 +57,9 @@ def linear_keys(indices: np.ndarray, spatial_shape) -> np.ndarray:
 
 
 class SparseTensor:
-    """N active sites of a batch of (D, H, W) grids: `features` (N, C) float32 (numpy, or a device array of the
-    backend that will run it) and `indices` (N, 4) int32 numpy rows (batch, z, y, x), in any order, unique, inside
+    """N active sites of a batch of (D, H, W) grids: `features` (N, C) float32 (numpy, a device array of the
+    backend that will run it, a torch tensor or a DLPack producer: a layer's output features are the same kind,
+    convbackends/arrays.py) and `indices` (N, 4) int32 numpy rows (batch, z, y, x), in any order, unique, inside
     the grid. int64 (or any other) indices are refused, not converted: convert them with .astype(numpy.int32).
 
     `indice_dict` maps an `indice_key` to the rulebook built under it; the tensors a layer returns share their
@@ -353,7 +354,8 @@ class _SparseLayer(Layer):
         self._prepare(spec, backend, device, host_array("w", w), None if b is None else host_array("b", b))
 
     def _features(self, t: SparseTensor):
-        return self._input("features", t.features)[0]
+        """(t's features as the backend takes them, the function giving a result back in their kind)."""
+        return self._input("features", t.features)
 
     def _cached(self, t: SparseTensor, rules: RulebookGeometry) -> Rulebook | None:
         """The rulebook kept under this layer's key, checked against this layer and t."""
@@ -377,12 +379,12 @@ class _SparseLayer(Layer):
     def _apply(self, t: SparseTensor, rulebook: Rulebook, spatial_shape, indices, timed: bool):
         geom = SparseConv3dGeometry(rulebook.geometry, rulebook.n_in, rulebook.n_out, self.spec.in_channels,
                                     self.spec.out_channels)
-        features = self._features(t)
+        features, restore = self._features(t)
         if timed:
             y, seconds = self._prepared.profile(features, rulebook, geom)
         else:
             y, seconds = self._prepared.run(features, rulebook, geom), None
-        out = SparseTensor._from_layer(y, indices, spatial_shape, t.batch_size, t.indice_dict)
+        out = SparseTensor._from_layer(restore(y), indices, spatial_shape, t.batch_size, t.indice_dict)
         return out, seconds
 
 
@@ -411,7 +413,8 @@ class SparseConv3d(_SparseLayer):
         return found
 
     def _take_rows(self, features, order):
-        return self._prepared.take_rows(self._input("features", features)[0], order)
+        features, restore = self._input("features", features)
+        return restore(self._prepared.take_rows(features, order))
 
     def _call(self, t: SparseTensor, timed: bool):
         rulebook = self.rulebook(t)
