@@ -5,6 +5,7 @@ keys equal to the numpy backend's exactly, buffer limits refused by name, and ru
 Every check runs on every target, `-gpu-kernels` included (the GPU kernels and shaders on the CPU devices)."""
 import dataclasses
 import gc
+import weakref
 
 import numpy as np
 import pytest
@@ -262,3 +263,43 @@ def test_vulkan_rulebooks_give_their_buffers_back(monkeypatch, as_gpu):
         network()
     gc.collect()
     assert dev.in_use_bytes == before
+
+
+@pytest.mark.parametrize("as_gpu", [False, True], ids=["device-kernels", "gpu-kernels"])
+@pytest.mark.parametrize("backend", ["opencl", "vulkan"])
+def test_unclosed_layers_and_their_rulebooks_are_released_when_collected(monkeypatch, backend, as_gpu):
+    """Layers never closed, some only reachable through a cycle, and the tensors holding their rulebooks: once
+    collected, nothing of theirs is left (Vulkan: the pool's bytes in use and the pipelines' users are back
+    where they were)."""
+    device = device_index(monkeypatch, backend, as_gpu)
+    rng = np.random.default_rng(8)
+
+    def unclosed_network(i: int) -> list:
+        t = random_tensor(rng, 2, 4, (9, 10, 11), 200)
+        options = dict(backend=backend, device=device)
+        layers = (cb.SparseConv3d(uniform(5, 4, 3, 3, 3), subm=True, indice_key="s", activation="relu", **options),
+                  cb.SparseConv3d(uniform(6, 5, 3, 3, 3), stride=2, indice_key="d", **options),
+                  cb.SparseInverseConv3d(uniform(4, 6, 3, 3, 3), indice_key="d", **options))
+        y = layers[2](layers[1](layers[0](t)))
+        assert y.num_sites == t.num_sites
+        if i % 2:
+            layers[0].cycle = layers  # only the cyclic collector frees these
+        rulebooks = y.indice_dict
+        return [weakref.ref(layer._prepared) for layer in layers] + [
+            weakref.ref(rulebooks[key].forms) for key in ("s", "d")] + [weakref.ref(rulebooks["d"].swapped().forms)]
+
+    def held():
+        if backend != "vulkan":
+            return None
+        from convbackends.runtime import vulkan as _vk
+
+        dev = _vk.device(device)
+        return dev.in_use_bytes, sum(p.users for p in dev._pipelines.values())
+
+    unclosed_network(0)  # the device's rulebook builder and kernels, made once
+    gc.collect()
+    before = held()
+    collected = [ref for i in range(4) for ref in unclosed_network(i)]
+    gc.collect()
+    assert not any(ref() for ref in collected)
+    assert held() == before

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import struct
 import threading
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -185,16 +186,26 @@ class RulebookBuilder:
         self.no_geometry = (0,) * 18
         self.dummy = dev.acquire(4, host=dev.unified)
         self.totals = dev.acquire(4, host=True)
-        self._lock = threading.Lock()
+        self._pipelines: dict[tuple, _vk.Pipeline] = {}
+        self._lock = threading.Lock()  # guards _pipelines
+        self._totals_lock = threading.Lock()
 
     @property
     def plan(self) -> SortPlan:
         return SortPlan.for_device(self.dev)
 
     def pipeline(self, stage: int, wide: bool, local: int) -> _vk.Pipeline:
+        """A stage's pipeline, taken from the device once and kept while the builder (the device) lives: at most
+        the stages x key widths x the plan's few work group sizes."""
         plan = self.plan
         constants = {0: local, 1: stage, 2: wide, 3: plan.radix_bits, 4: plan.scan_per_item, 5: plan.search_run}
-        return self.dev.pipeline(RULEBOOK, SPIRV[RULEBOOK], constants, _RULEBOOK_BINDINGS, _RULEBOOK_PUSH.size)
+        key = tuple(sorted(constants.items()))
+        with self._lock:
+            found = self._pipelines.get(key)
+            if found is None:
+                found = self._pipelines[key] = self.dev.pipeline(RULEBOOK, SPIRV[RULEBOOK], constants,
+                                                                  _RULEBOOK_BINDINGS, _RULEBOOK_PUSH.size)
+            return found
 
     def _check(self, name: str, nbytes: int) -> None:
         limit = self.dev.limits.maxStorageBufferRange
@@ -218,7 +229,7 @@ class RulebookBuilder:
             elif rules.subm:
                 out_indices, nbr = indices, self._submanifold(build, indices, rules, bits > 32)
             else:
-                with self._lock:  # its totals come back through self.totals
+                with self._totals_lock:  # its totals come back through self.totals
                     out_indices, nbr = self._regular(build, indices, rules, bits > 32)
             forms = RulebookForms(self, taps, len(out_indices), n, neighbours=build.keep(nbr))
         finally:
@@ -284,8 +295,12 @@ class RulebookBuilder:
         return read_ints(self.dev, buf, count)
 
     def release(self, buffers) -> None:
-        for buf in buffers:
-            self.dev.release(buf)
+        """Give a collected rulebook's buffers back (at the next submission if the collector ran inside the
+        device's lock)."""
+        def give_back() -> None:
+            for buf in buffers:
+                self.dev.release(buf)
+        self.dev.release_soon(give_back)
 
     def transpose(self, nbr: _vk.Buffer, n_out: int, n_in: int, taps: int) -> _vk.Buffer:
         """The inverse layer's neighbour map (n_in, taps) from a regular layer's (n_out, taps)."""
@@ -375,7 +390,17 @@ class VulkanSparseConv3d(Prepared):
         self.device, self.spec = device, spec
         dev = self.dev = _vk.device(device.index)
         self.builder = builder(device.index)
-        o, c = spec.out_channels, spec.in_channels
+        held = _vk.Holdings(dev)
+        # Releases what the layer holds when it is collected, or at close(); refers to held, not to self.
+        self._finalizer = weakref.finalize(self, dev.release_soon, held.release)
+        try:
+            self._make(held, spec, w, b)
+        except BaseException:
+            self._finalizer()
+            raise
+
+    def _make(self, held: _vk.Holdings, spec: SparseConv3dSpec, w: np.ndarray, b: np.ndarray | None) -> None:
+        dev, o, c = self.dev, spec.out_channels, spec.in_channels
         self.taps = taps = math.prod(spec.kernel)
         t = self.tiles = choose_compute_tiles(dev, o)
         per_tap = w.reshape(o, c, taps).transpose(2, 1, 0)  # (K, C, O)
@@ -388,31 +413,26 @@ class VulkanSparseConv3d(Prepared):
             packed[:, :c, :o] = per_tap
             tiles = {0: t.lx, 1: t.ly, 3: t.tm, 4: t.tn, 5: t.bk, 6: t.wm, 7: t.wn, **epilogue}
             name = "sparse_conv3d_gather_gemm"
-            self.pipeline = dev.pipeline(name, SPIRV[name], {**tiles, 2: False}, _GPU_BINDINGS, _GPU_PUSH.size)
-            self.epilogue = dev.pipeline(name, SPIRV[name], {**epilogue, 0: LINEAR_LOCAL, 1: 1, 2: True},
-                                         _GPU_BINDINGS, _GPU_PUSH.size)
+            self.pipeline = held.pipeline(name, SPIRV[name], {**tiles, 2: False}, _GPU_BINDINGS, _GPU_PUSH.size)
+            self.epilogue = held.pipeline(name, SPIRV[name], {**epilogue, 0: LINEAR_LOCAL, 1: 1, 2: True},
+                                          _GPU_BINDINGS, _GPU_PUSH.size)
         else:
             self.cpad, self.ogpad = c, math.ceil(o / (4 * t.cb)) * 4 * t.cb
             padded = np.zeros((taps, c, self.ogpad), np.float32)
             padded[:, :, :o] = per_tap
             packed = padded.reshape(taps, c, self.ogpad // 4, 4).transpose(0, 2, 1, 3)  # [K][OGPAD / 4][C][4]
             name = "sparse_conv3d_cpu_gemm"
-            self.pipeline = dev.pipeline(name, SPIRV[name], {0: t.lx, 1: t.cb, 2: act.code},
-                                         _CPU_BINDINGS, _CPU_PUSH.size)
+            self.pipeline = held.pipeline(name, SPIRV[name], {0: t.lx, 1: t.cb, 2: act.code}, _CPU_BINDINGS,
+                                          _CPU_PUSH.size)
         packed = np.ascontiguousarray(packed).reshape(-1)
         if packed.size > dev.limits.maxTexelBufferElements:
             raise ValueError(f"vulkan: the packed weights ({packed.size} floats) exceed the device's "
                              f"maxTexelBufferElements ({dev.limits.maxTexelBufferElements})")
-        self.w = _vk.upload(dev, packed)
-        self.b = None
-        try:
-            self.b = _vk.upload(dev, b if b is not None else np.zeros(o, np.float32))
-        except BaseException:
-            self.close()
-            raise
+        self.w = held.upload(packed)
+        self.b = held.upload(b if b is not None else np.zeros(o, np.float32))
 
     def _check_open(self) -> None:
-        if self.w is None:
+        if not self._finalizer.alive:
             raise ValueError("this Vulkan layer is closed")
 
     def rulebook(self, indices, rules: RulebookGeometry) -> NeighbourRulebook:
@@ -484,10 +504,7 @@ class VulkanSparseConv3d(Prepared):
         return features[order]
 
     def close(self) -> None:
-        for buf in (self.w, self.b):
-            if buf is not None:
-                self.dev.release(buf)
-        self.w = self.b = None
+        self._finalizer()
 
 
 def prepare(backend, spec: SparseConv3dSpec, w: np.ndarray, b: np.ndarray | None, device: DeviceInfo) -> Prepared:
