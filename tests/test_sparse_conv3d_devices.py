@@ -303,3 +303,36 @@ def test_unclosed_layers_and_their_rulebooks_are_released_when_collected(monkeyp
     gc.collect()
     assert not any(ref() for ref in collected)
     assert held() == before
+
+
+@pytest.mark.parametrize("as_gpu", [False, True], ids=["device-kernels", "gpu-kernels"])
+def test_opencl_rulebooks_read_back_only_counts_and_offsets(monkeypatch, as_gpu):
+    """Device features through SubM, strided and inverse layers: every rulebook is built on the device, and all
+    that comes back to the host on the way is scalars (candidate and site counts) and the pair lists' K + 1
+    offsets, never sites, keys or pairs."""
+    import pyopencl.array as cla
+
+    from convbackends.runtime.opencl import BACKEND
+
+    device = device_index(monkeypatch, "opencl", as_gpu)
+    queue = BACKEND.runtime(device).queue
+    host = random_tensor(np.random.default_rng(12), 2, 4, (9, 10, 11), 300)
+    t = cb.SparseTensor(cla.to_device(queue, host.features), host.indices, host.spatial_shape, 2)
+    options = dict(backend="opencl", device=device)
+    w_subm, w_down, w_up = uniform(5, 4, 3, 3, 3), uniform(6, 5, 3, 3, 3), uniform(4, 6, 3, 3, 3)
+    read_back = []
+    get = cla.Array.get
+    with pytest.MonkeyPatch.context() as watching:
+        watching.setattr(cla.Array, "get", lambda self, *a, **k: read_back.append(self.size) or get(self, *a, **k))
+        with cb.SparseConv3d(w_subm, subm=True, **options) as subm, \
+                cb.SparseConv3d(w_down, stride=2, padding=1, indice_key="d", **options) as down, \
+                cb.SparseInverseConv3d(w_up, indice_key="d", **options) as up:
+            mid = down(subm(t))
+            y = up(mid)
+    assert read_back and max(read_back) <= 27 + 1, read_back
+    sites, first = sparse_conv3d_float64(host.indices, host.features, w_subm, batch_size=2,
+                                         spatial_shape=(9, 10, 11), subm=True)
+    mid_sites, second = sparse_conv3d_float64(sites, first, w_down, batch_size=2, spatial_shape=(9, 10, 11),
+                                              stride=2, padding=1)
+    assert compare_sparse(mid, (mid_sites, second))[3]
+    assert np.array_equal(y.indices, sites) and isinstance(y.features, cla.Array)
