@@ -242,6 +242,24 @@ def test_layers_with_one_key_share_one_rulebook(target):
                                                 spatial_shape=(8, 8, 8), subm=True))
 
 
+def test_profile_gives_the_call_and_the_device_time(target):
+    """profile(t) on the regular, submanifold and inverse layers: the call's output, and seconds where the
+    backend has a device timer (None on numpy)."""
+    backend, device = target
+    rng = np.random.default_rng(13)
+    t = random_tensor(rng, 1, 4, (8, 9, 7), 120)
+    w, wd, wu = uniform(rng, 5, 4, 3, 3, 3), uniform(rng, 6, 5, 2, 2, 2), uniform(rng, 3, 6, 2, 2, 2)
+    with cb.SparseConv3d(w, subm=True, backend=backend, device=device) as subm, \
+            cb.SparseConv3d(wd, stride=2, indice_key="d", backend=backend, device=device) as down, \
+            cb.SparseInverseConv3d(wu, indice_key="d", backend=backend, device=device) as up:
+        mid = subm(t)
+        for layer, x in ((subm, t), (down, mid), (up, down(mid))):
+            y, seconds = layer.profile(x)
+            assert np.array_equal(y.indices, layer(x).indices)
+            assert np.array_equal(to_host(y.features), to_host(layer(x).features))
+            assert seconds is None if backend == "numpy" else seconds is None or seconds >= 0
+
+
 def test_key_reuse_with_another_geometry_or_other_sites_is_refused(target):
     backend, device = target
     rng = np.random.default_rng(2)

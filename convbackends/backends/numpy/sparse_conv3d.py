@@ -217,6 +217,9 @@ class NumpySparsePrepared(Prepared):
         _in_parts(geom.n_out, int(offsets[-1]) * (geom.c + geom.o), rows)
         return y
 
+    def profile(self, features, rulebook: Rulebook, geom: SparseConv3dGeometry):
+        return self.run(features, rulebook, geom), None  # no device timer on the host
+
     def take_rows(self, features, order: np.ndarray) -> np.ndarray:
         return features[order]
 
