@@ -20,9 +20,11 @@ from importlib import metadata
 import numpy as np
 
 from . import __version__
+from . import bench_sparse
 from .backends import unsupported
 from .runtime import available_backends, check_name, get_backend
 from .ops.conv_transpose2d import ConvTranspose2dSpec
+from .ops.sparse_conv3d import SparseConv3dSpec
 from .parity import Case, compare, reference_output
 from .spec import Conv2dSpec
 
@@ -38,7 +40,7 @@ k, s, d and opad take N or HxW; p takes N, PHxPW or TOPxLEFTxBOTTOMxRIGHT.
 Example: name=my3x3,c=64,hw=56,o=64,k=3,p=1"""
 
 # Each op's spec class: its `create(w, **case.kwargs)` validates a case, its geometry gives shapes and flops.
-OP_SPECS = {"conv2d": Conv2dSpec, "conv_transpose2d": ConvTranspose2dSpec}
+OP_SPECS = {"conv2d": Conv2dSpec, "conv_transpose2d": ConvTranspose2dSpec, "sparse_conv3d": SparseConv3dSpec}
 
 
 class LayerSpecError(ValueError):
@@ -232,7 +234,7 @@ def _conv_transpose2d() -> list[Case]:
 
 
 SUITE_BUILDERS = {"smoke": _smoke, "standard": _standard, "vgg16": _vgg16, "resnet50": _resnet50,
-                  "mobilenetv2": _mobilenetv2, "conv_transpose2d": _conv_transpose2d}
+                  "mobilenetv2": _mobilenetv2, "conv_transpose2d": _conv_transpose2d, "sparse": bench_sparse.suite}
 
 
 def suite(name: str) -> list[Case]:
@@ -484,6 +486,8 @@ class Record:
     median_s: float | None = None
     min_s: float | None = None
     device_s: float | None = None
+    rulebook_s: float | None = None  # sparse layers: building the rulebook, and the compute on a built one
+    compute_s: float | None = None
     gflops: float | None = None
     device_gflops: float | None = None
     ratio_vs_cv2dnn: float | None = None
@@ -609,6 +613,8 @@ def machine_info() -> dict:
 
 
 def layer_info(case: Case) -> dict:
+    if case.sparse:
+        return bench_sparse.layer_info(case)
     g = geometry(case)
     info = {"name": case.name, "op": case.op, "spec": format_layer(case), "input_shape": list(g.input_shape),
             "output_shape": list(g.output_shape), "kernel": [g.kh, g.kw], "stride": [g.sh, g.sw],
@@ -659,6 +665,8 @@ def _run_one(case: Case, target, warmup: int, repeats: int) -> Record:
     reason = target.supports(case)
     if reason:
         return Record(case.name, target.id, "unsupported", reason)
+    if case.sparse:
+        return _run_sparse(case, target, warmup, repeats)
     unchecked = reference_unavailable()
     runner = None
     try:
@@ -686,6 +694,18 @@ def _run_one(case: Case, target, warmup: int, repeats: int) -> Record:
                   device_s=device_s, gflops=flops / median / 1e9,
                   device_gflops=flops / device_s / 1e9 if device_s else None,
                   max_abs_err=max_abs, mean_abs_err=mean_abs, tol=tol, passed=passed)
+
+
+def _run_sparse(case: Case, target, warmup: int, repeats: int) -> Record:
+    """A sparse layer (bench_sparse): rulebook, compute and whole-layer times, checked in float64."""
+    try:
+        found = bench_sparse.measure(case, target, warmup, repeats)
+    except Exception as exc:  # as _run_one: report it, keep benchmarking the rest
+        return Record(case.name, target.id, "error", f"{type(exc).__name__}: {exc}")
+    flops = bench_sparse.layer_info(case)["flops"]
+    device_s = found["device_s"]
+    return Record(case.name, target.id, "ok", **found, gflops=flops / found["median_s"] / 1e9,
+                  device_gflops=flops / device_s / 1e9 if device_s else None)
 
 
 def _records_here(target, cases, warmup, repeats):
@@ -742,6 +762,9 @@ def run(cases: list[Case], targets: list, *, suite_name: str, warmup: int = 2, r
     ({"backends", "devices", "peers"}) and the `model` the layers came from go into the report as they are.
     """
     infos = [target_info(t) for t in targets]
+    for t, info in zip(targets, infos):  # a peer that runs none of the layers is not run
+        if t.kind == "peer" and info["available"] and cases and all(t.supports(c) for c in cases):
+            info.update(available=False, reason=t.supports(cases[0]))
     live = [t for t, info in zip(targets, infos) if info["available"]]
     report = Report(suite_name, warmup, repeats, isolate,
                     datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -768,6 +791,19 @@ def run(cases: list[Case], targets: list, *, suite_name: str, warmup: int = 2, r
 
 TABLE_COLUMNS = ("layer", "target", "GFLOP", "cold ms", "median ms", "device ms", "GFLOP/s", "x cv2.dnn",
                  "max abs err", "check")
+SPARSE_COLUMNS = ("rulebook ms", "compute ms")  # after "median ms" when the report has sparse layers
+
+
+def _has_sparse(report: Report) -> bool:
+    return any(layer["op"] == "sparse_conv3d" for layer in report.layers)
+
+
+def table_columns(report: Report) -> tuple[str, ...]:
+    """The table's columns: TABLE_COLUMNS, with SPARSE_COLUMNS where sparse layers are in the report."""
+    if not _has_sparse(report):
+        return TABLE_COLUMNS
+    at = TABLE_COLUMNS.index("median ms") + 1
+    return TABLE_COLUMNS[:at] + SPARSE_COLUMNS + TABLE_COLUMNS[at:]
 SUMMARY_COLUMNS = ("target", "device", "geomean x cv2.dnn", "geomean GFLOP/s", "layers run", "checks")
 
 
@@ -790,8 +826,9 @@ def table_rows(report: Report) -> list[tuple[str, ...]]:
             check = "not checked"
         else:
             check = "pass" if r.passed else f"FAIL (tol {r.tol:.2g})"
+        sparse = (_ms(r.rulebook_s, ".3f"), _ms(r.compute_s, ".3f")) if _has_sparse(report) else ()
         rows.append((r.layer, r.target, f"{flops[r.layer] / 1e9:.3g}", _ms(r.cold_s, ".2f"),
-                     _ms(r.median_s, ".3f"), _ms(r.device_s, ".3f"),
+                     _ms(r.median_s, ".3f"), *sparse, _ms(r.device_s, ".3f"),
                      _num(r.gflops, ".1f"), _num(r.ratio_vs_cv2dnn, ".2f"), _num(r.max_abs_err, ".2e"), check))
     return rows
 

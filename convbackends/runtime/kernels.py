@@ -201,6 +201,10 @@ class KernelRuntime(ABC):
     def returned(self, y):
         """A device array being handed back to the user: the API's completion marker attached."""
 
+    @abstractmethod
+    def finish(self) -> None:
+        """Wait until the work queued so far is done (benchmarks time device work with it)."""
+
     @contextlib.contextmanager
     def timer(self):
         """Time the launches made inside, on the device: yields a list that gets the seconds (or None)."""

@@ -135,6 +135,9 @@ class Runtime(KernelRuntime):
         y.add_event(cl.enqueue_marker(self.queue))
         return y
 
+    def finish(self) -> None:
+        self.queue.finish()
+
     @contextlib.contextmanager
     def timer(self):
         result, self._timing.events = [None], []
