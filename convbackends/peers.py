@@ -351,7 +351,9 @@ class _SparseRunner(_Runner):
 
 class Spconv(Peer):
     """spconv's SubMConv3d / SparseConv3d (its PyPI CPU build, on torch CPU), sparse layers only; its forward
-    builds the rulebook, so only whole calls are timed. Weights go to its (O, kd, kh, kw, C) layout."""
+    builds the rulebook, so only whole calls are timed. Weights go to its (O, kd, kh, kw, C) layout. torch runs
+    one thread: with two, spconv 2.3.8's CPU layers returned different wrong rows on every call here (max abs
+    error 5-7 on the 20k-site SubM layer), with one they match the float64 reference."""
 
     name = "spconv"
     install = "pip install spconv (with torch)"
@@ -362,10 +364,8 @@ class Spconv(Peer):
         import spconv.pytorch  # noqa: F401
         import torch
 
-        from .backends.numpy.conv2d import _workers
-
-        torch.set_num_threads(_workers())
-        self.device = f"CPU, spconv {metadata.version('spconv')}, torch {torch.__version__}"
+        torch.set_num_threads(1)
+        self.device = f"CPU, 1 thread, spconv {metadata.version('spconv')}, torch {torch.__version__}"
         return None
 
     def supports(self, case: Case) -> str | None:

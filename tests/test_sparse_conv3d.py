@@ -471,16 +471,13 @@ def test_cv2_dnn_runs_dense_3d_conv_with_pads_strides_dilation():
 @pytest.mark.parametrize("as_gpu", [False, True], ids=["device-kernels", "gpu-kernels"])
 def test_opencl_device_features_in_and_out(monkeypatch, as_gpu):
     """pyopencl features stay on the device through a network; the sites come to the host only when asked."""
-    from conftest import cpu_device, require
+    from conftest import cpu_device
 
-    availability = cb.available_backends()["opencl"]
-    if not availability.available:
-        require("opencl", availability.reason)
+    device = cpu_device(monkeypatch, "opencl", as_gpu)
     import pyopencl.array as cla
 
     from convbackends.runtime.opencl import BACKEND
 
-    device = cpu_device(monkeypatch, "opencl", as_gpu)
     queue = BACKEND.runtime(device).queue
     rng = np.random.default_rng(9)
     host = random_tensor(rng, 2, 5, (9, 10, 11), 240)

@@ -15,6 +15,7 @@ from convbackends.ops.sparse_conv3d import to_host
 from convbackends.parity import ACTIVATIONS, compare_sparse, lidar_sites, tolerance
 from convbackends.reference import sparse_conv3d_float64
 
+from conftest import cpu_device
 from test_reliability import _run_threads
 
 RNG = np.random.default_rng(11)
@@ -183,16 +184,6 @@ def watch_allocations(monkeypatch, backend: str, device: int) -> Allocations:
     return seen
 
 
-def device_index(monkeypatch, backend: str, as_gpu: bool) -> int:
-    """The backend's CPU device (planned as a GPU when `as_gpu`), or the reason it is missing."""
-    from conftest import cpu_device, require
-
-    availability = cb.available_backends()[backend]
-    if not availability.available:
-        require(backend, availability.reason)
-    return cpu_device(monkeypatch, backend, as_gpu)
-
-
 @pytest.mark.parametrize("as_gpu", [False, True], ids=["device-kernels", "gpu-kernels"])
 @pytest.mark.parametrize("backend", ["opencl", "vulkan"])
 def test_device_memory_follows_the_active_sites_not_the_grid(monkeypatch, backend, as_gpu):
@@ -200,7 +191,7 @@ def test_device_memory_follows_the_active_sites_not_the_grid(monkeypatch, backen
     layers' rulebooks and compute allocate nothing near the grid's size on the device (every buffer below
     64 MiB, all of a layer's together below 256 MiB). The numpy backend's host memory: tests/test_sparse_conv3d.py
     test_cost_follows_the_active_sites_not_the_grid."""
-    device = device_index(monkeypatch, backend, as_gpu)
+    device = cpu_device(monkeypatch, backend, as_gpu)
     grid = (41, 1600, 1408)
     indices = lidar_sites(120_000, grid, seed=1)
     t = cb.SparseTensor(uniform(len(indices), 16), indices, grid, 1)
@@ -219,7 +210,7 @@ def test_buffers_past_the_device_limit_are_refused_by_name(monkeypatch):
     that pass it are named in the error, before anything runs."""
     from convbackends.runtime.opencl import BACKEND
 
-    device = device_index(monkeypatch, "opencl", False)
+    device = cpu_device(monkeypatch, "opencl", False)
     rt = BACKEND.runtime(device)
     t = random_tensor(np.random.default_rng(2), 1, 8, (20, 20, 20), 2000)
     wide, pointwise = (cb.SparseConv3d(uniform(8, 8, k, k, k), subm=True, backend="opencl", device=device)
@@ -240,7 +231,7 @@ def test_vulkan_rulebooks_give_their_buffers_back(monkeypatch, as_gpu):
     go back to the device's pool when the tensors holding them are collected, and a closed layer's weights."""
     from convbackends.runtime import vulkan as _vk
 
-    device = device_index(monkeypatch, "vulkan", as_gpu)
+    device = cpu_device(monkeypatch, "vulkan", as_gpu)
     dev = _vk.device(device)
     rng = np.random.default_rng(3)
 
@@ -271,7 +262,7 @@ def test_unclosed_layers_and_their_rulebooks_are_released_when_collected(monkeyp
     """Layers never closed, some only reachable through a cycle, and the tensors holding their rulebooks: once
     collected, nothing of theirs is left (Vulkan: the pool's bytes in use and the pipelines' users are back
     where they were)."""
-    device = device_index(monkeypatch, backend, as_gpu)
+    device = cpu_device(monkeypatch, backend, as_gpu)
     rng = np.random.default_rng(8)
 
     def unclosed_network(i: int) -> list:
@@ -314,7 +305,7 @@ def test_opencl_rulebooks_read_back_only_counts_and_offsets(monkeypatch, as_gpu)
 
     from convbackends.runtime.opencl import BACKEND
 
-    device = device_index(monkeypatch, "opencl", as_gpu)
+    device = cpu_device(monkeypatch, "opencl", as_gpu)
     queue = BACKEND.runtime(device).queue
     host = random_tensor(np.random.default_rng(12), 2, 4, (9, 10, 11), 300)
     t = cb.SparseTensor(cla.to_device(queue, host.features), host.indices, host.spatial_shape, 2)

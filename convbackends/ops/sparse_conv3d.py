@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..runtime import get_backend
-from ..spec import Activation, _is_int, check_float32
+from ..spec import Activation, _is_int, check_bias, check_float32
 from .base import ONE_SHOT, Layer, host_array
 
 # Linearised site keys are int64: batch_size * D * H * W must stay below this.
@@ -287,10 +287,7 @@ class SparseConv3dSpec:
         o, c, *kernel = (int(s) for s in w.shape)
         if min(o, c, *kernel) < 1:
             raise ValueError(f"w must have no empty dimension, got shape {tuple(w.shape)}")
-        if b is not None:
-            check_float32("b", b)
-            if tuple(b.shape) != (o,):
-                raise ValueError(f"b must have shape ({o},), got {tuple(b.shape)}")
+        check_bias(b, o)
         stride, dilation = _triple("stride", stride, 1), _triple("dilation", dilation, 1)
         padding = _triple("padding", padding, 0)
         if subm:
@@ -376,7 +373,13 @@ class _SparseLayer(Layer):
             raise ValueError(f"indice_key {self.indice_key!r} holds a rulebook of {rulebook.backend}:"
                              f"{rulebook.device}; this layer runs on {self.backend.name}:{self.device.index}")
 
-    def _apply(self, t: SparseTensor, rulebook: Rulebook, spatial_shape, indices, timed: bool):
+    def _take_rows(self, features, order):
+        features, restore = self._input("features", features)
+        return restore(self._prepared.take_rows(features, order))
+
+    def _call(self, t: SparseTensor, timed: bool):
+        rulebook = self.rulebook(t)  # the subclass's: built or kept (regular, SubM), or swapped (inverse)
+        t = t._in_site_order(self._take_rows)
         geom = SparseConv3dGeometry(rulebook.geometry, rulebook.n_in, rulebook.n_out, self.spec.in_channels,
                                     self.spec.out_channels)
         features, restore = self._features(t)
@@ -384,8 +387,16 @@ class _SparseLayer(Layer):
             y, seconds = self._prepared.profile(features, rulebook, geom)
         else:
             y, seconds = self._prepared.run(features, rulebook, geom), None
-        out = SparseTensor._from_layer(restore(y), indices, spatial_shape, t.batch_size, t.indice_dict)
+        out = SparseTensor._from_layer(restore(y), rulebook.out_indices, rulebook.geometry.out_shape, t.batch_size,
+                                       t.indice_dict)
         return out, seconds
+
+    def __call__(self, t: SparseTensor) -> SparseTensor:
+        return self._call(t, False)[0]
+
+    def profile(self, t: SparseTensor):
+        """Run once: (output, device seconds of the compute or None); the rulebook is built first, untimed."""
+        return self._call(t, True)
 
 
 class SparseConv3d(_SparseLayer):
@@ -411,22 +422,6 @@ class SparseConv3d(_SparseLayer):
             if self.indice_key is not None:
                 t.indice_dict[self.indice_key] = found
         return found
-
-    def _take_rows(self, features, order):
-        features, restore = self._input("features", features)
-        return restore(self._prepared.take_rows(features, order))
-
-    def _call(self, t: SparseTensor, timed: bool):
-        rulebook = self.rulebook(t)
-        return self._apply(t._in_site_order(self._take_rows), rulebook, rulebook.geometry.out_shape,
-                           rulebook.out_indices, timed)
-
-    def __call__(self, t: SparseTensor) -> SparseTensor:
-        return self._call(t, False)[0]
-
-    def profile(self, t: SparseTensor):
-        """Run once: (output, device seconds of the compute or None); the rulebook is built first, untimed."""
-        return self._call(t, True)
 
     def __repr__(self) -> str:
         s = self.spec
@@ -465,16 +460,6 @@ class SparseInverseConv3d(_SparseLayer):
             raise ValueError(f"the input's sites are not the output sites of the layer under indice_key "
                              f"{self.indice_key!r} ({found.n_out} sites; the input has {t.num_sites})")
         return found.swapped()
-
-    def _call(self, t: SparseTensor, timed: bool):
-        rulebook = self.rulebook(t)
-        return self._apply(t, rulebook, rulebook.geometry.out_shape, rulebook.out_indices, timed)
-
-    def __call__(self, t: SparseTensor) -> SparseTensor:
-        return self._call(t, False)[0]
-
-    def profile(self, t: SparseTensor):
-        return self._call(t, True)
 
     def __repr__(self) -> str:
         s = self.spec
