@@ -108,12 +108,8 @@ def random_layers(draw):
 def test_random_grids_against_float64(target, case):
     if case is None:
         return
-    backend, device = target
-    t, w, b = case.tensors()
-    with case.layer(w, b, backend=backend, device=device) as layer:
-        y = layer(t)
-    _, _, _, passed, detail = compare_sparse(y, float64_output(case))
-    assert passed, f"{case.x_shape} n={case.sites} {case.w_shape} {case.kwargs}: {detail}"
+    result = check(case, *target, ref=float64_output(case))
+    assert result.passed, f"{case.x_shape} n={case.sites} {case.w_shape} {case.kwargs}: {result.detail}"
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
