@@ -41,6 +41,7 @@ Example: name=my3x3,c=64,hw=56,o=64,k=3,p=1"""
 
 # Each op's spec class: its `create(w, **case.kwargs)` validates a case, its geometry gives shapes and flops.
 OP_SPECS = {"conv2d": Conv2dSpec, "conv_transpose2d": ConvTranspose2dSpec, "sparse_conv3d": SparseConv3dSpec}
+LAYER_SPEC_OPS = ("conv2d", "conv_transpose2d")  # the ops a --layer spec describes (sparse layers: the sparse suite)
 
 
 class LayerSpecError(ValueError):
@@ -93,8 +94,8 @@ def _parse_layer(text: str, seed: int) -> Case:
     if h is None or w is None:
         raise LayerSpecError("missing hw= (or h= and w=)")
     op = fields_.get("op", "conv2d")
-    if op not in OP_SPECS:
-        raise LayerSpecError(f"op must be one of {', '.join(OP_SPECS)}, got {op!r}")
+    if op not in LAYER_SPEC_OPS:
+        raise LayerSpecError(f"op must be one of {', '.join(LAYER_SPEC_OPS)}, got {op!r}")
     if "opad" in fields_ and op != "conv_transpose2d":
         raise LayerSpecError("opad= (output_padding) is for op=conv_transpose2d only")
     n, c, o, g = (_ints(k, fields_.get(k, "1"), (1,))[0] for k in ("n", "c", "o", "g"))
