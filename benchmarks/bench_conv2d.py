@@ -40,7 +40,7 @@ def markdown(report: bench.Report) -> str:
         "the CPU in the same run (< 1 is faster). Outputs are checked against cv2.dnn with Winograd off: "
         "max abs error <= 1e-4 * max(1, max|reference|).",
         "",
-        markdown_table(bench.TABLE_COLUMNS, bench.table_rows(report)),
+        markdown_table(bench.table_columns(report), bench.table_rows(report)),
         "",
         "## Geometric mean over the layers",
         "",

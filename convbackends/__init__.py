@@ -7,6 +7,9 @@ from .ops.conv2d import Conv2d, conv2d
 from .ops.conv_transpose2d import ConvTranspose2d, ConvTranspose2dGeometry, ConvTranspose2dSpec, conv_transpose2d
 from .ops.deform_conv2d import (DeformConv2d, DeformConv2dGeometry, DeformConv2dSpec, deform_conv2d,
                                 deform_conv2d_backward)
+from .ops.sparse_conv3d import (
+    Rulebook, RulebookGeometry, SparseConv3d, SparseConv3dSpec, SparseInverseConv3d, SparseTensor, sparse_conv3d,
+)
 from .runtime import Availability, BackendUnavailable, DeviceInfo, available_backends, devices, opencl_queue
 from .runtime.numpy import get_num_threads, set_num_threads
 from .spec import Activation, Conv2dGeometry, Conv2dSpec
@@ -27,6 +30,12 @@ __all__ = [
     "DeformConv2dGeometry",
     "DeformConv2dSpec",
     "DeviceInfo",
+    "Rulebook",
+    "RulebookGeometry",
+    "SparseConv3d",
+    "SparseConv3dSpec",
+    "SparseInverseConv3d",
+    "SparseTensor",
     "available_backends",
     "clear_one_shot_cache",
     "conv2d",
@@ -37,4 +46,5 @@ __all__ = [
     "get_num_threads",
     "opencl_queue",
     "set_num_threads",
+    "sparse_conv3d",
 ]

@@ -21,11 +21,13 @@ from importlib import metadata
 import numpy as np
 
 from . import __version__
+from . import bench_sparse
 from .backends import unsupported
 from .runtime import available_backends, check_name, get_backend
 from .runtime.numpy import num_threads, set_num_threads
 from .ops.conv_transpose2d import ConvTranspose2dSpec
 from .ops.deform_conv2d import DeformConv2dSpec
+from .ops.sparse_conv3d import SparseConv3dSpec
 from .parity import Case, compare, reference_output
 from .spec import Conv2dSpec
 
@@ -43,8 +45,11 @@ k, s, d and opad take N or HxW; p takes N, PHxPW or TOPxLEFTxBOTTOMxRIGHT.
 Example: name=my3x3,c=64,hw=56,o=64,k=3,p=1"""
 
 # Each op's spec class: its `create(w, **case.kwargs)` validates a case, its geometry gives shapes and flops.
-OP_SPECS = {"conv2d": Conv2dSpec, "conv_transpose2d": ConvTranspose2dSpec, "deform_conv2d": DeformConv2dSpec}
+OP_SPECS = {"conv2d": Conv2dSpec, "conv_transpose2d": ConvTranspose2dSpec, "deform_conv2d": DeformConv2dSpec,
+            "sparse_conv3d": SparseConv3dSpec}
 DEFORM_KEYS = ("og", "mask", "off", "bwd")
+# The ops a --layer spec describes (sparse layers: the sparse suite).
+LAYER_SPEC_OPS = ("conv2d", "conv_transpose2d", "deform_conv2d")
 
 
 class LayerSpecError(ValueError):
@@ -97,8 +102,8 @@ def _parse_layer(text: str, seed: int) -> Case:
     if h is None or w is None:
         raise LayerSpecError("missing hw= (or h= and w=)")
     op = fields_.get("op", "conv2d")
-    if op not in OP_SPECS:
-        raise LayerSpecError(f"op must be one of {', '.join(OP_SPECS)}, got {op!r}")
+    if op not in LAYER_SPEC_OPS:
+        raise LayerSpecError(f"op must be one of {', '.join(LAYER_SPEC_OPS)}, got {op!r}")
     if "opad" in fields_ and op != "conv_transpose2d":
         raise LayerSpecError("opad= (output_padding) is for op=conv_transpose2d only")
     deform = {}
@@ -293,7 +298,8 @@ def _deform() -> list[Case]:
 
 
 SUITE_BUILDERS = {"smoke": _smoke, "standard": _standard, "vgg16": _vgg16, "resnet50": _resnet50,
-                  "mobilenetv2": _mobilenetv2, "conv_transpose2d": _conv_transpose2d, "deform": _deform}
+                  "mobilenetv2": _mobilenetv2, "conv_transpose2d": _conv_transpose2d, "deform": _deform,
+                  "sparse": bench_sparse.suite}
 
 
 def suite(name: str) -> list[Case]:
@@ -575,6 +581,8 @@ class Record:
     median_s: float | None = None
     min_s: float | None = None
     device_s: float | None = None
+    rulebook_s: float | None = None  # sparse layers: building the rulebook, and the compute on a built one
+    compute_s: float | None = None
     gflops: float | None = None
     device_gflops: float | None = None
     ratio_vs_cv2dnn: float | None = None
@@ -701,6 +709,8 @@ def machine_info() -> dict:
 
 
 def layer_info(case: Case) -> dict:
+    if case.sparse:
+        return bench_sparse.layer_info(case)
     g = geometry(case)
     info = {"name": case.name, "op": case.op, "spec": format_layer(case), "input_shape": list(g.input_shape),
             "output_shape": list(g.output_shape), "kernel": [g.kh, g.kw], "stride": [g.sh, g.sw],
@@ -755,6 +765,8 @@ def _run_one(case: Case, target, warmup: int, repeats: int) -> Record:
     reason = target.supports(case)
     if reason:
         return Record(case.name, target.id, "unsupported", reason)
+    if case.sparse:
+        return _run_sparse(case, target, warmup, repeats)
     unchecked = reference_unavailable()
     runner = None
     if case.backward:
@@ -785,6 +797,18 @@ def _run_one(case: Case, target, warmup: int, repeats: int) -> Record:
                   device_s=device_s, gflops=work / median / 1e9,
                   device_gflops=work / device_s / 1e9 if device_s else None,
                   max_abs_err=max_abs, mean_abs_err=mean_abs, tol=tol, passed=passed)
+
+
+def _run_sparse(case: Case, target, warmup: int, repeats: int) -> Record:
+    """A sparse layer (bench_sparse): rulebook, compute and whole-layer times, checked in float64."""
+    try:
+        found = bench_sparse.measure(case, target, warmup, repeats)
+    except Exception as exc:  # as _run_one: report it, keep benchmarking the rest
+        return Record(case.name, target.id, "error", f"{type(exc).__name__}: {exc}")
+    flops = bench_sparse.layer_info(case)["flops"]
+    device_s = found["device_s"]
+    return Record(case.name, target.id, "ok", **found, gflops=flops / found["median_s"] / 1e9,
+                  device_gflops=flops / device_s / 1e9 if device_s else None)
 
 
 # The CPU drivers' thread counts: PoCL's pthread device and Mesa's llvmpipe read them when they load.
@@ -871,6 +895,9 @@ def run(cases: list[Case], targets: list, *, suite_name: str, warmup: int = 2, r
     only in a fresh process, before they load, so in-process it holds for numpy and the peers.
     """
     infos = [target_info(t) for t in targets]
+    for t, info in zip(targets, infos):  # a peer that runs none of the layers is not run
+        if t.kind == "peer" and info["available"] and cases and all(t.supports(c) for c in cases):
+            info.update(available=False, reason=t.supports(cases[0]))
     live = [t for t, info in zip(targets, infos) if info["available"]]
     report = Report(suite_name, warmup, repeats, isolate,
                     datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -897,6 +924,19 @@ def run(cases: list[Case], targets: list, *, suite_name: str, warmup: int = 2, r
 
 TABLE_COLUMNS = ("layer", "target", "GFLOP", "cold ms", "median ms", "device ms", "GFLOP/s", "x cv2.dnn",
                  "max abs err", "check")
+SPARSE_COLUMNS = ("rulebook ms", "compute ms")  # after "median ms" when the report has sparse layers
+
+
+def _has_sparse(report: Report) -> bool:
+    return any(layer["op"] == "sparse_conv3d" for layer in report.layers)
+
+
+def table_columns(report: Report) -> tuple[str, ...]:
+    """The table's columns: TABLE_COLUMNS, with SPARSE_COLUMNS where sparse layers are in the report."""
+    if not _has_sparse(report):
+        return TABLE_COLUMNS
+    at = TABLE_COLUMNS.index("median ms") + 1
+    return TABLE_COLUMNS[:at] + SPARSE_COLUMNS + TABLE_COLUMNS[at:]
 SUMMARY_COLUMNS = ("target", "device", "geomean x cv2.dnn", "geomean GFLOP/s", "layers run", "checks")
 
 
@@ -919,8 +959,9 @@ def table_rows(report: Report) -> list[tuple[str, ...]]:
             check = "not checked"
         else:
             check = "pass" if r.passed else f"FAIL (tol {r.tol:.2g})"
+        sparse = (_ms(r.rulebook_s, ".3f"), _ms(r.compute_s, ".3f")) if _has_sparse(report) else ()
         rows.append((r.layer, r.target, f"{flops[r.layer] / 1e9:.3g}", _ms(r.cold_s, ".2f"),
-                     _ms(r.median_s, ".3f"), _ms(r.device_s, ".3f"),
+                     _ms(r.median_s, ".3f"), *sparse, _ms(r.device_s, ".3f"),
                      _num(r.gflops, ".1f"), _num(r.ratio_vs_cv2dnn, ".2f"), _num(r.max_abs_err, ".2e"), check))
     return rows
 

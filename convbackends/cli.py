@@ -298,8 +298,8 @@ def cmd_bench(args) -> int:
 
 def _print_report(report: bench.Report) -> None:
     print_table(f"{bench.ops_title(report)} benchmark, suite {report.suite}: median of {report.repeats} after {report.warmup} warm-up, "
-                f"{report.machine['cpu']}, {report.date}", bench.TABLE_COLUMNS, bench.table_rows(report),
-                right=range(2, len(bench.TABLE_COLUMNS) - 1), failed=lambda row: row[-1].startswith(("FAIL", "error")),
+                f"{report.machine['cpu']}, {report.date}", bench.table_columns(report), bench.table_rows(report),
+                right=range(2, len(bench.table_columns(report)) - 1), failed=lambda row: row[-1].startswith(("FAIL", "error")),
                 sections=True)
     print_table("per target: geometric mean over layers (x cv2.dnn: time ratio, < 1 is faster)",
                 bench.SUMMARY_COLUMNS, bench.summary_rows(report), right=range(2, len(bench.SUMMARY_COLUMNS)))

@@ -9,6 +9,7 @@ import numpy as np
 from .ops.conv2d import Conv2d
 from .ops.conv_transpose2d import ConvTranspose2d
 from .ops.deform_conv2d import DeformConv2d
+from .ops.sparse_conv3d import SparseConv3d, SparseTensor, to_host
 from .spec import Conv2dSpec
 
 ACTIVATIONS = (
@@ -39,14 +40,26 @@ class Case:
     mask: bool = False
     offset_scale: float = 0.0
     backward: bool = False
+    sites: int = 0  # sparse ops: the active sites drawn in x_shape (B, C, D, H, W)
 
     @property
     def out_channels(self) -> int:
         return self.w_shape[1] * self.kwargs.get("groups", 1) if self.op == "conv_transpose2d" else self.w_shape[0]
 
-    def tensors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    @property
+    def sparse(self) -> bool:
+        return self.op == "sparse_conv3d"
+
+    def tensors(self) -> tuple[np.ndarray | SparseTensor, np.ndarray, np.ndarray | None]:
+        """x (a SparseTensor for sparse ops: `sites` distinct sites drawn uniformly, in random order), w, b."""
         rng = np.random.default_rng(self.seed)
-        x = rng.uniform(-1, 1, self.x_shape).astype(np.float32)
+        if self.sparse:
+            batch, channels, *grid = self.x_shape
+            keys = rng.choice(batch * int(np.prod(grid)), size=self.sites, replace=False)
+            indices = np.stack(np.unravel_index(keys, (batch, *grid)), axis=1).astype(np.int32).reshape(-1, 4)
+            x = SparseTensor(rng.uniform(-1, 1, (self.sites, channels)).astype(np.float32), indices, grid, batch)
+        else:
+            x = rng.uniform(-1, 1, self.x_shape).astype(np.float32)
         w = rng.uniform(-1, 1, self.w_shape).astype(np.float32)
         b = rng.uniform(-1, 1, self.out_channels).astype(np.float32) if self.bias else None
         return x, w, b
@@ -207,11 +220,116 @@ def _deform_sweep() -> list[Case]:
     return cases
 
 
+def lidar_sites(count, spatial_shape, batch_size=1, seed=0):
+    """Sorted unique (count, 4) int32 sites shaped like a voxelised LiDAR sweep: a sloped ground plane seen from a
+    sensor at one edge, box-shaped objects (cars, buildings) with their walls and roofs, and thin vertical poles;
+    points thin out with range as a spinning sensor's do; `count` of the voxels they hit are kept. Seeded, so every
+    run sees the same sites."""
+    d, h, w = spatial_shape
+    rng = np.random.default_rng(seed)
+    per_batch = [count // batch_size + (b < count % batch_size) for b in range(batch_size)]
+    sites = []
+    for b, wanted in enumerate(per_batch):
+        chosen = np.zeros((0, 3), np.int64)
+        scale = 2
+        while len(chosen) < wanted:
+            points = _scene(rng, scale * wanted + 64, d, h, w)
+            keys = np.unique((points[:, 0] * h + points[:, 1]) * w + points[:, 2])
+            if len(keys) >= wanted:
+                keys = np.sort(rng.choice(keys, wanted, replace=False))
+                chosen = np.stack(np.unravel_index(keys, (d, h, w)), 1)
+            scale *= 2
+        sites.append(np.column_stack([np.full(wanted, b), chosen]))
+    return np.concatenate(sites).astype(np.int32) if sites else np.zeros((0, 4), np.int32)
+
+
+def _scene(rng, n, d, h, w):
+    """n points (z, y, x) in the grid: 55% ground, 35% object surfaces, 10% poles."""
+    n_ground, n_objects = int(0.55 * n), int(0.35 * n)
+    n_poles = n - n_ground - n_objects
+    # Range from the sensor at (y = h/2, x = 0): half-normal, most returns near it, thinning out with range.
+    r = np.abs(rng.standard_normal(n)) * 0.35 * w + 2
+    angle = rng.uniform(-1.2, 1.2, n)
+    y, x = h / 2 + r * np.sin(angle), r * np.cos(angle)
+    ground = 0.15 * d + 0.03 * d * np.sin(x / w * 3) + rng.normal(0, 0.3, n)
+    z = ground.copy()
+    # Objects: boxes on the ground (centre y, x, half sizes, height); a point lands on the wall facing the
+    # sensor, a side wall or the roof of one of them.
+    boxes = rng.uniform(0, 1, (max(4, n // 3000), 5)) * (h, w, 0.04 * w, 0.03 * h, 0.35 * d) + (0, 0, 2, 2, 2)
+    which = rng.integers(0, len(boxes), n_objects)
+    by, bx, size_x, size_y, height = boxes[which].T
+    face = rng.integers(0, 3, n_objects)
+    u, v = rng.uniform(-1, 1, n_objects), rng.uniform(0, 1, n_objects)
+    oy = np.where(face == 0, by + u * size_y, np.where(face == 1, by - size_y, by + u * size_y))
+    across = rng.uniform(-1, 1, n_objects)
+    ox = np.where(face == 0, bx - size_x, np.where(face == 1, bx + u * size_x, bx + across * size_x))
+    oz = np.where(face == 2, height, v * height)
+    sl = slice(n_ground, n_ground + n_objects)
+    y[sl], x[sl], z[sl] = oy, ox, ground[sl] + oz
+    # Poles: vertical lines at a few places.
+    poles = rng.uniform(0, 1, (max(2, n // 20000), 2)) * (h, w)
+    which = rng.integers(0, len(poles), n_poles)
+    sl = slice(n_ground + n_objects, n)
+    y[sl], x[sl] = poles[which, 0] + rng.normal(0, 0.3, n_poles), poles[which, 1] + rng.normal(0, 0.3, n_poles)
+    z[sl] = ground[sl] + rng.uniform(0, 0.6 * d, n_poles)
+    points = np.column_stack([z, y, x]).astype(np.int64)
+    inside = ((points >= 0) & (points < (d, h, w))).all(axis=1)
+    return points[inside]
+
+
+def _sparse(x_shape, sites, o, kernel, *, bias=True, seed=0, **kwargs) -> Case:
+    """A sparse_conv3d case: x_shape (B, C, D, H, W) holds `sites` active sites; w is (O, C, kd, kh, kw)."""
+    kernel = kernel if isinstance(kernel, tuple) else (kernel,) * 3
+    name = (f"S{'subm' if kwargs.get('subm') else 'conv'}-b{x_shape[0]}c{x_shape[1]}g{_short(x_shape[2:])}"
+            f"-n{sites}-o{o}k{_short(kernel)}" + "".join(f"-{k}={_short(v)}" for k, v in kwargs.items() if k != "subm")
+            + ("" if bias else "-nobias"))
+    return Case(name, tuple(x_shape), (o, x_shape[1], *kernel), bias, kwargs, seed, "sparse_conv3d", sites=sites)
+
+
+def _sparse_sweep() -> list[Case]:
+    """sparse_conv3d, regular and submanifold: kernels 1..5 (even ones for regular layers) x strides 1..3,
+    padding and dilation per axis, batch 1..3, channel counts around the vector widths, densities from one site
+    to 30%, every activation."""
+    cases = []
+    grid = (2, 5, 9, 10, 11)  # 1980 positions
+    for k in (1, 2, 3, 4, 5):
+        for stride in (1, 2, 3):
+            cases.append(_sparse(grid, 200, 6, k, stride=stride, padding=min(k - 1, 1)))
+    for k, dilation in ((1, 1), (3, 1), (3, 2), (5, 1), ((3, 1, 5), (1, 2, 1)), ((1, 3, 3), 3)):
+        cases.append(_sparse(grid, 200, 6, k, subm=True, dilation=dilation))
+    for padding, dilation, stride in (((0, 1, 2), 1, 2), (2, 2, 1), ((1, 0, 0), (1, 2, 3), (1, 2, 3)), (3, 1, 3)):
+        cases.append(_sparse(grid, 300, 5, (3, 2, 4), stride=stride, padding=padding, dilation=dilation))
+    for batch in (1, 2, 3):
+        cases.append(_sparse((batch, 4, 7, 8, 9), 60 * batch, 7, 3, subm=True))
+        cases.append(_sparse((batch, 4, 7, 8, 9), 60 * batch, 7, 3, stride=2, padding=1))
+    for c, o in ((1, 1), (3, 4), (4, 3), (7, 9), (8, 8), (15, 17), (16, 16), (17, 15), (31, 33), (33, 32)):
+        cases.append(_sparse((1, c, 8, 8, 8), 120, o, 3, subm=True))
+        cases.append(_sparse((1, c, 8, 8, 8), 120, o, 2, stride=2))
+    for sites in (1, 5, 50, 300, 594):  # one site to 30% of (2, 9, 10, 11)
+        cases.append(_sparse((2, 5, 9, 10, 11), sites, 6, 3, subm=True))
+        cases.append(_sparse((2, 5, 9, 10, 11), sites, 6, 3, stride=2, padding=1))
+    for act in ACTIVATIONS:
+        cases.append(_sparse((2, 9, 8, 9, 7), 150, 11, 3, subm=True, activation=act))
+        cases.append(_sparse((2, 9, 8, 9, 7), 150, 11, 3, stride=2, padding=1, activation=act, bias=False))
+    cases.append(_sparse((1, 16, 11, 40, 35), 1500, 32, 3, subm=True, activation="relu"))  # several GEMM blocks
+    cases.append(_sparse((1, 16, 11, 40, 35), 1500, 32, 3, stride=2, padding=1, activation="relu"))
+    return cases
+
+
 SUITES: dict[str, list[Case]] = {"smoke": _smoke(), "opencv": _opencv_sweep(), "wide": _wide(),
-                                 "transposed": _transposed_sweep(), "deform": _deform_sweep()}
+                                 "transposed": _transposed_sweep(), "deform": _deform_sweep(),
+                                 "sparse": _sparse_sweep()}
 
 
-def _evaluate(case: Case, references: dict, x=None) -> np.ndarray:
+def _sparse_reference(dense_truth):
+    """A sparse truth taking a SparseTensor: (output sites, features)."""
+    def truth(t: SparseTensor, w, b, **kwargs):
+        return dense_truth(t.indices, t.features, w, b, batch_size=t.batch_size, spatial_shape=t.spatial_shape,
+                           **kwargs)
+    return truth
+
+
+def _evaluate(case: Case, references: dict, x=None):
     """references[case.op] applied to the case's tensors (x replaced when given)."""
     xc, w, b = case.tensors()
     x = xc if x is None else x
@@ -221,26 +339,30 @@ def _evaluate(case: Case, references: dict, x=None) -> np.ndarray:
     return references[case.op](x, w, b, **case.kwargs)
 
 
-def reference_output(case: Case) -> np.ndarray:
-    """The independent reference's result for the case: cv2.dnn (Winograd off). cv2.dnn has no DeformConv:
-    deform_conv2d takes the float64 oracle, which tests check against onnx.reference's DeformConv (too slow,
-    seconds a case, to be every run's reference)."""
+def reference_output(case: Case):
+    """The independent reference's result for the case: cv2.dnn (Winograd off); for sparse ops (output sites,
+    features). cv2.dnn has no DeformConv: deform_conv2d takes the float64 oracle, which tests check against
+    onnx.reference's DeformConv (too slow, seconds a case, to be every run's reference)."""
     from . import reference
 
     return _evaluate(case, {"conv2d": reference.cv2_conv2d, "conv_transpose2d": reference.cv2_conv_transpose2d,
-                            "deform_conv2d": reference.deform_conv2d_float64})
+                            "deform_conv2d": reference.deform_conv2d_float64,
+                            "sparse_conv3d": _sparse_reference(reference.cv2_sparse_conv3d)})
 
 
-def float64_output(case: Case, x=None) -> np.ndarray:
-    """The independent float64 oracle's result for the case (or for another input x)."""
+def float64_output(case: Case, x=None):
+    """The independent float64 oracle's result for the case (or for another input x); for sparse ops (output
+    sites, features)."""
     from . import reference
 
     return _evaluate(case, {"conv2d": reference.conv2d_float64, "conv_transpose2d": reference.conv_transpose2d_float64,
-                            "deform_conv2d": reference.deform_conv2d_float64}, x)
+                            "deform_conv2d": reference.deform_conv2d_float64,
+                            "sparse_conv3d": _sparse_reference(reference.sparse_conv3d_float64)}, x)
 
 
 # Each op's layer class; its references are looked up lazily (they import cv2 and onnx).
-OPS = {"conv2d": Conv2d, "conv_transpose2d": ConvTranspose2d, "deform_conv2d": DeformConv2d}
+OPS = {"conv2d": Conv2d, "conv_transpose2d": ConvTranspose2d, "deform_conv2d": DeformConv2d,
+       "sparse_conv3d": SparseConv3d}
 
 
 def compare(y: np.ndarray, ref: np.ndarray) -> tuple[float, float, float, bool, str]:
@@ -259,7 +381,17 @@ def compare(y: np.ndarray, ref: np.ndarray) -> tuple[float, float, float, bool, 
     return max_abs, mean_abs, tol, passed, "" if passed else f"max abs error {max_abs:.3g} > {tol:.3g}"
 
 
-def check(case: Case, backend: str = "numpy", device=None, ref: np.ndarray | None = None) -> CaseResult:
+def compare_sparse(y: SparseTensor, ref) -> tuple[float, float, float, bool, str]:
+    """compare() for a sparse output against (sites, features): the sites must be the reference's exactly, in
+    its (sorted) order; then the features as compare() does."""
+    sites, features = ref
+    if not np.array_equal(y.indices, sites):
+        return float("inf"), float("inf"), tolerance(features), False, (
+            f"output sites differ from the reference ({y.num_sites} sites, reference {len(sites)})")
+    return compare(to_host(y.features), features)
+
+
+def check(case: Case, backend: str = "numpy", device=None, ref=None) -> CaseResult:
     """Run the case on one backend and device and compare with its reference (`reference_output`)."""
     x, w, b = case.tensors()
     if ref is None:
@@ -267,6 +399,6 @@ def check(case: Case, backend: str = "numpy", device=None, ref: np.ndarray | Non
     with case.layer(w, b, backend=backend, device=device) as layer:
         y = layer(x, *case.inputs())
         device_name = layer.device.name
-    max_abs, mean_abs, tol, passed, detail = compare(np.asarray(y), ref)
+    max_abs, mean_abs, tol, passed, detail = compare_sparse(y, ref) if case.sparse else compare(np.asarray(y), ref)
     return CaseResult(case, backend, device_name, max_abs, mean_abs, tol, passed, detail)
 

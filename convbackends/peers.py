@@ -405,10 +405,75 @@ class Ncnn(Peer):
         return _Runner(run, net.clear)
 
 
+class _SparseRunner(_Runner):
+    """A prepared sparse peer layer: `profile(t)` gives the library's own output, `in_site_order(y)` makes it a
+    SparseTensor in (batch, z, y, x) order for the check, outside the timed call."""
+
+    def __init__(self, run, sites_and_features):
+        super().__init__(run)
+        self._sites_and_features = sites_and_features
+
+    def in_site_order(self, y):
+        from .ops.sparse_conv3d import SparseTensor
+
+        sites, features = self._sites_and_features(y)
+        order = np.lexsort(sites.T[::-1])
+        return SparseTensor._from_layer(np.ascontiguousarray(features[order]),
+                                        np.ascontiguousarray(sites[order], dtype=np.int32), None, None, {})
+
+
+class Spconv(Peer):
+    """spconv's SubMConv3d / SparseConv3d (its PyPI CPU build, on torch CPU), sparse layers only; its forward
+    builds the rulebook, so only whole calls are timed. Weights go to its (O, kd, kh, kw, C) layout. torch runs
+    one thread: with two, spconv 2.3.8's CPU layers returned different wrong rows on every call here (max abs
+    error 5-7 on the 20k-site SubM layer), with one they match the float64 reference."""
+
+    name = "spconv"
+    install = "pip install spconv (with torch)"
+
+    def _probe(self) -> str | None:
+        from importlib import metadata
+
+        import spconv.pytorch  # noqa: F401
+        import torch
+
+        self.device = f"CPU, 1 thread, spconv {metadata.version('spconv')}, torch {torch.__version__}"
+        return None
+
+    def supports(self, case: Case) -> str | None:
+        if not case.sparse:
+            return "spconv runs sparse layers only"
+        if case.kwargs.get("activation") is not None:
+            return "the spconv peer runs layers without an activation"
+        return None
+
+    def prepare(self, case, w, b):
+        import spconv.pytorch as spconv
+        import torch
+
+        torch.set_num_threads(1)  # whatever --threads says: see the class docstring
+        o, c, *kernel = w.shape
+        options = dict(case.kwargs)
+        kind = spconv.SubMConv3d if options.pop("subm", False) else spconv.SparseConv3d
+        conv = kind(c, o, kernel, bias=b is not None, **options)
+        with torch.no_grad():
+            conv.weight.copy_(torch.from_numpy(np.ascontiguousarray(w.transpose(0, 2, 3, 4, 1))))
+            if b is not None:
+                conv.bias.copy_(torch.from_numpy(b))
+
+        def run(t):
+            with torch.no_grad():
+                x = spconv.SparseConvTensor(torch.from_numpy(t.features), torch.from_numpy(t.indices),
+                                            list(t.spatial_shape), t.batch_size)
+                return conv(x)
+
+        return _SparseRunner(run, lambda y: (y.indices.numpy(), y.features.numpy()))
+
+
 def all_peers() -> dict[str, Peer]:
     """Every peer by name, not yet probed; cv2dnn (the baseline) first."""
     peers = [Cv2Dnn(), Cv2DnnOpenCL(), Torch("cpu"), Torch("cuda"), TorchVision(), OnnxRuntime(), Ncnn(False),
-             Ncnn(True)]
+             Ncnn(True), Spconv()]
     return {p.name: p for p in peers}
 
 

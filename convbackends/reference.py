@@ -321,3 +321,207 @@ def onnx_deform_conv2d(x, offset, w, b=None, mask=None, **kwargs) -> np.ndarray:
         feeds["mask"] = np.asarray(mask, np.float64)
     (y,) = ReferenceEvaluator(onnx_deform_conv_model(geom, w, b, spec.activation)).run(None, feeds)
     return y
+def _triple(value) -> tuple[int, int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * 3
+
+
+def onnx_conv3d_model(x_shape, w: np.ndarray, b: np.ndarray | None, *, stride, padding, dilation,
+                      transposed: bool = False, output_padding=(0, 0, 0), activation: Activation = Activation()) -> bytes:
+    """A serialized one-node ONNX graph: a 3-D Conv (or ConvTranspose) with symmetric pads, then the activation,
+    for a fixed input shape."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    stride, padding, dilation = _triple(stride), _triple(padding), _triple(dilation)
+    inits = [numpy_helper.from_array(np.ascontiguousarray(w, np.float32), name="W")]
+    inputs = ["x", "W"]
+    if b is not None:
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(b, np.float32), name="B"))
+        inputs.append("B")
+    kernel = list(w.shape[2:])
+    attrs = dict(kernel_shape=kernel, strides=list(stride), dilations=list(dilation), pads=list(padding) * 2)
+    conv_out = "y" if activation.kind == "none" else "conv"
+    if transposed:
+        out_channels = w.shape[1]
+        out = [s * (n - 1) + op + d * (k - 1) + 1 - 2 * p for n, k, s, p, d, op in zip(
+            x_shape[2:], kernel, stride, padding, dilation, output_padding)]
+        node = helper.make_node("ConvTranspose", inputs, [conv_out], output_padding=list(output_padding), **attrs)
+    else:
+        out_channels = w.shape[0]
+        out = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in zip(
+            x_shape[2:], kernel, stride, padding, dilation)]
+        node = helper.make_node("Conv", inputs, [conv_out], **attrs)
+    nodes = [node]
+    if activation.kind != "none":
+        act_nodes, act_inits = _activation_nodes(helper, numpy_helper, activation, conv_out, "y")
+        nodes += act_nodes
+        inits += act_inits
+    graph = helper.make_graph(
+        nodes, "conv3d", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [x_shape[0], out_channels, *out])], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)]).SerializeToString()
+
+
+def cv2_conv3d(x, w, b=None, *, stride=1, padding=0, dilation=1, transposed=False, output_padding=(0, 0, 0),
+               activation=None):
+    """cv2.dnn's dense 3-D Conv (w (O, C, kd, kh, kw)) or ConvTranspose (w (C, O, kd, kh, kw)) and the
+    activation, float32."""
+    import cv2
+
+    model = onnx_conv3d_model(x.shape, w, b, stride=stride, padding=padding, dilation=dilation,
+                              transposed=transposed, output_padding=output_padding,
+                              activation=Activation.parse(activation))
+    net = cv2.dnn.readNetFromONNX(np.frombuffer(model, np.uint8))
+    net.setInput(np.ascontiguousarray(x, np.float32))
+    return net.forward()
+
+
+def conv3d_float64(x, w, b=None, *, stride=1, padding=0, dilation=1) -> np.ndarray:
+    """Dense 3-D convolution in float64 by its definition: one einsum per tap over strided windows."""
+    (sd, sh, sw), (pd, ph, pw), (dd, dh, dw) = _triple(stride), _triple(padding), _triple(dilation)
+    x64 = np.pad(np.asarray(x, np.float64), ((0, 0), (0, 0), (pd, pd), (ph, ph), (pw, pw)))
+    w64 = np.asarray(w, np.float64)
+    _, _, kd, kh, kw = w64.shape
+    out = [(n - d * (k - 1) - 1) // s + 1 for n, k, s, d in zip(x64.shape[2:], (kd, kh, kw), (sd, sh, sw),
+                                                                  (dd, dh, dw))]
+    y = np.zeros((x64.shape[0], w64.shape[0], *out))
+    for i in range(kd):
+        for j in range(kh):
+            for l in range(kw):
+                window = x64[:, :, i * dd:i * dd + sd * (out[0] - 1) + 1:sd, j * dh:j * dh + sh * (out[1] - 1) + 1:sh,
+                             l * dw:l * dw + sw * (out[2] - 1) + 1:sw]
+                y += np.einsum("ncdhw,oc->nodhw", window, w64[:, :, i, j, l])
+    if b is not None:
+        y += np.asarray(b, np.float64)[None, :, None, None, None]
+    return y
+
+
+def conv_transpose3d_float64(x, w, b=None, *, stride=1, padding=0, dilation=1, out_shape) -> np.ndarray:
+    """Dense 3-D transposed convolution in float64 by scattering: input position o sends tap (i, j, l) of
+    w (C, O, kd, kh, kw) to o * stride - padding + tap * dilation; the output grid is `out_shape`."""
+    stride, padding, dilation = _triple(stride), _triple(padding), _triple(dilation)
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    kernel = w64.shape[2:]
+    # The uncropped extent, at least padding + out_shape so the crop below always fits.
+    full = [max(s * (n - 1) + d * (k - 1) + 1, p + m) for n, k, s, p, d, m in zip(
+        x64.shape[2:], kernel, stride, padding, dilation, out_shape)]
+    y = np.zeros((x64.shape[0], w64.shape[1], *full))
+    (sd, sh, sw), (dd, dh, dw) = stride, dilation
+    n_d, n_h, n_w = x64.shape[2:]
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            for l in range(kernel[2]):
+                y[:, :, i * dd:i * dd + sd * (n_d - 1) + 1:sd, j * dh:j * dh + sh * (n_h - 1) + 1:sh,
+                  l * dw:l * dw + sw * (n_w - 1) + 1:sw] += np.einsum("ncdhw,co->nodhw", x64, w64[:, :, i, j, l])
+    (pd, ph, pw), (md, mh, mw) = padding, out_shape
+    y = y[:, :, pd:pd + md, ph:ph + mh, pw:pw + mw]
+    if b is not None:
+        y = y + np.asarray(b, np.float64)[None, :, None, None, None]
+    return y
+
+
+def _densify(indices: np.ndarray, features: np.ndarray, batch_size: int, spatial_shape) -> np.ndarray:
+    """(B, C, D, H, W) float64 with the features at their sites."""
+    out = np.zeros((batch_size, features.shape[1], *spatial_shape))
+    b, z, y, x = np.asarray(indices).T
+    out[b, :, z, y, x] = features
+    return out
+
+
+def _sample(dense: np.ndarray, sites: np.ndarray) -> np.ndarray:
+    b, z, y, x = sites.T
+    return dense[b, :, z, y, x]
+
+
+def sparse_conv3d_float64(indices, features, w, b=None, *, batch_size, spatial_shape, stride=1, padding=0,
+                          dilation=1, subm=False, activation=None) -> tuple[np.ndarray, np.ndarray]:
+    """The sparse layer from its dense definition, in float64: (output sites (M, 4) int32 sorted, features (M, O)).
+
+    The dense conv3d of the densified input, sampled at the output sites: for SubM the input sites (padding
+    dilation * (k - 1) / 2), for a regular layer the positions where the dense conv of the occupancy mask with a
+    kernel of ones is nonzero. For small grids: it allocates the dense volume."""
+    indices = np.asarray(indices)
+    kernel = w.shape[2:]
+    if subm:
+        padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, _triple(dilation)))
+        stride = 1
+    dense = _densify(indices, features, batch_size, spatial_shape)
+    y = conv3d_float64(dense, w, b, stride=stride, padding=padding, dilation=dilation)
+    if subm:
+        sites = indices[np.lexsort(indices.T[::-1])] if len(indices) else indices.reshape(0, 4)
+    else:
+        occupancy = _densify(indices, np.ones((len(indices), 1)), batch_size, spatial_shape)
+        reached = conv3d_float64(occupancy, np.ones((1, 1, *kernel)), stride=stride, padding=padding,
+                                 dilation=dilation)
+        sites = np.argwhere(reached[:, 0] > 0.5)
+    return sites.astype(np.int32), activation_float64(_sample(y, sites), Activation.parse(activation))
+
+
+def sparse_inverse_conv3d_float64(features, w, b=None, *, sites, spatial_shape, in_sites, in_spatial_shape,
+                                  batch_size, stride=1, padding=0, dilation=1, activation=None) -> np.ndarray:
+    """The inverse of the regular layer that took `sites` in `spatial_shape` to `in_sites` in `in_spatial_shape`:
+    the dense conv_transpose3d (w (O, C, kd, kh, kw) read as (C, O, ...)) of the densified input, sampled at
+    `sites` (sorted), float64 (M, O)."""
+    dense = _densify(in_sites, features, batch_size, in_spatial_shape)
+    y = conv_transpose3d_float64(dense, np.asarray(w).transpose(1, 0, 2, 3, 4), b, stride=stride, padding=padding,
+                                 dilation=dilation, out_shape=tuple(spatial_shape))
+    return activation_float64(_sample(y, np.asarray(sites)), Activation.parse(activation))
+
+
+def cv2_sparse_conv3d(indices, features, w, b=None, *, batch_size, spatial_shape, stride=1, padding=0, dilation=1,
+                      subm=False, activation=None) -> tuple[np.ndarray, np.ndarray]:
+    """cv2.dnn's truth for the sparse layer: (output sites (M, 4) int32 sorted, features (M, O) float32).
+
+    cv2.dnn's dense 3-D Conv (+ activation) of the densified input sampled at the output sites; for a regular
+    layer the sites are where cv2.dnn's conv of the occupancy mask with a kernel of ones is nonzero (whole counts,
+    exact in float32). For small grids: it allocates the dense volume."""
+    indices = np.asarray(indices)
+    kernel = w.shape[2:]
+    if subm:
+        padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, _triple(dilation)))
+        stride = 1
+    dense = _densify(indices, features, batch_size, spatial_shape).astype(np.float32)
+    y = cv2_conv3d(dense, w, b, stride=stride, padding=padding, dilation=dilation, activation=activation)
+    if subm:
+        sites = indices[np.lexsort(indices.T[::-1])] if len(indices) else indices.reshape(0, 4)
+    else:
+        occupancy = _densify(indices, np.ones((len(indices), 1)), batch_size, spatial_shape).astype(np.float32)
+        reached = cv2_conv3d(occupancy, np.ones((1, 1, *kernel), np.float32), stride=stride, padding=padding,
+                             dilation=dilation)
+        sites = np.argwhere(reached[:, 0] > 0.5)
+    return sites.astype(np.int32), _sample(y, sites)
+
+
+def sparse_rulebook_dense(in_indices, out_indices, *, batch_size, in_shape, kernel, stride, padding, dilation):
+    """The canonical rulebook (offsets, in_rows, out_rows) by its definition, through a dense grid of row numbers:
+    for every tap and every output site, the input row at o * stride - padding + tap * dilation, if active.
+    Rows are positions in the given (sorted) index arrays. For small grids."""
+    grid = np.full((batch_size, *in_shape), -1, np.int64)
+    in_indices, out_indices = np.asarray(in_indices), np.asarray(out_indices)
+    grid[tuple(in_indices.T)] = np.arange(len(in_indices))
+    offsets, in_rows, out_rows = [0], [], []
+    for tap in np.ndindex(*kernel):
+        at = out_indices[:, 1:] * np.array(stride) - np.array(padding) + np.array(tap) * np.array(dilation)
+        inside = np.flatnonzero(((at >= 0) & (at < np.array(in_shape))).all(axis=1))
+        rows = grid[(out_indices[inside, 0], *at[inside].T)] if inside.size else np.zeros(0, np.int64)
+        active = rows >= 0
+        in_rows.append(rows[active])
+        out_rows.append(inside[active])
+        offsets.append(offsets[-1] + int(active.sum()))
+    return (np.array(offsets, np.int64), np.concatenate(in_rows).astype(np.int32),
+            np.concatenate(out_rows).astype(np.int32))
+
+
+def cv2_sparse_inverse_conv3d(features, w, b=None, *, sites, spatial_shape, in_sites, in_spatial_shape, batch_size,
+                              stride=1, padding=0, dilation=1, activation=None) -> np.ndarray:
+    """cv2.dnn's truth for the inverse layer (see `sparse_inverse_conv3d_float64`): its dense 3-D ConvTranspose
+    (+ activation) of the densified input, sampled at `sites`, float32 (M, O). The output_padding that reaches the
+    regular layer's input grid is the remainder that layer's output-size division dropped, always below the stride."""
+    kernel = np.asarray(w).shape[2:]
+    stride, padding, dilation = _triple(stride), _triple(padding), _triple(dilation)
+    output_padding = [want - (s * (n - 1) + d * (k - 1) + 1 - 2 * p) for want, n, k, s, p, d in zip(
+        spatial_shape, in_spatial_shape, kernel, stride, padding, dilation)]
+    dense = _densify(in_sites, features, batch_size, in_spatial_shape).astype(np.float32)
+    y = cv2_conv3d(dense, np.ascontiguousarray(np.asarray(w).transpose(1, 0, 2, 3, 4)), b, stride=stride,
+                   padding=padding, dilation=dilation, transposed=True, output_padding=output_padding,
+                   activation=activation)
+    return _sample(y, np.asarray(sites))

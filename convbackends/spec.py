@@ -156,6 +156,14 @@ def check_float32(name: str, array) -> None:
         raise TypeError(f"{name} must be float32, got {np.dtype(dtype)}; convert it with .astype(numpy.float32)")
 
 
+def check_bias(b, out_channels: int) -> None:
+    """b is None or float32 (out_channels,): every op's bias."""
+    if b is not None:
+        check_float32("b", b)
+        if tuple(b.shape) != (out_channels,):
+            raise ValueError(f"b must have shape ({out_channels},), got {tuple(b.shape)}")
+
+
 def _check_int32_image(what: str, chw: tuple[int, int, int]) -> None:
     """One image's elements, C x H x W, must be indexable with the kernels' int32."""
     elements = math.prod(chw)
@@ -243,10 +251,7 @@ class Conv2dSpec:
             raise ValueError(f"groups must be >= 1, got {groups!r}")
         if o % groups:
             raise ValueError(f"groups={groups} must divide out_channels={o}")
-        if b is not None:
-            check_float32("b", b)
-            if tuple(b.shape) != (o,):
-                raise ValueError(f"b must have shape ({o},), got {tuple(b.shape)}")
+        check_bias(b, o)
         dilation = _pair("dilation", dilation, 1)
         extent = ((kh - 1) * dilation[0] + 1, (kw - 1) * dilation[1] + 1)
         if max(extent) > INT32_MAX:

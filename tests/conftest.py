@@ -68,8 +68,11 @@ def force_gpu_kernels(monkeypatch, backend: str, device: int) -> None:
 
 
 def cpu_device(monkeypatch, backend: str, as_gpu: bool) -> int:
-    """The backend's default device, which these checks need to be a CPU device (else the test skips),
-    planned as a GPU when `as_gpu`; its index."""
+    """The backend's default device, which these checks need to be a CPU device (else the test skips; an
+    unavailable backend as `require` has it), planned as a GPU when `as_gpu`; its index."""
+    availability = convbackends.available_backends()[backend]
+    if not availability.available:
+        require(backend, availability.reason)
     device = get_backend(backend).select()
     if device.type != "cpu":
         pytest.skip("this device already plans as a GPU")

@@ -5,8 +5,9 @@ import pytest
 import convbackends as cb
 from conftest import require_module
 from convbackends.ops.base import OneShotCache
-from convbackends.parity import compare
-from convbackends.reference import conv2d_float64, conv_transpose2d_float64, deform_conv2d_float64
+from convbackends.parity import compare, compare_sparse
+from convbackends.reference import (conv2d_float64, conv_transpose2d_float64, deform_conv2d_float64,
+                                    sparse_conv3d_float64, sparse_inverse_conv3d_float64)
 
 torch = require_module("torch")
 
@@ -163,3 +164,37 @@ def test_functional_calls_follow_weights_changed_in_place(target):
     second = cb.conv2d(X, w, B, padding=1, groups=2, backend=backend, device=device)
     assert compare(second, conv2d_float64(X, w, B, padding=1, groups=2))[3]
     assert not np.allclose(first, second)
+
+
+def test_torch_tensors_in_and_out_of_sparse_layers(target):
+    """Torch features (in unsorted site order, so the backend gathers them first) through SubM, regular and
+    inverse layers, torch weights and bias: every output's features are torch tensors, checked against the
+    float64 oracle."""
+    backend, device = target
+    rng = np.random.default_rng(4)
+    grid = (6, 7, 8)
+    keys = rng.choice(2 * 6 * 7 * 8, size=90, replace=False)  # unsorted
+    indices = np.stack(np.unravel_index(keys, (2, *grid)), axis=1).astype(np.int32)
+    features = rng.uniform(-1, 1, (90, 5)).astype(np.float32)
+    ws = [rng.uniform(-1, 1, shape).astype(np.float32) for shape in ((6, 5, 3, 3, 3), (7, 6, 2, 2, 2),
+                                                                     (4, 7, 2, 2, 2))]
+    bias = rng.uniform(-1, 1, 6).astype(np.float32)
+    t = cb.SparseTensor(torch.from_numpy(features), indices, grid, 2)
+    options = dict(backend=backend, device=device)
+    with cb.SparseConv3d(torch.from_numpy(ws[0]), torch.from_numpy(bias), subm=True, activation="relu",
+                         **options) as subm, \
+            cb.SparseConv3d(torch.from_numpy(ws[1]), stride=2, indice_key="down", **options) as down, \
+            cb.SparseInverseConv3d(torch.from_numpy(ws[2]), indice_key="down", **options) as up:
+        s = subm(t)
+        d = down(s)
+        u = up(d)
+    ref = sparse_conv3d_float64(indices, features, ws[0], bias, batch_size=2, spatial_shape=grid, subm=True,
+                                activation="relu")
+    assert isinstance(s.features, torch.Tensor) and compare_sparse(s, ref)[3]
+    ref_down = sparse_conv3d_float64(ref[0], s.features.numpy(), ws[1], batch_size=2, spatial_shape=grid, stride=2)
+    assert isinstance(d.features, torch.Tensor) and compare_sparse(d, ref_down)[3]
+    ref_up = sparse_inverse_conv3d_float64(d.features.numpy(), ws[2], sites=ref[0], spatial_shape=grid,
+                                           in_sites=d.indices, in_spatial_shape=d.spatial_shape, batch_size=2,
+                                           stride=2)
+    assert isinstance(u.features, torch.Tensor) and compare_sparse(u, (ref[0], ref_up))[3]
+    assert np.array_equal(t.dense(), cb.SparseTensor(features, indices, grid, 2).dense())

@@ -46,7 +46,8 @@ def test_devices_json():
 OPTIONAL_FLOAT = (float, type(None))
 RECORD_TYPES = {
     "layer": str, "target": str, "status": str, "reason": str, "cold_s": OPTIONAL_FLOAT, "median_s": OPTIONAL_FLOAT,
-    "min_s": OPTIONAL_FLOAT, "device_s": OPTIONAL_FLOAT, "gflops": OPTIONAL_FLOAT, "device_gflops": OPTIONAL_FLOAT,
+    "min_s": OPTIONAL_FLOAT, "device_s": OPTIONAL_FLOAT, "rulebook_s": OPTIONAL_FLOAT, "compute_s": OPTIONAL_FLOAT,
+    "gflops": OPTIONAL_FLOAT, "device_gflops": OPTIONAL_FLOAT,
     "ratio_vs_cv2dnn": OPTIONAL_FLOAT, "max_abs_err": OPTIONAL_FLOAT, "mean_abs_err": OPTIONAL_FLOAT,
     "tol": OPTIONAL_FLOAT, "passed": (bool, type(None)),
 }
@@ -73,6 +74,11 @@ def _check_schema(doc: dict) -> None:
         assert t["kind"] in ("backend", "peer") and isinstance(t["available"], bool)
     for layer in doc["layers"]:
         assert isinstance(layer["name"], str) and isinstance(layer["spec"], str) and isinstance(layer["flops"], int)
+        if layer["op"] == "sparse_conv3d":
+            assert len(layer["input_shape"]) == 5 and isinstance(layer["subm"], bool)
+            assert all(isinstance(layer[key], int) for key in ("sites", "output_sites", "pairs"))
+            assert all(len(layer[key]) == 3 for key in ("kernel", "stride", "padding", "dilation"))
+            continue
         for key, size in (("input_shape", 4), ("output_shape", 4), ("kernel", 2), ("stride", 2), ("pads", 4),
                           ("dilation", 2)):
             assert len(layer[key]) == size and all(isinstance(v, int) for v in layer[key])
@@ -122,6 +128,32 @@ def test_bench_smoke_writes_json_csv_and_plot(tmp_path, capsys):
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_sparse_suite_times_rulebook_and_compute_apart(tmp_path, capsys):
+    """Issue 12's four layers on numpy: checked in float64, the rulebook and the compute timed apart; cv2.dnn,
+    which has no sparse convolution, is not run (and spconv, when installed, runs and is checked too)."""
+    path = tmp_path / "sparse.json"
+    code = main(["bench", "--suite", "sparse", "--peers", "spconv", *FAST, "--json", str(path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "rulebook ms" in out and "compute ms" in out and "subm3-32-32-60k" in out
+    doc = json.loads(path.read_text())
+    _check_schema(doc)
+    cases = bench.suite("sparse")
+    assert [layer["name"] for layer in doc["layers"]] == [c.name for c in cases]
+    assert [layer["sites"] for layer in doc["layers"]] == [20_000, 60_000, 20_000, 8_000]
+    assert all(layer["op"] == "sparse_conv3d" and layer["flops"] > 0 for layer in doc["layers"])
+    targets = {t["id"]: t for t in doc["targets"]}
+    assert not targets["cv2dnn"]["available"] and "has no sparse_conv3d" in targets["cv2dnn"]["reason"]
+    ours = [r for r in doc["results"] if r["target"] == "numpy:0"]
+    assert len(ours) == len(cases)
+    for record in ours:
+        assert record["status"] == "ok" and record["passed"] is True and record["max_abs_err"] <= record["tol"]
+        assert record["rulebook_s"] > 0 and record["compute_s"] > 0 and record["median_s"] > 0
+    theirs = [r for r in doc["results"] if r["target"] == "spconv"]
+    assert len(theirs) == (len(cases) if targets["spconv"]["available"] else 0)
+    assert all(r["status"] == "ok" and r["rulebook_s"] is None for r in theirs)
+
+
 # conv2d and transposed layers with asymmetric pads (torch pads or crops them), output_padding, dilation and groups
 # (ncnn's *DepthWise layers), so every peer's translation of the layer is checked.
 PEER_LAYERS = ("name=tiny,c=8,hw=9x7,o=12,k=3,s=2,p=0x1x1x0",
@@ -139,7 +171,7 @@ def test_bench_with_every_peer_through_python_m(tmp_path):
     assert [layer["op"] for layer in doc["layers"]] == ["conv2d", "conv_transpose2d", "conv_transpose2d"]
     peers = {t["id"]: t for t in doc["targets"] if t["kind"] == "peer"}
     assert set(peers) == {"cv2dnn", "cv2dnn-opencl", "torch", "torch-cuda", "torchvision", "onnxruntime", "ncnn",
-                          "ncnn-vulkan"}
+                          "ncnn-vulkan", "spconv"}
     assert peers["cv2dnn"]["available"]
     for name, target in peers.items():
         records = [r for r in doc["results"] if r["target"] == name]

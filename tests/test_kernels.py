@@ -4,6 +4,7 @@ PoCL runs the OpenCL build of the same sources (tests/test_opencl.py); compiling
 here for sm_80 and sm_90 catches dialect slips that only NVCC would see.
 """
 import math
+import re
 import shutil
 import subprocess
 
@@ -12,6 +13,8 @@ import pytest
 
 from convbackends.backends.kernel import conv2d as _kernels
 from convbackends.backends.kernel import deform_conv2d as _deform_kernels
+from convbackends.backends.kernel import sparse_conv3d as _sparse_kernels
+from convbackends.ops.sparse_conv3d import SparseConv3dSpec
 from convbackends.runtime import kernels as kernel_runtime
 from convbackends.spec import ACTIVATION_CODES, Conv2dSpec
 
@@ -51,6 +54,22 @@ def _winograd_plan(limits=GPU, o=64, c=32, activation="silu"):
 WINOGRAD_PLAN = _winograd_plan()
 
 
+def _sparse_sources():
+    """sparse_conv3d's GPU compute for every tile size its channel counts pick, and its rulebook kernels with
+    32- and 64-bit keys."""
+    sources = []
+    for i, o in enumerate((128, 64, 32, 16, 5)):
+        w = np.zeros((o, 16, 3, 3, 3), np.float32)
+        plan = _sparse_kernels.ComputePlan(SparseConv3dSpec.create(w, activation=ACTIVATIONS[i]), w, None, GPU)
+        sources += [(name, plan.source, plan.options) for name in (plan.kernel_name, "sparse_conv3d_epilogue")]
+    rulebook = kernel_runtime.source("sparse_conv3d_rulebook.h")
+    plan = _sparse_kernels.SortPlan.for_device(GPU)
+    sources += [(name, rulebook, plan.options(wide)) for wide in (False, True)
+                for name in _sparse_kernels.RULEBOOK_KERNELS]
+    return sources + [(name, rulebook, plan.options(False, (2, 1, 3)))  # a regular layer's strides compiled in
+                      for name in ("sparse_candidate_counts", "sparse_candidates")]
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_cuda_kernels_compile_with_nvcc(tmp_path, arch):
@@ -65,16 +84,29 @@ def test_cuda_kernels_compile_with_nvcc(tmp_path, arch):
     implicit = kernel_runtime.source(*_deform_kernels.IMPLICIT_GEMM_SOURCE)
     sources += [("deform_conv2d_implicit_gemm", implicit, _deform_kernels.implicit_gemm_options(tiles, code, "int"))
                 for tiles, code in zip(_kernels.GPU_TILES, (0, 1, 6, 9, 3))]
-    jobs = []
+    sources += _sparse_sources()
+    jobs, compiled = [], {}
     for i, (name, source, options) in enumerate(sources):
+        if (source, options) in compiled:  # one build of a source serves each of its kernels
+            jobs.append((name, options, compiled[source, options], None))
+            continue
         cu, ptx = tmp_path / f"{name}_{i}.cu", tmp_path / f"{name}_{i}.ptx"
         cu.write_text(source)
         command = ["nvcc", "-ptx", f"-arch={arch}", "-std=c++17", *options, str(cu), "-o", str(ptx)]
+        compiled[source, options] = ptx
         jobs.append((name, options, ptx, subprocess.Popen(command, stderr=subprocess.PIPE, text=True)))
     for name, options, ptx, job in jobs:
-        _, stderr = job.communicate()
-        assert job.returncode == 0, f"{name} {options}: {stderr}"
-        assert f".entry {name}(" in ptx.read_text()
+        if job is not None:
+            _, stderr = job.communicate()
+            assert job.returncode == 0, f"{name} {options}: {stderr}"
+    for name, options, ptx, job in jobs:
+        assert f".entry {name}(" in ptx.read_text(), f"{name} {options}"
+
+
+def test_sparse_rulebook_kernels_are_all_listed():
+    """Every kernel of sparse_conv3d_rulebook.h is compiled above (RULEBOOK_KERNELS names them)."""
+    declared = re.findall(r"^KERNEL void (\w+)\(", kernel_runtime.read_kernel("sparse_conv3d_rulebook.h"), re.M)
+    assert sorted(declared) == sorted(_sparse_kernels.RULEBOOK_KERNELS)
 
 
 def test_plans_cover_every_activation():

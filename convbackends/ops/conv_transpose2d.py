@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..runtime import get_backend
-from ..spec import Activation, Conv2dGeometry, Conv2dSpec, _is_int, _padding, _pair, check_float32
+from ..spec import Activation, Conv2dGeometry, Conv2dSpec, _is_int, _padding, _pair, check_bias, check_float32
 from .base import ONE_SHOT, Layer, host_array
 
 
@@ -140,10 +140,7 @@ class ConvTranspose2dSpec:
         if c % groups:
             raise ValueError(f"groups={groups} must divide in_channels={c} (w is (in_channels, out_channels/groups, kh, kw))")
         o = og * int(groups)
-        if b is not None:
-            check_float32("b", b)
-            if tuple(b.shape) != (o,):
-                raise ValueError(f"b must have shape ({o},), got {tuple(b.shape)}")
+        check_bias(b, o)
         stride, dilation = _pair("stride", stride, 1), _pair("dilation", dilation, 1)
         output_padding = _pair("output_padding", output_padding, 0)
         for axis, (op, s, d) in enumerate(zip(output_padding, stride, dilation)):

@@ -58,10 +58,10 @@ class Runtime(KernelRuntime):
             cp.cuda.get_current_stream().synchronize()
             return out
 
-    def empty(self, shape):
-        """A float32 array from CuPy's pool, ordered on the current stream."""
+    def empty(self, shape, dtype=np.float32):
+        """An array from CuPy's pool, ordered on the current stream."""
         with self.device:
-            return cp.empty(shape, np.float32)
+            return cp.empty(shape, dtype)
 
     empty_array = empty
 
@@ -92,6 +92,10 @@ class Runtime(KernelRuntime):
 
     def returned(self, y):
         return y
+
+    def finish(self) -> None:
+        with self.device:
+            cp.cuda.get_current_stream().synchronize()
 
     @contextlib.contextmanager
     def timer(self):

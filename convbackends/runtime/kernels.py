@@ -171,12 +171,12 @@ class KernelRuntime(ABC):
         """A read-only device buffer holding a copy of `array`, complete before any later launch reads it."""
 
     @abstractmethod
-    def empty(self, shape):
-        """A float32 scratch buffer from the device's pool, for one call (freed when dropped)."""
+    def empty(self, shape, dtype=np.float32):
+        """A scratch buffer (float32 unless told) from the device's pool, for one call (freed when dropped)."""
 
     @abstractmethod
-    def empty_array(self, shape):
-        """A float32 device array of the API's array type, to hand to the user."""
+    def empty_array(self, shape, dtype=np.float32):
+        """A device array (float32 unless told) of the API's array type, to hand to the user or read back."""
 
     @abstractmethod
     def read(self, device, out: np.ndarray) -> None:
@@ -204,6 +204,10 @@ class KernelRuntime(ABC):
     @abstractmethod
     def returned(self, y):
         """A device array being handed back to the user: the API's completion marker attached."""
+
+    @abstractmethod
+    def finish(self) -> None:
+        """Wait until the work queued so far is done (benchmarks time device work with it)."""
 
     @contextlib.contextmanager
     def timer(self):

@@ -74,12 +74,12 @@ class Runtime(KernelRuntime):
     def upload(self, array: np.ndarray) -> cl.Buffer:
         return cl.Buffer(self.context, cl.mem_flags.READ_ONLY | cl.mem_flags.COPY_HOST_PTR, hostbuf=array)
 
-    def empty(self, shape):
-        """A pooled buffer for float32 `shape` (a plain buffer: a pyopencl Array costs ~20 us to make)."""
-        return self.pool.allocate(4 * math.prod(shape))
+    def empty(self, shape, dtype=np.float32):
+        """A pooled buffer for `shape` (a plain buffer: a pyopencl Array costs ~20 us to make)."""
+        return self.pool.allocate(np.dtype(dtype).itemsize * math.prod(shape))
 
-    def empty_array(self, shape) -> cla.Array:
-        return cla.empty(self.queue, shape, np.float32, allocator=self.pool)
+    def empty_array(self, shape, dtype=np.float32) -> cla.Array:
+        return cla.empty(self.queue, shape, dtype, allocator=self.pool)
 
     def read(self, device, out: np.ndarray) -> None:
         cl.enqueue_copy(self.queue, out, device.base_data if isinstance(device, cla.Array) else device)
@@ -143,6 +143,9 @@ class Runtime(KernelRuntime):
     def returned(self, y: cla.Array) -> cla.Array:
         y.add_event(cl.enqueue_marker(self.queue))
         return y
+
+    def finish(self) -> None:
+        self.queue.finish()
 
     @contextlib.contextmanager
     def timer(self):

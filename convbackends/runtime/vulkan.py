@@ -168,7 +168,8 @@ class Buffer:
             self.array = np.frombuffer(vk.vkMapMemory(handle, self.memory, 0, nbytes, 0), np.float32)
 
     def write(self, data: np.ndarray) -> None:
-        self.array[: data.size] = data.reshape(-1)
+        """Copy data's bytes to the buffer's start (float32, or any dtype: int32 sites are copied, not cast)."""
+        self.array.view(data.dtype)[: data.size] = data.reshape(-1)
         self.flush()
 
     def flush(self) -> None:
@@ -589,6 +590,34 @@ def upload(dev: Device, array: np.ndarray) -> Buffer:
         recording.close()
         dev.release(staging)
     return buf
+
+
+class Holdings:
+    """The buffers and pipelines one owner (a layer) holds on a device, released together. Kept apart from the
+    owner, so that its finalizer, `weakref.finalize(owner, dev.release_soon, holdings.release)`, does not keep
+    it alive, and so that a half-built owner gives back whatever it got."""
+
+    def __init__(self, dev: Device):
+        self.dev = dev
+        self.buffers: list[Buffer] = []
+        self.pipelines: list[Pipeline] = []
+
+    def pipeline(self, name: str, spirv: bytes, constants: dict, kinds: tuple, push_bytes: int) -> Pipeline:
+        found = self.dev.pipeline(name, spirv, constants, kinds, push_bytes)
+        self.pipelines.append(found)
+        return found
+
+    def upload(self, array: np.ndarray) -> Buffer:
+        buf = upload(self.dev, array)
+        self.buffers.append(buf)
+        return buf
+
+    def release(self) -> None:
+        for buf in self.buffers:
+            self.dev.release(buf)
+        for pipeline in self.pipelines:
+            self.dev.release_pipeline(pipeline)
+        self.buffers, self.pipelines = [], []
 
 
 class VulkanBackend(Backend):

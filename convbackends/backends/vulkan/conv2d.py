@@ -181,29 +181,17 @@ def work_groups(t: Tiles, algorithm: str, oh: int, ow: int, og: int, planes: int
     return (math.ceil(items / t.lx), channel_tiles, planes)
 
 
-class _DeviceObjects:
-    """What a layer holds on its device: weight buffers, pipelines, recorded plans. Kept apart from the layer
-    so that its finalizer can release them without keeping the layer alive, and so that a half-built
-    layer gives back whatever it got."""
+class _DeviceObjects(_vk.Holdings):
+    """What a layer holds on its device: weight buffers, pipelines, and its recorded plans."""
 
     def __init__(self, dev: _vk.Device):
-        self.dev = dev
-        self.buffers: list[_vk.Buffer] = []
-        self.pipelines: list[_vk.Pipeline] = []
+        super().__init__(dev)
         self.plans: OrderedDict[tuple[Conv2dGeometry, bool], _Plan] = OrderedDict()
 
-    def pipeline(self, name: str, constants: dict, kinds: tuple = _BINDINGS, push_bytes: int = _PUSH.size
-                 ) -> _vk.Pipeline:
-        """The shader `name`'s pipeline (conv2d's bindings and push constants unless told), released with
-        the holder."""
-        found = self.dev.pipeline(name, SPIRV[name], constants, kinds, push_bytes)
-        self.pipelines.append(found)
-        return found
-
-    def upload(self, array: np.ndarray) -> _vk.Buffer:
-        buf = _vk.upload(self.dev, array)
-        self.buffers.append(buf)
-        return buf
+    def shader_pipeline(self, name: str, constants: dict, kinds: tuple = _BINDINGS, push_bytes: int = _PUSH.size
+                        ) -> _vk.Pipeline:
+        """The embedded shader `name`'s pipeline (conv2d's bindings and push constants unless told)."""
+        return self.pipeline(name, SPIRV[name], constants, kinds, push_bytes)
 
     def plan(self, key: tuple, make) -> "PlanBuffers":
         """The recorded plan for `key`, `make()` when there is none; beyond _PLANS_KEPT the least recently
@@ -218,11 +206,7 @@ class _DeviceObjects:
         for plan in self.plans.values():
             plan.close()
         self.plans.clear()
-        for buf in self.buffers:
-            self.dev.release(buf)
-        for pipeline in self.pipelines:
-            self.dev.release_pipeline(pipeline)
-        self.buffers, self.pipelines = [], []
+        super().release()
 
 
 class _Shader:
@@ -241,7 +225,7 @@ class _Shader:
                              f"maxTexelBufferElements ({limit})")
         packed, self.row_stride = pack_weights(w, groups, t, algorithm == "depthwise")
         constants = {**constants, **tile_constants(t, unroll)}
-        self.pipeline = held.pipeline(f"conv2d_{algorithm}", constants)
+        self.pipeline = held.shader_pipeline(f"conv2d_{algorithm}", constants)
         self.w = held.upload(packed)
 
 
@@ -252,8 +236,8 @@ class _Winograd:
         limits = held.dev.limits
         lanes = min(_TRANSFORM_LANES, limits.maxComputeWorkGroupSize[0], limits.maxComputeWorkGroupInvocations)
         self.lanes = lanes
-        self.input = held.pipeline("conv2d_winograd_input", {0: lanes, 1: 1})
-        self.output = held.pipeline("conv2d_winograd_output", {0: lanes, 1: 1, **epilogue})
+        self.input = held.shader_pipeline("conv2d_winograd_input", {0: lanes, 1: 1})
+        self.output = held.shader_pipeline("conv2d_winograd_output", {0: lanes, 1: 1, **epilogue})
         u = _winograd.weights(w)  # (36, C, O): as a grouped 1x1 layer, (36 * O, C, 1, 1)
         gemm_w = np.ascontiguousarray(u.transpose(0, 2, 1)).reshape(36 * spec.out_channels, spec.in_channels, 1, 1)
         self.gemm = _Shader(held, "gemm_1x1", self.gemm_tiles(held.dev), gemm_w, 36, {9: False})

@@ -248,7 +248,7 @@ class _Backward:
     def __init__(self, held: _DeviceObjects, spec: DeformConv2dSpec, w: np.ndarray):
         tiles = self.grad_w_tiles = choose_tiles("gemm_1x1", held.dev)
         self.dcol = _Shader(held, "gemm_1x1", tiles, _deform.transposed_weights(w, spec.groups), spec.groups, _LINEAR)
-        self.grad_w_pipeline = held.pipeline("conv2d_gemm_1x1", {**_LINEAR, **tile_constants(tiles)})
+        self.grad_w_pipeline = held.shader_pipeline("conv2d_gemm_1x1", {**_LINEAR, **tile_constants(tiles)})
 
 
 class VulkanDeformConv2d(DeformConv2dPrepared):
@@ -265,7 +265,7 @@ class VulkanDeformConv2d(DeformConv2dPrepared):
         self._w = w.copy()  # for the backward GEMMs, made on first use
         self._backward = None
         try:
-            self.pipelines = {name: held.pipeline(f"deform_conv2d_{name}", {0: self.lanes}, kinds, _PUSH.size)
+            self.pipelines = {name: held.shader_pipeline(f"deform_conv2d_{name}", {0: self.lanes}, kinds, _PUSH.size)
                               for name, kinds in _KINDS.items()}
             self.b = held.upload(b if b is not None else np.zeros(1, np.float32))
             self.columns = _Shader(held, "gemm_1x1", choose_tiles("gemm_1x1", dev), _deform.column_weights(w),
