@@ -1,0 +1,235 @@
+"""convbackends.dask (conv2d and conv_transpose2d over chunked dask arrays) and the fleet benchmark
+(convbackends.fleet, `bench --scheduler/--local-cluster`), on embedded clusters bound to 127.0.0.1 or in-process."""
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from conftest import require, require_module
+
+dask = require_module("dask")
+distributed = require_module("distributed")
+
+import dask.array as da  # noqa: E402
+
+import convbackends  # noqa: E402
+import convbackends.dask as cbd  # noqa: E402
+from convbackends import fleet  # noqa: E402
+from convbackends.__main__ import main  # noqa: E402
+from convbackends.parity import tolerance  # noqa: E402
+from convbackends.reference import conv2d_float64, conv_transpose2d_float64  # noqa: E402
+
+# (id, x shape, x chunks, w shape, keywords). Chunks are uneven along N, H and W; some cut C, some are
+# smaller than the halo or off the stride grid.
+CONV2D_CASES = [
+    ("k1", (2, 4, 37, 29), ((1, 1), 4, (10, 1, 14, 12), (7, 13, 9)), (6, 4, 1, 1), {}),
+    ("k2s2", (1, 4, 37, 29), (1, 4, (10, 1, 14, 12), (7, 13, 9)), (6, 4, 2, 2), {"stride": 2}),
+    ("k3p1", (2, 4, 37, 29), ((1, 1), 4, (10, 1, 14, 12), (7, 13, 9)), (6, 4, 3, 3), {"padding": 1}),
+    ("k3s2p1", (1, 4, 37, 29), (1, 4, (10, 1, 14, 12), (7, 13, 9)), (6, 4, 3, 3), {"stride": 2, "padding": 1}),
+    ("k3s3-asym", (1, 4, 37, 29), (1, 4, (10, 1, 14, 12), (7, 13, 9)), (6, 4, 3, 3),
+     {"stride": 3, "padding": (0, 1, 2, 0)}),
+    ("k4s2-same", (1, 4, 37, 29), (1, 4, (10, 1, 14, 12), (7, 13, 9)), (6, 4, 4, 4), {"stride": 2, "padding": "same"}),
+    ("k5d2p4", (1, 4, 37, 29), (1, 4, (10, 1, 14, 12), (7, 13, 9)), (6, 4, 5, 5), {"dilation": 2, "padding": 4}),
+    ("k5s3-same", (1, 4, 37, 29), (1, 4, (10, 1, 14, 12), (7, 13, 9)), (6, 4, 5, 5), {"stride": 3, "padding": "same"}),
+    ("k6-same", (1, 4, 37, 29), (1, 4, (10, 1, 14, 12), (7, 13, 9)), (6, 4, 6, 6), {"padding": "same"}),
+    ("k7s2p3-relu", (1, 3, 37, 29), (1, 3, (10, 1, 14, 12), (7, 13, 9)), (8, 3, 7, 7),
+     {"stride": 2, "padding": 3, "activation": "relu"}),
+    ("k7-valid-rect", (1, 4, 37, 29), (1, 4, (3, 2, 2, 30), (2, 2, 25)), (6, 4, 7, 5), {"padding": "valid"}),
+    ("k3d3s2-same", (1, 4, 37, 29), (1, 4, (10, 1, 14, 12), (7, 13, 9)), (6, 4, 3, 3),
+     {"stride": 2, "dilation": 3, "padding": "same"}),
+    ("g2", (1, 4, 37, 29), (1, 4, (10, 1, 14, 12), (7, 13, 9)), (6, 2, 3, 3), {"groups": 2, "padding": 1}),
+    ("dw-m2-s2", (1, 4, 37, 29), (1, 4, (10, 1, 14, 12), (7, 13, 9)), (8, 1, 3, 3),
+     {"groups": 4, "stride": 2, "padding": 1, "activation": ("leaky_relu", 0.1)}),
+    ("c-chunked", (2, 6, 37, 29), ((1, 1), (2, 1, 3), (10, 1, 14, 12), (7, 13, 9)), (5, 6, 3, 3), {"padding": (1, 2)}),
+]
+OPENCL_CASES = ("k1", "k3s2p1", "k4s2-same", "k5d2p4", "k7s2p3-relu", "dw-m2-s2")
+
+CONV_TRANSPOSE2D_CASES = [
+    ("k1", (1, 4, 13, 11), (1, 4, (3, 6, 4), (2, 5, 4)), (4, 6, 1, 1), {}),
+    ("k3s2p1op1", (2, 4, 13, 11), ((1, 1), 4, (3, 6, 4), (2, 5, 4)), (4, 6, 3, 3),
+     {"stride": 2, "padding": 1, "output_padding": 1}),
+    ("k4s2p1", (1, 4, 13, 11), (1, 4, (3, 6, 4), (2, 5, 4)), (4, 6, 4, 4), {"stride": 2, "padding": 1}),
+    ("k3s3d2-asym", (1, 4, 13, 11), (1, 4, (1, 1, 11), (2, 5, 4)), (4, 6, 3, 3),
+     {"stride": 3, "dilation": 2, "padding": (2, 0, 1, 3), "output_padding": 1}),
+    ("k5-same-s2", (1, 4, 13, 11), (1, 4, (3, 6, 4), (2, 5, 4)), (4, 6, 5, 5), {"stride": 2, "padding": "same"}),
+    ("g2-relu", (1, 4, 13, 11), (1, (1, 3), (3, 6, 4), (2, 5, 4)), (4, 3, 3, 3),
+     {"groups": 2, "padding": 1, "activation": "relu"}),
+    ("k2s3-output-size", (1, 4, 13, 11), (1, 4, (3, 6, 4), (2, 5, 4)), (4, 6, 2, 2), {"stride": 3, "output_size": (40, 33)}),
+]
+
+
+def _tensors(x_shape, w_shape, seed=0):
+    """(the generator, for the bias, whose size depends on the op), x and w, all U(-1, 1)."""
+    rng = np.random.default_rng(seed)
+    return rng, rng.uniform(-1, 1, x_shape).astype(np.float32), rng.uniform(-1, 1, w_shape).astype(np.float32)
+
+
+def _require_opencl():
+    availability = convbackends.available_backends()["opencl"]
+    if not availability.available:
+        require("opencl", availability.reason)
+
+
+@pytest.fixture(scope="module")
+def threads_client():
+    """Two workers as threads of this process (no sockets at all)."""
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def process_client():
+    """Two worker processes on 127.0.0.1, as `bench --local-cluster 2` starts them."""
+    with fleet.connect(local_workers=2) as client:
+        yield client
+
+
+def _conv2d_case(case_id, backend):
+    _, x_shape, chunks, w_shape, kwargs = next(c for c in CONV2D_CASES if c[0] == case_id)
+    rng, x, w = _tensors(x_shape, w_shape)
+    b = rng.uniform(-1, 1, w_shape[0]).astype(np.float32)
+    xd = da.from_array(x, chunks=chunks)
+    y = cbd.conv2d(xd, w, b, backend=backend, **kwargs)
+    ref = conv2d_float64(x, w, b, **kwargs)
+    assert y.shape == ref.shape
+    out = y.compute()
+    assert out.dtype == np.float32 and np.abs(out - ref).max() <= tolerance(ref)
+    return y
+
+
+@pytest.mark.parametrize("case_id", [c[0] for c in CONV2D_CASES])
+def test_conv2d_numpy_equals_the_whole_array(threads_client, case_id):
+    y = _conv2d_case(case_id, "numpy")
+    assert len(y.chunks[1]) == 1  # C merged, O whole
+
+
+@pytest.mark.parametrize("case_id", OPENCL_CASES)
+def test_conv2d_opencl_equals_the_whole_array(threads_client, case_id):
+    _require_opencl()
+    _conv2d_case(case_id, "opencl")
+
+
+@pytest.mark.parametrize("case_id,backend", [(c[0], "numpy") for c in CONV_TRANSPOSE2D_CASES]
+                         + [("k3s2p1op1", "opencl"), ("k3s3d2-asym", "opencl")])
+def test_conv_transpose2d_equals_the_whole_array(threads_client, case_id, backend):
+    if backend == "opencl":
+        _require_opencl()
+    _, x_shape, chunks, w_shape, kwargs = next(c for c in CONV_TRANSPOSE2D_CASES if c[0] == case_id)
+    rng, x, w = _tensors(x_shape, w_shape, seed=1)
+    b = rng.uniform(-1, 1, w_shape[1] * kwargs.get("groups", 1)).astype(np.float32)
+    y = cbd.conv_transpose2d(da.from_array(x, chunks=chunks), w, b, backend=backend, **kwargs)
+    ref = conv_transpose2d_float64(x, w, b, **kwargs)
+    assert y.shape == ref.shape
+    out = y.compute()
+    assert np.abs(out - ref).max() <= tolerance(ref)
+
+
+def test_strided_chunks_move_onto_the_stride_grid():
+    plan = cbd.conv2d_axis((10, 1, 14, 12), 37, 19, 3, 2, 1, 1, 1)
+    edges = np.cumsum(plan.chunks)[:-1]
+    assert all((e + 1) % 2 == 0 for e in edges)  # (edge + pad_top) on the stride grid
+    assert sum(plan.chunks) == 37 and sum(plan.out_chunks) == 19
+    assert min(plan.chunks) >= plan.after == 1
+    # Stride 1 keeps the chunks as they are, but one smaller than the halo (2 rows) joins the next.
+    assert cbd.conv2d_axis((10, 1, 14, 12), 37, 37, 3, 1, 1, 1, 1).chunks == (10, 15, 12)
+
+
+def test_refuses_what_it_cannot_cut():
+    w = np.zeros((2, 2, 3, 3), np.float32)
+    with pytest.raises(TypeError, match="x must be a dask.array.Array"):
+        cbd.conv2d(np.zeros((1, 2, 8, 8), np.float32), w)
+    with pytest.raises(TypeError, match="x must be float32"):
+        cbd.conv2d(da.zeros((1, 2, 8, 8), chunks=4), w)
+    with pytest.raises(ValueError, match="x has 3 channels but w expects 2"):
+        cbd.conv2d(da.zeros((1, 3, 8, 8), dtype=np.float32, chunks=4), w)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        cbd.conv2d(da.zeros((1, 2, 8, 8), dtype=np.float32, chunks=4), w, backend="metal")
+
+
+def test_one_prepared_layer_per_worker_process(process_client):
+    """Many tasks, two graphs, equal weights in two arrays: each worker prepares the layer once."""
+    rng, x, w = _tensors((1, 4, 48, 40), (4, 4, 3, 3))
+    before = process_client.run(cbd.cache_info)
+    xd = da.from_array(x, chunks=(1, 4, 8, 10))  # 24 blocks
+    for weights in (w, w.copy()):  # the same content, another array: the same token
+        y = cbd.conv2d(xd, weights, padding=1, backend="numpy").compute()
+        ref = conv2d_float64(x, w, padding=1)
+        assert np.abs(y - ref).max() <= tolerance(ref)
+    after = process_client.run(cbd.cache_info)
+    prepared = {a: after[a]["prepared"] - before[a]["prepared"] for a in after}
+    assert all(p <= 1 for p in prepared.values()) and sum(prepared.values()) >= 1, prepared
+    # Other weights are another layer.
+    cbd.conv2d(xd, w + 1, padding=1, backend="numpy").compute()
+    again = process_client.run(cbd.cache_info)
+    assert sum(again[a]["prepared"] - after[a]["prepared"] for a in again) >= 1
+
+
+def _fleet_json(path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_fleet_bench_has_rows_for_every_worker_and_device(process_client, tmp_path, capsys):
+    path = tmp_path / "fleet.json"
+    code = main(["bench", "--layer", "name=a,c=8,hw=12,o=8,k=3,p=1", "--layer", "name=b,c=8,hw=12,o=16,k=1,s=2",
+                 "--scheduler", process_client.scheduler.address, "--backends", "numpy,opencl", "--peers", "none",
+                 "--repeats", "2", "--warmup", "1", "--in-process", "--json", str(path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    report = _fleet_json(path)
+    hosts = report["machine"]["hosts"]
+    assert len(hosts) == 2 and all(h["status"] == "ok" and h["cpu_count"] >= 1 for h in hosts.values())
+    layers = {layer["name"] for layer in report["layers"]}
+    for label in hosts:
+        for target in ("cv2dnn", "numpy:0", "opencl:0"):
+            rows = [r for r in report["results"] if r["target"] == f"{label}/{target}"]
+            assert {r["layer"] for r in rows} == layers
+            assert all(r["status"] == "ok" and r["passed"] and r["median_s"] > 0 for r in rows), rows
+            if target == "cv2dnn":
+                assert all(r["ratio_vs_cv2dnn"] == 1.0 for r in rows)
+    assert "per worker: machine facts" in out
+
+
+def test_fleet_bench_marks_a_worker_that_fails(process_client):
+    report = fleet.run(process_client, fleet.bench.suite("smoke")[:2], suite_name="smoke", devices="numpy:7",
+                       peers="none", repeats=1, warmup=0)
+    assert len(report.machine["hosts"]) == 2
+    assert all(h["status"] == "failed" and "out of range" in h["reason"] for h in report.machine["hosts"].values())
+    assert len(report.records) == 2 * 2 and all(r.status == "error" and "out of range" in r.reason
+                                                for r in report.records)
+    assert report.backend_failures()
+
+
+def test_fleet_bench_survives_a_worker_killed_mid_run(process_client):
+    """The first worker is killed once its first target's records are in: those rows stay, its others
+    fail with the reason, and the other worker's table is complete."""
+    pids = process_client.run(os.getpid)
+    killed = []
+
+    def progress(run, description):
+        if not killed and run.records and not run.finished:
+            killed.append(run.label)
+            os.kill(pids[run.address], signal.SIGKILL)
+
+    cases = fleet.bench.suite("smoke")[:2]
+    report = fleet.run(process_client, cases, suite_name="smoke", backends="numpy", peers="none", repeats=2,
+                       warmup=0, progress=progress)
+    assert len(killed) == 1, report.machine["hosts"]
+    hosts = report.machine["hosts"]
+    dead, alive = hosts[killed[0]], next(h for label, h in hosts.items() if label != killed[0])
+    assert dead["status"] == "failed" and "left the cluster" in dead["reason"]
+    assert alive["status"] == "ok"
+    by_target = {}
+    for r in report.records:
+        by_target.setdefault(r.target, []).append(r)
+    survivor = next(label for label in hosts if label != killed[0])
+    for target in ("cv2dnn", "numpy:0"):
+        rows = by_target[f"{survivor}/{target}"]
+        assert len(rows) == len(cases) and all(r.status == "ok" and r.passed for r in rows)
+    kept = by_target[f"{killed[0]}/cv2dnn"]  # its first target, sent before the kill
+    assert all(r.status == "ok" for r in kept)
+    failed = by_target[f"{killed[0]}/numpy:0"]
+    assert len(failed) == len(cases) and all(r.status == "error" and "left the cluster" in r.reason for r in failed)
