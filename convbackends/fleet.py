@@ -5,7 +5,10 @@ and peers, found on the worker), and the results come back as one report keyed b
 ids are `HOST/TARGET` (`HOST#NAME/TARGET` where a host runs several workers), `report.machine["hosts"]`
 holds each worker's machine facts, and the JSON, CSV and plot writers of `bench` take it as it is.
 
-Workers on one host take turns, so that none times the others' load; hosts run at the same time. Each
+Workers on one host take turns, so that none times the others' load; hosts run at the same time. The
+targets run without the one-thread caps dask's nanny puts on BLAS and OpenMP (`THREAD_CAPS`), as users run
+those libraries; the JSON's `machine.hosts[...].thread_caps` lists any that stayed (with --in-process on a
+worker that `dask worker` started, the worker's own libraries keep them). Each
 worker streams its progress and each target's records as they finish (`Worker.log_event`). A worker that
 leaves the cluster mid-run (it died, or was stopped) or whose run raises keeps the records it sent; every
 other row of it is marked failed with the reason, and the rest of the table is still produced.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import queue
 import socket
 import time
@@ -36,6 +40,11 @@ def _distributed():
     return distributed
 
 
+# dask's nanny starts worker processes with these at 1 (distributed.nanny.pre-spawn-environ), so that a worker's
+# task threads do not oversubscribe the cores. A benchmark times each library as users run it, on every core.
+THREAD_CAPS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
 @contextlib.contextmanager
 def connect(scheduler: str | None = None, local_workers: int | None = None, timeout_s: float = 20):
     """A Client of the scheduler at `scheduler`, or of an embedded cluster of `local_workers` worker processes
@@ -48,7 +57,8 @@ def connect(scheduler: str | None = None, local_workers: int | None = None, time
         return
     import dask
 
-    with dask.config.set({"distributed.worker.daemon": False}), \
+    environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items() if k not in THREAD_CAPS}
+    with dask.config.set({"distributed.worker.daemon": False, "distributed.nanny.pre-spawn-environ": environ}), \
             distributed.LocalCluster(n_workers=local_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                                      dashboard_address=None) as cluster, distributed.Client(cluster) as client:
         client.wait_for_workers(local_workers, timeout=timeout_s * 3)
@@ -66,6 +76,20 @@ def worker_facts() -> dict:
             "worker_name": str(worker.name), "nthreads": worker.state.nthreads, "convbackends": __version__}
 
 
+@contextlib.contextmanager
+def _without_dask_thread_caps():
+    """The processes started inside run without the thread caps dask's nanny set (a value the user set differs
+    from dask's configured one and stays); yields the caps left in force."""
+    import dask
+
+    caps = dask.config.get("distributed.nanny.pre-spawn-environ", {})
+    lifted = {k: os.environ.pop(k) for k in THREAD_CAPS if k in os.environ and os.environ[k] == str(caps.get(k))}
+    try:
+        yield {k: os.environ[k] for k in THREAD_CAPS if k in os.environ}
+    finally:
+        os.environ.update(lifted)
+
+
 def _bench_on_worker(topic: str, cases, suite_name: str, backends, devices, peers, warmup: int, repeats: int,
                      isolate: bool) -> dict:
     """Runs on a worker: the suite on each of its targets, one bench.run each, every step sent as an event."""
@@ -79,16 +103,20 @@ def _bench_on_worker(topic: str, cases, suite_name: str, backends, devices, peer
     # A daemonic worker process (dask's default for `dask worker`) may not start processes of its own.
     isolated = isolate and not multiprocessing.current_process().daemon
     facts = worker_facts()
+    # This process's libraries are loaded under the caps it started with: in process they stay.
+    capped = {k: os.environ[k] for k in THREAD_CAPS if k in os.environ}
     targets = bench.targets(backends, devices, peers)
     infos = [bench.target_info(t) for t in targets]
-    send("start", machine=facts, targets=infos, isolated=isolated)
     records, unchecked = {}, ""
-    for target in targets:
-        report = bench.run(cases, [target], suite_name=suite_name, warmup=warmup, repeats=repeats, isolate=isolated,
-                           progress=lambda case, t: send("layer", target=t.id, layer=case.name))
-        records[target.id] = [asdict(r) for r in report.records]
-        unchecked = unchecked or report.unchecked
-        send("records", target=target.id, records=records[target.id])
+    with _without_dask_thread_caps() if isolated else contextlib.nullcontext(capped) as caps:
+        facts["thread_caps"] = caps
+        send("start", machine=facts, targets=infos, isolated=isolated)
+        for target in targets:
+            report = bench.run(cases, [target], suite_name=suite_name, warmup=warmup, repeats=repeats,
+                               isolate=isolated, progress=lambda case, t: send("layer", target=t.id, layer=case.name))
+            records[target.id] = [asdict(r) for r in report.records]
+            unchecked = unchecked or report.unchecked
+            send("records", target=target.id, records=records[target.id])
     return {"machine": facts, "targets": infos, "isolated": isolated, "records": records, "unchecked": unchecked}
 
 

@@ -182,6 +182,7 @@ def test_fleet_bench_has_rows_for_every_worker_and_device(process_client, tmp_pa
     report = _fleet_json(path)
     hosts = report["machine"]["hosts"]
     assert len(hosts) == 2 and all(h["status"] == "ok" and h["cpu_count"] >= 1 for h in hosts.values())
+    assert all(h["thread_caps"] == {} for h in hosts.values())  # the embedded cluster's workers are not capped
     layers = {layer["name"] for layer in report["layers"]}
     for label in hosts:
         for target in ("cv2dnn", "numpy:0", "opencl:0"):
@@ -191,6 +192,16 @@ def test_fleet_bench_has_rows_for_every_worker_and_device(process_client, tmp_pa
             if target == "cv2dnn":
                 assert all(r["ratio_vs_cv2dnn"] == 1.0 for r in rows)
     assert "per worker: machine facts" in out
+
+
+def test_target_processes_run_without_the_thread_caps_of_dask(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what dask's nanny sets
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")  # what a user set
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": {"OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1}}), \
+            fleet._without_dask_thread_caps() as caps:
+        assert "OMP_NUM_THREADS" not in os.environ and caps == {"MKL_NUM_THREADS": "3"}
+    assert os.environ["OMP_NUM_THREADS"] == "1" and os.environ["MKL_NUM_THREADS"] == "3"
 
 
 def test_fleet_bench_marks_a_worker_that_fails(process_client):
