@@ -1,18 +1,19 @@
-"""Strong scaling of convbackends.dask.conv2d on one machine, against one in-process conv2d.
+"""Strong scaling of convbackends.dask.conv2d on one machine, and its overhead against one in-process conv2d.
 
-    python benchmarks/bench_dask_scale.py --size 8192 --chunks 1024,2048,4096 --md docs/scale-out-table.md
+    python benchmarks/bench_dask_scale.py --size 8192 --chunks 1024,2048 --workers 1x1,2x1 --overhead-size 4096
 
-The layer: x (1, 16, SIZE, SIZE) float32, a 3x3 16->16 convolution with bias, padding 1, numpy backend. The
-input is drawn lazily by dask.array's random generator, chunk by chunk on the workers (never on the client);
-each output block is reduced on its worker to one value, so the output is never gathered either.
+The layer: a 3x3 16->16 convolution with bias, padding 1, numpy backend, on x (1, 16, SIZE, SIZE) float32.
+x is drawn by dask.array's random generator on the workers and persisted there before the clock starts
+(never on the client); each output block is reduced on its worker to one value, so the output is never
+gathered. Each row is a fresh LocalCluster of WORKERS processes x THREADS on 127.0.0.1; dask's nanny caps
+BLAS at one thread per worker process, so a worker thread is one core.
 
-Per configuration (a fresh LocalCluster of worker processes x threads on 127.0.0.1, chunk size): the median of
---repeats runs of the whole graph (draw + halo exchange + conv), the median of runs of the draw alone, and
-the peak RSS of each worker process (getrusage). dask's nanny caps BLAS at one thread per worker process, so
-a worker thread is one core. The baseline is convbackends.conv2d on a whole array in a process of its own,
-once with BLAS on every core and once capped at one thread, input drawn before the clock starts; it holds
-input, output and the backend's buffers at once (over 10 GiB at 8192x8192), so --baseline-size may be
-smaller than --size: the comparison is then by GFLOP/s.
+Scaling rows: the median of --repeats runs of the chunked graph, after one warm-up run; the peak RSS of
+each worker process (getrusage), which includes the persisted input (SIZE^2 x 64 bytes over the workers).
+
+Overhead rows (--overhead-size, one worker, one thread): the same graph against convbackends.conv2d on the
+whole array drawn in the same worker process, in the same BLAS set-up, runs alternating (whole, chunked,
+whole, ...) so that the machine's load falls on both alike.
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 
@@ -42,6 +42,12 @@ def _weights():
     return w, rng.uniform(-1, 1, CHANNELS).astype(np.float32)
 
 
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def _corner(block):
     """One value per block: the block was computed, nothing big comes back."""
     return block[:1, :1, :1, :1].copy()
@@ -51,123 +57,131 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _draw(size: int, chunk: int):
-    import dask.array as da
-
-    return da.random.default_rng(0).random((1, CHANNELS, size, size), chunks=(1, CHANNELS, chunk, chunk),
-                                           dtype=np.float32)
-
-
-def _reduced(y):
-    return y.map_blocks(_corner, chunks=tuple((1,) * len(c) for c in y.chunks), dtype=y.dtype)
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def cluster_run(size: int, chunk: int, workers: int, threads: int, repeats: int) -> dict:
-    from distributed import Client, LocalCluster
-
-    import convbackends.dask as cbd
-
-    w, b = _weights()
-    with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, host="127.0.0.1",
-                      dashboard_address=None) as cluster, Client(cluster) as client:
-        client.run(lambda: __import__("convbackends.dask"))  # imports out of the clock
-        x = _draw(size, chunk)
-        graph = _reduced(cbd.conv2d(x, w, b, padding=1, backend="numpy"))
-        draw = _reduced(x)
-        _timed(lambda: _reduced(cbd.conv2d(x[:, :, :chunk, :chunk], w, b, padding=1, backend="numpy")).compute())
-        totals = [_timed(graph.compute) for _ in range(repeats)]
-        draws = [_timed(draw.compute) for _ in range(repeats)]
-        rss = client.run(_peak_rss_mib)
-        tasks = len(graph.__dask_graph__())
-    total, drawn = statistics.median(totals), statistics.median(draws)
-    return {"kind": "dask", "size": size, "workers": workers, "threads": threads, "chunk": chunk, "total_s": total,
-            "draw_s": drawn, "conv_s": total - drawn, "runs_s": totals, "draw_runs_s": draws,
-            "peak_rss_mib": max(rss.values()), "tasks": tasks, "gflops": _flops(size) / total / 1e9}
-
-
-def _in_process(size: int, repeats: int) -> None:
-    """Child: conv2d on the whole array, median of `repeats` after one warm-up; prints JSON."""
+def _whole_conv_s(size: int) -> float:
+    """On a worker: convbackends.conv2d on a whole array drawn here, timed after a warm-up on a corner."""
     import convbackends as cb
 
     w, b = _weights()
     x = np.random.default_rng(0).random((1, CHANNELS, size, size), dtype=np.float32)
-    cb.conv2d(x[:, :, :1024, :1024], w, b, padding=1, backend="numpy")
-    runs = [_timed(lambda: cb.conv2d(x, w, b, padding=1, backend="numpy")) for _ in range(repeats)]
-    print(json.dumps({"runs_s": runs, "peak_rss_mib": _peak_rss_mib()}))
+    cb.conv2d(x[:, :, :256, :256], w, b, padding=1, backend="numpy")
+    seconds = _timed(lambda: cb.conv2d(x, w, b, padding=1, backend="numpy"))
+    del x
+    return seconds
 
 
-def in_process_run(size: int, repeats: int, blas_threads: int | None) -> dict:
-    env = dict(os.environ)
-    for key in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        env.pop(key, None)
-        if blas_threads:
-            env[key] = str(blas_threads)
-    out = subprocess.run([sys.executable, __file__, "--child", str(size), str(repeats)], env=env, check=True,
-                         capture_output=True, text=True).stdout
-    result = json.loads(out.strip().splitlines()[-1])
-    median = statistics.median(result["runs_s"])
-    return {"kind": "in-process", "size": size, "blas_threads": blas_threads or os.cpu_count(), "total_s": median,
-            "conv_s": median, "runs_s": result["runs_s"], "peak_rss_mib": result["peak_rss_mib"],
-            "gflops": _flops(size) / median / 1e9}
+class Cluster:
+    """A fresh LocalCluster with x persisted on it and the chunked graph built."""
+
+    def __init__(self, size: int, chunk: int, workers: int, threads: int):
+        import dask.array as da
+        from distributed import Client, LocalCluster, wait
+
+        import convbackends.dask as cbd
+        from convbackends.fleet import LOCALHOST
+
+        self.cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, **LOCALHOST)
+        self.client = Client(self.cluster)
+        self.client.run(lambda: __import__("convbackends.dask"))  # imports out of the clock
+        w, b = _weights()
+        x = da.random.default_rng(0).random((1, CHANNELS, size, size), chunks=(1, CHANNELS, chunk, chunk),
+                                            dtype=np.float32).persist()
+        wait(x)
+        y = cbd.conv2d(x, w, b, padding=1, backend="numpy")
+        self.graph = y.map_blocks(_corner, chunks=tuple((1,) * len(c) for c in y.chunks), dtype=y.dtype)
+        self.tasks = len(self.graph.__dask_graph__())
+        self.run()  # warm-up: every worker prepares its layer
+
+    def run(self) -> float:
+        return _timed(self.graph.compute)
+
+    def peak_rss_mib(self) -> float:
+        return max(self.client.run(_peak_rss_mib).values())
+
+    def close(self) -> None:
+        self.client.close()
+        self.cluster.close()
+
+
+def scaling_row(size: int, chunk: int, workers: int, threads: int, repeats: int) -> dict:
+    cluster = Cluster(size, chunk, workers, threads)
+    try:
+        runs = [cluster.run() for _ in range(repeats)]
+        rss, tasks = cluster.peak_rss_mib(), cluster.tasks
+    finally:
+        cluster.close()
+    median = statistics.median(runs)
+    return {"kind": "scaling", "size": size, "workers": workers, "threads": threads, "chunk": chunk, "tasks": tasks,
+            "median_s": median, "runs_s": runs, "gflops": _flops(size) / median / 1e9, "peak_rss_mib": rss}
+
+
+def overhead_row(size: int, chunk: int, repeats: int) -> dict:
+    cluster = Cluster(size, chunk, 1, 1)
+    try:
+        cluster.client.submit(_whole_conv_s, size, pure=False).result()  # its warm-up
+        whole, chunked = [], []
+        for _ in range(repeats):
+            whole.append(cluster.client.submit(_whole_conv_s, size, pure=False).result())
+            chunked.append(cluster.run())
+        rss, tasks = cluster.peak_rss_mib(), cluster.tasks
+    finally:
+        cluster.close()
+    w, c = statistics.median(whole), statistics.median(chunked)
+    return {"kind": "overhead", "size": size, "chunk": chunk, "tasks": tasks, "whole_s": w, "chunked_s": c,
+            "whole_runs_s": whole, "chunked_runs_s": chunked, "ratio": c / w, "peak_rss_mib": rss}
 
 
 def markdown(rows: list[dict]) -> str:
-    """One row per run; "x in-process" is the conv's time over the in-process conv2d's on as many cores, at the
-    same GFLOP/s (the baseline may be smaller)."""
-    base = {r["blas_threads"]: r["gflops"] for r in rows if r["kind"] == "in-process"}
-    lines = ["| run | x | workers x threads | chunk | tasks | total s | draw s | conv s | GFLOP/s (conv) "
-             "| x in-process | peak RSS per process MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        shape = f"1x{CHANNELS}x{r['size']}x{r['size']}"
-        if r["kind"] == "in-process":
-            lines.append(f"| in-process conv2d, BLAS on {r['blas_threads']} core(s) | {shape} | - | whole | 1 "
-                         f"| {r['total_s']:.2f} | (before) | {r['conv_s']:.2f} | {r['gflops']:.1f} | 1.00 "
-                         f"| {r['peak_rss_mib']:.0f} |")
-            continue
-        conv_gflops = _flops(r["size"]) / r["conv_s"] / 1e9
-        same_cores = base.get(min(os.cpu_count(), r["workers"] * r["threads"]))
-        ratio = f"{same_cores / conv_gflops:.2f}" if same_cores else "-"
-        lines.append(f"| dask | {shape} | {r['workers']} x {r['threads']} | {r['chunk']} | {r['tasks']} "
-                     f"| {r['total_s']:.2f} | {r['draw_s']:.2f} | {r['conv_s']:.2f} | {conv_gflops:.1f} | {ratio} "
-                     f"| {r['peak_rss_mib']:.0f} |")
+    scaling = [r for r in rows if r["kind"] == "scaling"]
+    overhead = [r for r in rows if r["kind"] == "overhead"]
+    lines = []
+    if scaling:
+        single = {r["chunk"]: r["median_s"] for r in scaling if r["workers"] * r["threads"] == 1}
+        lines += ["| x | workers x threads | chunk | tasks | median s | runs s | GFLOP/s | speed-up over 1 x 1 "
+                  "| peak RSS per worker MiB |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in scaling:
+            speedup = f"{single[r['chunk']] / r['median_s']:.2f}" if r["chunk"] in single else "-"
+            lines.append(f"| 1x{CHANNELS}x{r['size']}x{r['size']} | {r['workers']} x {r['threads']} | {r['chunk']} "
+                         f"| {r['tasks']} | {r['median_s']:.1f} | {', '.join(f'{s:.1f}' for s in r['runs_s'])} "
+                         f"| {r['gflops']:.1f} | {speedup} | {r['peak_rss_mib']:.0f} |")
+    if overhead:
+        lines += ["", "| x | chunk | tasks | whole-array conv2d s | chunked s | chunked / whole "
+                      "| runs s (whole; chunked) | peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
+        for r in overhead:
+            runs = f"{', '.join(f'{s:.1f}' for s in r['whole_runs_s'])}; " \
+                   f"{', '.join(f'{s:.1f}' for s in r['chunked_runs_s'])}"
+            lines.append(f"| 1x{CHANNELS}x{r['size']}x{r['size']} | {r['chunk']} | {r['tasks']} | {r['whole_s']:.1f} "
+                         f"| {r['chunked_s']:.1f} | {r['ratio']:.2f} | {runs} | {r['peak_rss_mib']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
-    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _in_process(int(sys.argv[2]), int(sys.argv[3]))
-        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=8192)
     parser.add_argument("--chunks", default="1024,2048,4096")
-    parser.add_argument("--workers", default="1x1,2x1,1x2", help="WORKERSxTHREADS configurations")
+    parser.add_argument("--workers", default="1x1,2x1", help="WORKERSxTHREADS configurations (1x1,2x1)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--baseline-size", type=int, help="the in-process baseline's H = W (default: --size)")
+    parser.add_argument("--overhead-size", type=int, default=4096, help="H = W of the overhead rows (0: none)")
+    parser.add_argument("--overhead-chunks", default="1024,2048")
     parser.add_argument("--json", help="write every row here")
-    parser.add_argument("--md", help="write the table as markdown here")
+    parser.add_argument("--md", help="write the tables as markdown here")
     args = parser.parse_args(argv)
     rows = []
-    for threads in (None, 1):
-        rows.append(in_process_run(args.baseline_size or args.size, args.repeats, threads))
+    for chunk in (int(c) for c in args.overhead_chunks.split(",")) if args.overhead_size else ():
+        rows.append(overhead_row(args.overhead_size, chunk, args.repeats))
         print(rows[-1], flush=True)
-    for config in args.workers.split(","):
+    for config in args.workers.split(",") if args.size else ():
         workers, threads = (int(v) for v in config.split("x"))
         for chunk in (int(c) for c in args.chunks.split(",")):
-            rows.append(cluster_run(args.size, chunk, workers, threads, args.repeats))
-            print({k: v for k, v in rows[-1].items() if not k.endswith("runs_s")}, flush=True)
-    table = markdown(rows)
-    stamp = f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, " \
-            f"{os.cpu_count()} cores, load average at the end {os.getloadavg()[0]:.1f} (a shared machine)."
-    print(table + "\n" + stamp)
+            rows.append(scaling_row(args.size, chunk, workers, threads, args.repeats))
+            print(rows[-1], flush=True)
+    stamp = (f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average over the last "
+             f"15 minutes {os.getloadavg()[2]:.1f} (a shared machine).")
+    text = markdown(rows) + "\n" + stamp + "\n"
+    print(text)
     if args.md:
         with open(args.md, "w") as f:
-            f.write(table + "\n" + stamp + "\n")
+            f.write(text)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -44,6 +44,10 @@ def _distributed():
 # task threads do not oversubscribe the cores. A benchmark times each library as users run it, on every core.
 THREAD_CAPS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
+# Scheduler, workers and their HTTP servers (dask starts those even without a dashboard, on every interface
+# unless told otherwise) on the loopback interface only, on free ports.
+LOCALHOST = {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0", "worker_dashboard_address": "127.0.0.1:0"}
+
 
 @contextlib.contextmanager
 def connect(scheduler: str | None = None, local_workers: int | None = None, timeout_s: float = 20):
@@ -59,8 +63,8 @@ def connect(scheduler: str | None = None, local_workers: int | None = None, time
 
     environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items() if k not in THREAD_CAPS}
     with dask.config.set({"distributed.worker.daemon": False, "distributed.nanny.pre-spawn-environ": environ}), \
-            distributed.LocalCluster(n_workers=local_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                     dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+            distributed.LocalCluster(n_workers=local_workers, threads_per_worker=1, processes=True, **LOCALHOST) \
+            as cluster, distributed.Client(cluster) as client:
         client.wait_for_workers(local_workers, timeout=timeout_s * 3)
         yield client
 

@@ -74,8 +74,9 @@ def _require_opencl():
 
 @pytest.fixture(scope="module")
 def threads_client():
-    """Two workers as threads of this process (no sockets at all)."""
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+    """Two workers as threads of this process (talking in-process; their HTTP servers on 127.0.0.1)."""
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                  dashboard_address="127.0.0.1:0", worker_dashboard_address="127.0.0.1:0") as cluster, \
             distributed.Client(cluster) as client:
         yield client
 
@@ -97,6 +98,8 @@ def _conv2d_case(case_id, backend):
     assert y.shape == ref.shape
     out = y.compute()
     assert out.dtype == np.float32 and np.abs(out - ref).max() <= tolerance(ref)
+    whole = convbackends.conv2d(x, w, b, backend=backend, **kwargs)  # the same backend on the whole array
+    assert np.abs(out - whole).max() <= tolerance(ref)
     return y
 
 
@@ -125,6 +128,7 @@ def test_conv_transpose2d_equals_the_whole_array(threads_client, case_id, backen
     assert y.shape == ref.shape
     out = y.compute()
     assert np.abs(out - ref).max() <= tolerance(ref)
+    assert np.abs(out - convbackends.conv_transpose2d(x, w, b, backend=backend, **kwargs)).max() <= tolerance(ref)
 
 
 def test_strided_chunks_move_onto_the_stride_grid():
@@ -173,6 +177,8 @@ def _fleet_json(path) -> dict:
 
 
 def test_fleet_bench_has_rows_for_every_worker_and_device(process_client, tmp_path, capsys):
+    assert all(a.startswith("tcp://127.0.0.1:") for a in [process_client.scheduler.address,
+                                                           *process_client.scheduler_info()["workers"]])
     path = tmp_path / "fleet.json"
     code = main(["bench", "--layer", "name=a,c=8,hw=12,o=8,k=3,p=1", "--layer", "name=b,c=8,hw=12,o=16,k=1,s=2",
                  "--scheduler", process_client.scheduler.address, "--backends", "numpy,opencl", "--peers", "none",
