@@ -1,15 +1,18 @@
 """Strong scaling of convbackends.dask.conv2d on one machine, and its overhead against one in-process conv2d.
 
     python benchmarks/bench_dask_scale.py --size 8192 --chunks 1024,2048 --workers 1x1,2x1 --overhead-size 4096
+    python benchmarks/bench_dask_scale.py --size 8192 --chunks 1024,2048 --workers 1x1,2x1 --overhead-size 0 --input drawn
 
 The layer: a 3x3 16->16 convolution with bias, padding 1, numpy backend, on x (1, 16, SIZE, SIZE) float32.
-x is drawn by dask.array's random generator on the workers and persisted there before the clock starts
-(never on the client); each output block is reduced on its worker to one value, so the output is never
-gathered. Each row is a fresh LocalCluster of WORKERS processes x THREADS on 127.0.0.1; dask's nanny caps
-BLAS at one thread per worker process, so a worker thread is one core.
+x is drawn by dask.array's random generator on the workers, never on the client: with --input persisted
+(the default) once, before the clock starts, and kept in the workers' memory; with --input drawn inside
+every run, chunk by chunk as the convolution needs it (the draw alone is timed apart, and subtracted). Each
+output block is reduced on its worker to one value, so the output is never gathered. Each row is a fresh
+LocalCluster of WORKERS processes x THREADS on 127.0.0.1; dask's nanny caps BLAS at one thread per worker
+process, so a worker thread is one core.
 
 Scaling rows: the median of --repeats runs of the chunked graph, after one warm-up run; the peak RSS of
-each worker process (getrusage), which includes the persisted input (SIZE^2 x 64 bytes over the workers).
+each worker process (getrusage), which includes a persisted input (SIZE^2 x 64 bytes over the workers).
 
 Overhead rows (--overhead-size, one worker, one thread): the same graph against convbackends.conv2d on the
 whole array drawn in the same worker process, in the same BLAS set-up, runs alternating (whole, chunked,
@@ -53,6 +56,10 @@ def _corner(block):
     return block[:1, :1, :1, :1].copy()
 
 
+def _reduced(y):
+    return y.map_blocks(_corner, chunks=tuple((1,) * len(c) for c in y.chunks), dtype=y.dtype)
+
+
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -72,7 +79,7 @@ def _whole_conv_s(size: int) -> float:
 class Cluster:
     """A fresh LocalCluster with x persisted on it and the chunked graph built."""
 
-    def __init__(self, size: int, chunk: int, workers: int, threads: int):
+    def __init__(self, size: int, chunk: int, workers: int, threads: int, persisted: bool = True):
         import dask.array as da
         from distributed import Client, LocalCluster, wait
 
@@ -84,15 +91,17 @@ class Cluster:
         self.client.run(lambda: __import__("convbackends.dask"))  # imports out of the clock
         w, b = _weights()
         x = da.random.default_rng(0).random((1, CHANNELS, size, size), chunks=(1, CHANNELS, chunk, chunk),
-                                            dtype=np.float32).persist()
-        wait(x)
-        y = cbd.conv2d(x, w, b, padding=1, backend="numpy")
-        self.graph = y.map_blocks(_corner, chunks=tuple((1,) * len(c) for c in y.chunks), dtype=y.dtype)
+                                            dtype=np.float32)
+        if persisted:
+            x = x.persist()
+            wait(x)
+        self.graph = _reduced(cbd.conv2d(x, w, b, padding=1, backend="numpy"))
+        self.draw = _reduced(x)
         self.tasks = len(self.graph.__dask_graph__())
         self.run()  # warm-up: every worker prepares its layer
 
-    def run(self) -> float:
-        return _timed(self.graph.compute)
+    def run(self, graph=None) -> float:
+        return _timed((self.graph if graph is None else graph).compute)
 
     def peak_rss_mib(self) -> float:
         return max(self.client.run(_peak_rss_mib).values())
@@ -102,16 +111,18 @@ class Cluster:
         self.cluster.close()
 
 
-def scaling_row(size: int, chunk: int, workers: int, threads: int, repeats: int) -> dict:
-    cluster = Cluster(size, chunk, workers, threads)
+def scaling_row(size: int, chunk: int, workers: int, threads: int, repeats: int, persisted: bool) -> dict:
+    cluster = Cluster(size, chunk, workers, threads, persisted)
     try:
         runs = [cluster.run() for _ in range(repeats)]
+        draws = [] if persisted else [cluster.run(cluster.draw) for _ in range(repeats)]
         rss, tasks = cluster.peak_rss_mib(), cluster.tasks
     finally:
         cluster.close()
-    median = statistics.median(runs)
+    median = statistics.median(runs) - (statistics.median(draws) if draws else 0)
     return {"kind": "scaling", "size": size, "workers": workers, "threads": threads, "chunk": chunk, "tasks": tasks,
-            "median_s": median, "runs_s": runs, "gflops": _flops(size) / median / 1e9, "peak_rss_mib": rss}
+            "input": "persisted" if persisted else "drawn", "median_s": median, "runs_s": runs, "draw_runs_s": draws,
+            "gflops": _flops(size) / median / 1e9, "peak_rss_mib": rss}
 
 
 def overhead_row(size: int, chunk: int, repeats: int) -> dict:
@@ -136,13 +147,16 @@ def markdown(rows: list[dict]) -> str:
     lines = []
     if scaling:
         single = {r["chunk"]: r["median_s"] for r in scaling if r["workers"] * r["threads"] == 1}
-        lines += ["| x | workers x threads | chunk | tasks | median s | runs s | GFLOP/s | speed-up over 1 x 1 "
-                  "| peak RSS per worker MiB |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| x | input | workers x threads | chunk | tasks | conv s (median) | runs s (; draw alone) | GFLOP/s "
+                  "| speed-up over 1 x 1 | peak RSS per worker MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in scaling:
             speedup = f"{single[r['chunk']] / r['median_s']:.2f}" if r["chunk"] in single else "-"
-            lines.append(f"| 1x{CHANNELS}x{r['size']}x{r['size']} | {r['workers']} x {r['threads']} | {r['chunk']} "
-                         f"| {r['tasks']} | {r['median_s']:.1f} | {', '.join(f'{s:.1f}' for s in r['runs_s'])} "
-                         f"| {r['gflops']:.1f} | {speedup} | {r['peak_rss_mib']:.0f} |")
+            runs = ", ".join(f"{s:.1f}" for s in r["runs_s"])
+            if r["draw_runs_s"]:
+                runs += "; " + ", ".join(f"{s:.1f}" for s in r["draw_runs_s"])
+            lines.append(f"| 1x{CHANNELS}x{r['size']}x{r['size']} | {r['input']} | {r['workers']} x {r['threads']} "
+                         f"| {r['chunk']} | {r['tasks']} | {r['median_s']:.1f} | {runs} | {r['gflops']:.1f} | {speedup} "
+                         f"| {r['peak_rss_mib']:.0f} |")
     if overhead:
         lines += ["", "| x | chunk | tasks | whole-array conv2d s | chunked s | chunked / whole "
                       "| runs s (whole; chunked) | peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
@@ -160,6 +174,8 @@ def main(argv=None) -> int:
     parser.add_argument("--chunks", default="1024,2048,4096")
     parser.add_argument("--workers", default="1x1,2x1", help="WORKERSxTHREADS configurations (1x1,2x1)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--input", choices=("persisted", "drawn"), default="persisted",
+                        help="x kept in the workers' memory, or drawn inside every run (persisted)")
     parser.add_argument("--overhead-size", type=int, default=4096, help="H = W of the overhead rows (0: none)")
     parser.add_argument("--overhead-chunks", default="1024,2048")
     parser.add_argument("--json", help="write every row here")
@@ -172,7 +188,7 @@ def main(argv=None) -> int:
     for config in args.workers.split(",") if args.size else ():
         workers, threads = (int(v) for v in config.split("x"))
         for chunk in (int(c) for c in args.chunks.split(",")):
-            rows.append(scaling_row(args.size, chunk, workers, threads, args.repeats))
+            rows.append(scaling_row(args.size, chunk, workers, threads, args.repeats, args.input == "persisted"))
             print(rows[-1], flush=True)
     stamp = (f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average over the last "
