@@ -27,10 +27,11 @@ def markdown(report: bench.Report) -> str:
     packages = ", ".join(f"{name} {version}" for name, version in m["packages"].items())
     devices = "; ".join(f"{t['id']}: {t['device']}" for t in report.targets if t["available"])
     parts = [
-        f"# conv2d benchmark: suite `{report.suite}`",
+        f"# {bench.ops_title(report)} benchmark: suite `{report.suite}`",
         "",
         f"- date: {report.date}",
         f"- machine: {m['cpu']}, {m['cpu_count']} cores, {m['memory_gib']} GiB, {m['platform']}, Python {m['python']}",
+        f"- load average at the start (1, 5, 15 min): {', '.join(map(str, m.get('load_average') or ['unknown']))}",
         f"- packages: {packages}",
         f"- targets: {devices}",
         f"- method: per layer and target, one cold call (construction, program/pipeline build and first run), "
@@ -51,9 +52,10 @@ def markdown(report: bench.Report) -> str:
     return "\n".join(parts) + "\n"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--suite", choices=list(bench.SUITE_BUILDERS), default="standard")
+def main(argv=None, suite: str = "standard", description: str = __doc__) -> int:
+    """The script's command line; benchmarks/bench_conv_transpose2d.py runs it with its own default suite."""
+    parser = argparse.ArgumentParser(description=description.split("\n\n")[0])
+    parser.add_argument("--suite", choices=list(bench.SUITE_BUILDERS), default=suite)
     parser.add_argument("--md", metavar="FILE", help="write the markdown here instead of stdout")
     add_run_options(parser)
     args = parser.parse_args(argv)

@@ -22,9 +22,9 @@ import numpy as np
 from . import __version__
 from .backends import unsupported
 from .runtime import available_backends, check_name, get_backend
-from .ops.conv2d import Conv2d
+from .ops.conv_transpose2d import ConvTranspose2dSpec
 from .parity import Case, compare, reference_output
-from .spec import Conv2dGeometry, Conv2dSpec
+from .spec import Conv2dSpec
 
 SCHEMA_VERSION = 1
 BASELINE = "cv2dnn"
@@ -33,8 +33,12 @@ LAYER_SPEC_HELP = """\
 A layer is comma-separated key=value pairs:
   c=IN o=OUT k=K hw=H[xW] (or h=H,w=W)   required
   n=BATCH s=STRIDE p=PAD d=DILATION g=GROUPS name=TEXT   optional (1, 1, 0, 1, 1)
-k, s and d take N or HxW; p takes N, PHxPW or TOPxLEFTxBOTTOMxRIGHT.
+  op=conv2d|conv_transpose2d   the op (conv2d); a transposed layer also takes opad=OUTPUT_PADDING (0)
+k, s, d and opad take N or HxW; p takes N, PHxPW or TOPxLEFTxBOTTOMxRIGHT.
 Example: name=my3x3,c=64,hw=56,o=64,k=3,p=1"""
+
+# Each op's spec class: its `create(w, **case.kwargs)` validates a case, its geometry gives shapes and flops.
+OP_SPECS = {"conv2d": Conv2dSpec, "conv_transpose2d": ConvTranspose2dSpec}
 
 
 class LayerSpecError(ValueError):
@@ -63,7 +67,7 @@ def parse_layer(text: str, seed: int = 0) -> Case:
 
 
 def _parse_layer(text: str, seed: int) -> Case:
-    allowed = ("name", "n", "c", "h", "w", "hw", "o", "k", "s", "p", "d", "g")
+    allowed = ("name", "op", "n", "c", "h", "w", "hw", "o", "k", "s", "p", "d", "g", "opad")
     fields_ = {}
     for item in text.split(","):
         key, sep, value = item.partition("=")
@@ -86,6 +90,11 @@ def _parse_layer(text: str, seed: int) -> Case:
             raise LayerSpecError(f"missing {key}=")
     if h is None or w is None:
         raise LayerSpecError("missing hw= (or h= and w=)")
+    op = fields_.get("op", "conv2d")
+    if op not in OP_SPECS:
+        raise LayerSpecError(f"op must be one of {', '.join(OP_SPECS)}, got {op!r}")
+    if "opad" in fields_ and op != "conv_transpose2d":
+        raise LayerSpecError("opad= (output_padding) is for op=conv_transpose2d only")
     n, c, o, g = (_ints(k, fields_.get(k, "1"), (1,))[0] for k in ("n", "c", "o", "g"))
     kh, kw = _pair("k", fields_["k"])
     stride, dilation = (_pair(k, fields_.get(k, "1")) for k in ("s", "d"))
@@ -94,9 +103,16 @@ def _parse_layer(text: str, seed: int) -> Case:
     kwargs = {"stride": stride, "padding": pads, "dilation": dilation, "groups": g}
     if g < 1 or c % g:
         raise LayerSpecError(f"g={g} must be >= 1 and divide c={c}")
+    if op == "conv_transpose2d":
+        if o % g:
+            raise LayerSpecError(f"g={g} must divide o={o}")
+        kwargs["output_padding"] = _pair("opad", fields_.get("opad", "0"))
+        w_shape = (c, o // g, kh, kw)  # ConvTranspose's (in, out/groups, kh, kw)
+    else:
+        w_shape = (o, c // g, kh, kw)
     # The default name is the spec itself, compacted: "c=64,hw=56,o=64,k=3" -> "c64-hw56-o64-k3".
     name = fields_.pop("name", None) or "-".join(f"{k}{v}" for k, v in fields_.items())
-    case = Case(name, (n, c, h, w), (o, c // g, kh, kw), True, kwargs, seed)
+    case = Case(name, (n, c, h, w), w_shape, True, kwargs, seed, op)
     try:
         geometry(case)
     except (TypeError, ValueError) as exc:
@@ -107,16 +123,20 @@ def _parse_layer(text: str, seed: int) -> Case:
 def format_layer(case: Case) -> str:
     """The compact spec of a case: parse_layer(format_layer(case)) gives the same layer."""
     g = geometry(case)
-    return (f"name={case.name},n={g.n},c={g.c},hw={g.h}x{g.w},o={g.o},k={g.kh}x{g.kw},s={g.sh}x{g.sw},"
+    text = (f"name={case.name},n={g.n},c={g.c},hw={g.h}x{g.w},o={g.o},k={g.kh}x{g.kw},s={g.sh}x{g.sw},"
             f"p={g.pt}x{g.pl}x{g.pb}x{g.pr},d={g.dh}x{g.dw},g={g.groups}")
+    if case.op == "conv_transpose2d":
+        text += f",op={case.op},opad={g.oph}x{g.opw}"
+    return text
 
 
-def spec(case: Case) -> Conv2dSpec:
-    """The layer's spec, without drawing its tensors."""
-    return Conv2dSpec.create(np.empty(case.w_shape, np.float32), **case.kwargs)
+def spec(case: Case):
+    """The layer's spec (Conv2dSpec, ConvTranspose2dSpec: the case's op), without drawing its tensors."""
+    return OP_SPECS[case.op].create(np.empty(case.w_shape, np.float32), **case.kwargs)
 
 
-def geometry(case: Case) -> Conv2dGeometry:
+def geometry(case: Case):
+    """The layer's resolved geometry: shapes, pads, flops."""
     return spec(case).geometry(case.x_shape)
 
 
@@ -198,8 +218,21 @@ def _smoke() -> list[Case]:
     )
 
 
+def _conv_transpose2d() -> list[Case]:
+    """Issue 10's transposed layers: DCGAN generator, U-Net up-convolution, FCN depthwise upsampling, a 3x3 s2
+    with output_padding."""
+    t = "op=conv_transpose2d"
+    return _suite(
+        f"name=dcgan-4x4s2-8-512-256,{t},c=512,hw=8,o=256,k=4,s=2,p=1",
+        f"name=dcgan-4x4s2-16-256-128-n4,{t},n=4,c=256,hw=16,o=128,k=4,s=2,p=1",
+        f"name=unet-2x2s2-64-256-128,{t},c=256,hw=64,o=128,k=2,s=2",
+        f"name=fcn-dw4x4s2-64-21,{t},c=21,hw=64,o=21,k=4,s=2,p=1,g=21",
+        f"name=3x3s2-opad1-32-128-64,{t},c=128,hw=32,o=64,k=3,s=2,p=1,opad=1",
+    )
+
+
 SUITE_BUILDERS = {"smoke": _smoke, "standard": _standard, "vgg16": _vgg16, "resnet50": _resnet50,
-                  "mobilenetv2": _mobilenetv2}
+                  "mobilenetv2": _mobilenetv2, "conv_transpose2d": _conv_transpose2d}
 
 
 def suite(name: str) -> list[Case]:
@@ -234,16 +267,31 @@ def _onnx_attributes(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _conv_case(node, shapes: dict[str, list], name: str, seed: int) -> Case:
-    """An ONNX Conv node as a conv2d layer; a symbolic batch size is taken as 1."""
+def _input_shapes(node, shapes: dict[str, list], op: str) -> tuple[list, list]:
+    """The fixed shapes of a convolution node's input and weight; a symbolic batch size is taken as 1."""
     x, w = (shapes.get(node.input[i]) for i in (0, 1))
     if x is None or w is None:
         raise UnsupportedNode("shape inference gave no shape for its input or weight")
     if len(x) != 4:
-        raise UnsupportedNode(f"a {len(x) - 2}-D convolution (conv2d takes 2-D)")
+        raise UnsupportedNode(f"a {len(x) - 2}-D convolution ({op} takes 2-D)")
     x = [x[0] or 1, *x[1:]]
     if None in x or None in w:
         raise UnsupportedNode(f"input {x} or weight {w} has a size that is not fixed")
+    return x, w
+
+
+def _checked(case: Case, attrs: dict, w: list) -> None:
+    try:
+        g = geometry(case)
+    except (TypeError, ValueError) as exc:
+        raise UnsupportedNode(str(exc)) from None
+    if "kernel_shape" in attrs and tuple(attrs["kernel_shape"]) != (g.kh, g.kw):
+        raise UnsupportedNode(f"kernel_shape {attrs['kernel_shape']} differs from the weight's {w}")
+
+
+def _conv_case(node, shapes: dict[str, list], name: str, seed: int) -> Case:
+    """An ONNX Conv node as a conv2d layer; a symbolic batch size is taken as 1."""
+    x, w = _input_shapes(node, shapes, "conv2d")
     attrs = _onnx_attributes(node)
     auto_pad = attrs.get("auto_pad", b"NOTSET").decode()
     kwargs = {"stride": tuple(attrs.get("strides", (1, 1))), "dilation": tuple(attrs.get("dilations", (1, 1))),
@@ -252,22 +300,54 @@ def _conv_case(node, shapes: dict[str, list], name: str, seed: int) -> Case:
                "SAME_LOWER": "same"}.get(auto_pad)
     if padding is None:
         raise UnsupportedNode(f"auto_pad {auto_pad!r}")
-    case = Case(name, tuple(x), tuple(w), len(node.input) > 2 and node.input[2] != "", {**kwargs, "padding": padding},
-                seed)
-    try:
-        g = geometry(case)
-        if "kernel_shape" in attrs and tuple(attrs["kernel_shape"]) != (g.kh, g.kw):
-            raise UnsupportedNode(f"kernel_shape {attrs['kernel_shape']} differs from the weight's {w}")
-    except (TypeError, ValueError) as exc:
-        raise UnsupportedNode(str(exc)) from None
+    case = Case(name, tuple(x), tuple(w), _has_bias(node), {**kwargs, "padding": padding}, seed)
+    _checked(case, attrs, w)
     if auto_pad == "SAME_LOWER":  # the SAME_UPPER pads with the odd one at the start instead of the end
+        g = geometry(case)
         case = Case(name, case.x_shape, case.w_shape, case.bias, {**kwargs, "padding": (g.pb, g.pr, g.pt, g.pl)}, seed)
     return case
 
 
-# ONNX op type -> layer builder. ConvTranspose and DeformConv get theirs as those ops land.
-ONNX_LAYER_BUILDERS = {"Conv": _conv_case}
-AWAITING_BUILDERS = ("ConvTranspose", "DeformConv")  # listed as skipped meanwhile
+def _has_bias(node) -> bool:
+    return len(node.input) > 2 and node.input[2] != ""
+
+
+def _conv_transpose_case(node, shapes: dict[str, list], name: str, seed: int) -> Case:
+    """An ONNX ConvTranspose node as a conv_transpose2d layer, pads made explicit as the operator defines
+    them: `pads` (none for VALID), unless `output_shape` or SAME_UPPER/SAME_LOWER (output = input * stride)
+    ask for an output size, whose padding goes with the odd row/column at the end for SAME_UPPER, at the
+    start otherwise."""
+    x, w = _input_shapes(node, shapes, "conv_transpose2d")
+    attrs = _onnx_attributes(node)
+    strides, dilations = list(attrs.get("strides", (1, 1))), list(attrs.get("dilations", (1, 1)))
+    output_padding = list(attrs.get("output_padding", (0, 0)))
+    auto_pad = attrs.get("auto_pad", b"NOTSET").decode()
+    if auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
+        raise UnsupportedNode(f"auto_pad {auto_pad!r}")
+    out = attrs.get("output_shape")
+    if out is not None:
+        out = list(out)[-2:]
+    full = [s * (n - 1) + op + d * (k - 1) + 1
+            for s, n, op, d, k in zip(strides, x[2:], output_padding, dilations, w[2:])]
+    if out is None and auto_pad in ("NOTSET", "VALID"):
+        pads = list(attrs.get("pads", (0, 0, 0, 0))) if auto_pad == "NOTSET" else [0, 0, 0, 0]
+    else:
+        totals = [f - want for f, want in zip(full, out or [n * s for n, s in zip(x[2:], strides)])]
+        if min(totals) < 0:
+            raise UnsupportedNode(f"output size {out or 'input * stride'} is larger than the layer reaches unpadded")
+        odd_at_end = auto_pad == "SAME_UPPER"
+        begin = [t // 2 if odd_at_end else t - t // 2 for t in totals]
+        pads = begin + [t - b for t, b in zip(totals, begin)]
+    kwargs = {"stride": tuple(strides), "dilation": tuple(dilations), "groups": attrs.get("group", 1),
+              "padding": tuple(pads), "output_padding": tuple(output_padding)}
+    case = Case(name, tuple(x), tuple(w), _has_bias(node), kwargs, seed, "conv_transpose2d")
+    _checked(case, attrs, w)
+    return case
+
+
+# ONNX op type -> layer builder. DeformConv gets its builder as that op lands.
+ONNX_LAYER_BUILDERS = {"Conv": _conv_case, "ConvTranspose": _conv_transpose_case}
+AWAITING_BUILDERS = ("DeformConv",)  # listed as skipped meanwhile
 
 
 def _onnx_shapes(graph) -> dict[str, list]:
@@ -322,7 +402,7 @@ def onnx_layers(path: str) -> ModelLayers:
 
 @dataclass
 class BackendTarget:
-    """One device of one convbackends backend (the prepared layer is a Conv2d), or a backend that is
+    """One device of one convbackends backend (the prepared layer is the case's op object), or a backend that is
     unavailable here (index None) with the reason."""
 
     backend: str
@@ -340,10 +420,10 @@ class BackendTarget:
 
     def supports(self, case: Case) -> str | None:
         backend = get_backend(self.backend)
-        return unsupported("conv2d", backend, spec(case), backend.select(self.index))
+        return unsupported(case.op, backend, spec(case), backend.select(self.index))
 
     def prepare(self, case: Case, w, b):
-        return Conv2d(w, b, backend=self.backend, device=self.index, **case.kwargs)
+        return case.layer(w, b, backend=self.backend, device=self.index)
 
 
 def _split(value: str | None) -> list[str]:
@@ -520,15 +600,27 @@ def machine_info() -> dict:
             packages[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             pass
+    try:  # what else the machine was running: on a shared machine it moves every timing
+        load = [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        load = None
     return {"platform": platform.platform(), "cpu": cpu_name(), "cpu_count": os.cpu_count(), "memory_gib": memory_gib,
-            "python": platform.python_version(), "packages": packages}
+            "load_average": load, "python": platform.python_version(), "packages": packages}
 
 
 def layer_info(case: Case) -> dict:
     g = geometry(case)
-    return {"name": case.name, "spec": format_layer(case), "input_shape": list(g.input_shape),
+    info = {"name": case.name, "op": case.op, "spec": format_layer(case), "input_shape": list(g.input_shape),
             "output_shape": list(g.output_shape), "kernel": [g.kh, g.kw], "stride": [g.sh, g.sw],
             "pads": [g.pt, g.pl, g.pb, g.pr], "dilation": [g.dh, g.dw], "groups": g.groups, "flops": g.flops}
+    if case.op == "conv_transpose2d":
+        info["output_padding"] = [g.oph, g.opw]
+    return info
+
+
+def ops_title(report: "Report") -> str:
+    """The ops a report's layers run, for its titles: "conv2d", "conv2d + conv_transpose2d"."""
+    return " + ".join(dict.fromkeys(layer["op"] for layer in report.layers)) or "conv2d"
 
 
 def target_info(target) -> dict:
@@ -775,7 +867,7 @@ def plot(report: Report, path: str) -> None:
         ax.set_yscale("log")
     ax.set_xticks(range(len(layers)), layers, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("GFLOP/s (median, numpy in/out)")
-    ax.set_title(f"conv2d, suite {report.suite}: {report.machine['cpu']}, {report.date[:10]} (peers hatched)",
+    ax.set_title(f"{ops_title(report)}, suite {report.suite}: {report.machine['cpu']}, {report.date[:10]} (peers hatched)",
                  fontsize=10)
     fig.legend(loc="outside right upper", fontsize=8, frameon=False)
     ax.grid(axis="y", alpha=0.3)

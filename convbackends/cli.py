@@ -37,9 +37,9 @@ pass when max abs error <= 1e-4 * max(1, max|reference|). "x cv2.dnn" is the tim
 baseline (< 1 is faster). --json writes schema_version {bench.SCHEMA_VERSION}: settings, machine, targets,
 layers, results (one record per layer and target), summary and, with --onnx, model.
 
---onnx MODEL.onnx: every Conv node of the model, shapes from onnx.shape_inference (a symbolic batch
-size is 1), merged into distinct layers; each is timed on every target with random U(-1, 1) tensors,
-and the model's time is the sum of each distinct layer's median x its node count.
+--onnx MODEL.onnx: every Conv and ConvTranspose node of the model, shapes from onnx.shape_inference (a
+symbolic batch size is 1), merged into distinct layers; each is timed on every target with random
+U(-1, 1) tensors, and the model's time is the sum of each distinct layer's median x its node count.
 
 Without cv2.dnn (pip install 'convbackends[reference]') the layers are timed but not checked.
 
@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--layer", action="append", type=_layer, default=[], metavar="SPEC",
                      help="add a layer, e.g. name=my3x3,c=64,hw=56,o=64,k=3,p=1 (format below)")
     run.add_argument("--onnx", type=_input_file, metavar="MODEL.onnx",
-                     help="add every distinct Conv layer of this ONNX model, and report the model's total")
+                     help="add every distinct Conv and ConvTranspose layer of this ONNX model, and report the "
+                          "model's total")
     add_run_options(run)
     run.add_argument("--json", type=_output_file, metavar="FILE", help="write every record as JSON")
     run.add_argument("--csv", type=_output_file, metavar="FILE", help="write every record as CSV")
@@ -279,7 +280,8 @@ def cmd_bench(args) -> int:
     if args.onnx:
         model = bench.onnx_layers(args.onnx)
         if not model.cases:
-            raise ValueError("; ".join([f"{args.onnx} has no Conv node to benchmark", *bench.skipped_nodes(model)]))
+            raise ValueError("; ".join([f"{args.onnx} has no Conv or ConvTranspose node to benchmark",
+                                        *bench.skipped_nodes(model)]))
         parts, cases = parts + [f"onnx:{os.path.basename(args.onnx)}"], cases + model.cases
     if args.layer:
         parts, cases = parts + ["custom"], cases + args.layer
@@ -306,7 +308,7 @@ def cmd_bench(args) -> int:
 
 
 def _print_report(report: bench.Report) -> None:
-    print_table(f"conv2d benchmark, suite {report.suite}: median of {report.repeats} after {report.warmup} warm-up, "
+    print_table(f"{bench.ops_title(report)} benchmark, suite {report.suite}: median of {report.repeats} after {report.warmup} warm-up, "
                 f"{report.machine['cpu']}, {report.date}", bench.TABLE_COLUMNS, bench.table_rows(report),
                 right=range(2, len(bench.TABLE_COLUMNS) - 1), failed=lambda row: row[-1].startswith(("FAIL", "error")),
                 sections=True)

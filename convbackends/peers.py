@@ -99,10 +99,11 @@ def _silenced(*fds: int):
 
 
 def _onnx_model(case: Case, w, b) -> bytes:
-    """The one ONNX builder of the project (reference.py), for cv2.dnn and onnxruntime alike."""
-    from .reference import onnx_conv_model
+    """The project's one-node ONNX graph of the case's op (reference.py), for cv2.dnn and onnxruntime alike."""
+    from .reference import onnx_conv_model, onnx_conv_transpose_model
 
-    return onnx_conv_model(geometry(case), w, b, Activation())
+    build = {"conv2d": onnx_conv_model, "conv_transpose2d": onnx_conv_transpose_model}[case.op]
+    return build(geometry(case), w, b, Activation())
 
 
 def _cv2_forward(net):
@@ -127,9 +128,13 @@ class Cv2Dnn(Peer):
         return None
 
     def prepare(self, case, w, b):
+        import cv2
+
         from .reference import cv2_net
 
-        return _Runner(_cv2_forward(cv2_net(geometry(case), w, b, Activation(), winograd=True)))
+        if case.op == "conv2d":
+            return _Runner(_cv2_forward(cv2_net(geometry(case), w, b, Activation(), winograd=True)))
+        return _Runner(_cv2_forward(cv2.dnn.readNetFromONNX(np.frombuffer(_onnx_model(case, w, b), np.uint8))))
 
 
 class Cv2DnnOpenCL(Peer):
@@ -188,7 +193,8 @@ def _opencl_has_gpu() -> bool:
 
 
 class Torch(Peer):
-    """torch.nn.functional.conv2d under inference_mode; TF32 off on CUDA so it stays float32."""
+    """torch.nn.functional.conv2d / conv_transpose2d under inference_mode, on the CPU with a thread per core
+    (the cores this process may use, as the numpy backend counts them); TF32 off on CUDA so it stays float32."""
 
     install = "pip install torch (its CPU or its CUDA wheel)"
 
@@ -207,6 +213,9 @@ class Torch(Peer):
             torch.backends.cuda.matmul.allow_tf32 = False
             self.device = torch.cuda.get_device_name()
         else:
+            from .backends.numpy.conv2d import _workers
+
+            torch.set_num_threads(_workers())
             self.device = f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
         return None
 
@@ -219,14 +228,22 @@ class Torch(Peer):
         wt = torch.from_numpy(w).to(dev)
         bt = None if b is None else torch.from_numpy(b).to(dev)
         symmetric = (g.pt, g.pl) == (g.pb, g.pr)
+        pads = (g.pt, g.pl) if symmetric else 0
+
+        if case.op == "conv_transpose2d":
+            def layer(xt):
+                # torch pads symmetrically only: an asymmetric layer runs unpadded and is cropped.
+                y = F.conv_transpose2d(xt, wt, bt, (g.sh, g.sw), pads, (g.oph, g.opw), g.groups, (g.dh, g.dw))
+                return y if symmetric else y[:, :, g.pt:g.pt + g.oh, g.pl:g.pl + g.ow]
+        else:
+            def layer(xt):
+                if not symmetric:
+                    xt = F.pad(xt, (g.pl, g.pr, g.pt, g.pb))
+                return F.conv2d(xt, wt, bt, (g.sh, g.sw), pads, (g.dh, g.dw), g.groups)
 
         def run(x):
             with torch.inference_mode():
-                xt = torch.from_numpy(x).to(dev)
-                if not symmetric:
-                    xt = F.pad(xt, (g.pl, g.pr, g.pt, g.pb))
-                y = F.conv2d(xt, wt, bt, (g.sh, g.sw), (g.pt, g.pl) if symmetric else 0, (g.dh, g.dw), g.groups)
-                return y.cpu().numpy()  # .cpu() waits for the device
+                return layer(torch.from_numpy(x).to(dev)).cpu().numpy()  # .cpu() waits for the device
 
         return _Runner(run)
 
@@ -249,7 +266,8 @@ class OnnxRuntime(Peer):
 
 
 class Ncnn(Peer):
-    """ncnn's Convolution / ConvolutionDepthWise layer in a one-layer net built in memory.
+    """ncnn's Convolution / ConvolutionDepthWise (Deconvolution / DeconvolutionDepthWise for conv_transpose2d)
+    layer in a one-layer net built in memory.
 
     fp16 and bf16 storage and arithmetic are off, so it is float32 like everything else. ncnn has
     no batch dimension: a batch runs as one extraction per image.
@@ -276,11 +294,18 @@ class Ncnn(Peer):
         import ncnn
 
         g = geometry(case)
-        layer = "Convolution" if g.groups == 1 else "ConvolutionDepthWise"
+        layer = "Convolution" if case.op == "conv2d" else "Deconvolution"
+        if g.groups > 1:
+            layer += "DepthWise"  # ncnn's grouped layers, depthwise or not
         params = (f"0={g.o} 1={g.kw} 11={g.kh} 2={g.dw} 12={g.dh} 3={g.sw} 13={g.sh} "
                   f"4={g.pl} 14={g.pt} 15={g.pr} 16={g.pb} 5={int(b is not None)} 6={w.size}")
         if g.groups > 1:
             params += f" 7={g.groups}"
+        if case.op == "conv_transpose2d":
+            params += f" 18={g.opw} 19={g.oph}"
+            # ncnn's deconvolution weights are (groups, O/groups, C/groups, kh, kw); ONNX's (C, O/groups, kh, kw).
+            cg, og = g.c // g.groups, g.o // g.groups
+            w = w.reshape(g.groups, cg, og, g.kh, g.kw).transpose(0, 2, 1, 3, 4)
         net = ncnn.Net()
         opt = net.opt
         opt.use_vulkan_compute = self.vulkan

@@ -32,13 +32,52 @@ ACTIVATION_HELP = (
 )
 
 
+# Kernels take sizes, strides, dilations and pads as int32 and index within an image in int32 (only
+# an image's offset in the batch is 64-bit): larger values are refused here, on every backend alike.
+INT32_MAX = 2**31 - 1
+# Activation parameters reach the kernels as float32 values: they must be finite there.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+# How many parameters each activation takes: leaky_relu's alpha, clip's lo and hi.
+_ACTIVATION_PARAM_COUNT = {"leaky_relu": 1, "clip": 2}
+
+
 @dataclass(frozen=True)
 class Activation:
-    """A fused activation: `kind` names it, `alpha`/`beta` carry leaky_relu's slope or clip's bounds."""
+    """A fused activation: `kind` names it, `alpha`/`beta` carry leaky_relu's slope or clip's bounds.
+
+    Validated on construction, so every backend gets a known kind with finite float32 parameters;
+    parameters an activation does not take are 0.0.
+    """
 
     kind: str = "none"
-    alpha: float = 0.0
-    beta: float = 0.0
+    alpha: float | None = None
+    beta: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, str) or self.kind.lower() not in ACTIVATION_CODES:
+            raise ValueError(f"activation must be one of {ACTIVATION_HELP}, got {self.kind!r}")
+        kind = self.kind.lower()
+        count = _ACTIVATION_PARAM_COUNT.get(kind, 0)
+        given, unused = (self.alpha, self.beta)[:count], (self.alpha, self.beta)[count:]
+        form = (kind, *(p for p in (self.alpha, self.beta) if p is not None))  # as the user wrote it
+        if not all(p is None or _is_real(p) for p in (self.alpha, self.beta)):
+            raise TypeError(f"activation parameters must be real numbers, got {form!r}")
+        if any(p is None for p in given):
+            raise ValueError(
+                f"activation {kind!r} needs parameters: use ('leaky_relu', alpha) or ('clip', lo, hi)")
+        if any(p is not None and p != 0 for p in unused):
+            raise ValueError(f"activation must be one of {ACTIVATION_HELP}, got {form!r}")
+        if not all(abs(p) <= FLOAT32_MAX for p in given):  # NaN fails too; ints compare exactly
+            raise ValueError(f"activation parameters must be finite float32 values (|v| <= {FLOAT32_MAX:.8g}), "
+                             f"got {(kind, *given)!r}")
+        params = tuple(float(p) for p in given)
+        if kind == "clip" and not params[0] <= params[1]:
+            raise ValueError(f"activation ('clip', lo, hi) needs lo <= hi, got {(kind, *params)!r}")
+        params += (0.0,) * (2 - len(params))
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "alpha", params[0])
+        object.__setattr__(self, "beta", params[1])
 
     @property
     def code(self) -> int:
@@ -46,30 +85,17 @@ class Activation:
 
     @classmethod
     def parse(cls, activation) -> "Activation":
+        """None, a name, an Activation, or (name, *parameters) as ACTIVATION_HELP lists them."""
         if activation is None:
             return cls()
         if isinstance(activation, Activation):
             return activation
         if isinstance(activation, str):
-            name = activation.lower()
-            if name in ("leaky_relu", "clip"):
-                raise ValueError(
-                    f"activation {activation!r} needs parameters: use ('leaky_relu', alpha) or ('clip', lo, hi)"
-                )
-            if name not in ACTIVATION_CODES:
-                raise ValueError(f"activation must be one of {ACTIVATION_HELP}, got {activation!r}")
-            return cls(name)
+            return cls(activation)
         if isinstance(activation, (tuple, list)) and activation and isinstance(activation[0], str):
             name, params = activation[0].lower(), tuple(activation[1:])
-            if not all(_is_real(p) for p in params):
-                raise TypeError(f"activation parameters must be real numbers, got {activation!r}")
-            if name == "leaky_relu" and len(params) == 1:
-                return cls("leaky_relu", float(params[0]))
-            if name == "clip" and len(params) == 2:
-                lo, hi = map(float, params)
-                if not lo <= hi:
-                    raise ValueError(f"activation ('clip', lo, hi) needs lo <= hi, got {activation!r}")
-                return cls("clip", lo, hi)
+            if len(params) == _ACTIVATION_PARAM_COUNT.get(name, 0) > 0:
+                return cls(name, *params)
         raise ValueError(f"activation must be one of {ACTIVATION_HELP}, got {activation!r}")
 
 
@@ -87,6 +113,8 @@ def _pair(name: str, value, minimum: int) -> tuple[int, int]:
         raise TypeError(f"{name} must be an int or a pair of ints (h, w), got {value!r}")
     if any(v < minimum for v in items):
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    if any(v > INT32_MAX for v in items):
+        raise ValueError(f"{name} must be <= {INT32_MAX} (int32), got {value!r}")
     return int(items[0]), int(items[1])
 
 
@@ -106,6 +134,8 @@ def _padding(value) -> tuple[int, int, int, int] | None:
         raise ValueError(f"padding must have 1, 2 or 4 values, got {value!r}")
     if any(v < 0 for v in items):
         raise ValueError(f"padding must be >= 0, got {value!r}")
+    if any(v > INT32_MAX for v in items):
+        raise ValueError(f"padding must be <= {INT32_MAX} (int32), got {value!r}")
     if len(items) == 1:
         return (int(items[0]),) * 4
     if len(items) == 2:
@@ -124,6 +154,14 @@ def check_float32(name: str, array) -> None:
         return
     if np.dtype(dtype) != np.float32:
         raise TypeError(f"{name} must be float32, got {np.dtype(dtype)}; convert it with .astype(numpy.float32)")
+
+
+def _check_int32_image(what: str, chw: tuple[int, int, int]) -> None:
+    """One image's elements, C x H x W, must be indexable with the kernels' int32."""
+    elements = math.prod(chw)
+    if elements > INT32_MAX:
+        raise ValueError(f"{what} has {elements} elements per image ({' x '.join(map(str, chw))}), above the "
+                         f"{INT32_MAX} that the kernels' int32 indexing holds")
 
 
 @dataclass(frozen=True)
@@ -209,13 +247,18 @@ class Conv2dSpec:
             check_float32("b", b)
             if tuple(b.shape) != (o,):
                 raise ValueError(f"b must have shape ({o},), got {tuple(b.shape)}")
+        dilation = _pair("dilation", dilation, 1)
+        extent = ((kh - 1) * dilation[0] + 1, (kw - 1) * dilation[1] + 1)
+        if max(extent) > INT32_MAX:
+            raise ValueError(f"the dilated kernel's extent {extent} ((k - 1) * dilation + 1, kernel {(kh, kw)}, "
+                             f"dilation {dilation}) must be <= {INT32_MAX} (int32)")
         return cls(
             out_channels=o,
             in_channels=cg * int(groups),
             kh=kh,
             kw=kw,
             stride=_pair("stride", stride, 1),
-            dilation=_pair("dilation", dilation, 1),
+            dilation=dilation,
             pads=_padding(padding),
             groups=int(groups),
             activation=Activation.parse(activation),
@@ -266,6 +309,7 @@ class Conv2dSpec:
                 f"(in_channels/groups={self.in_channels // self.groups} x groups={self.groups})"
             )
         pt, pl, pb, pr = self.pads if self.pads is not None else self._same_pads(h, w)
+        _check_int32_image(f"x of shape {shape} padded by {(pt, pl, pb, pr)}", (c, h + pt + pb, w + pl + pr))
         sh, sw = self.stride
         dh, dw = self.dilation
         oh = (h + pt + pb - (self.kh - 1) * dh - 1) // sh + 1
@@ -275,6 +319,7 @@ class Conv2dSpec:
                 f"output size ({oh}, {ow}) is below 1 for x of shape {shape}, kernel ({self.kh}, {self.kw}), "
                 f"stride {self.stride}, dilation {self.dilation} and pads {(pt, pl, pb, pr)}"
             )
+        _check_int32_image(f"the output of shape {(n, self.out_channels, oh, ow)}", (self.out_channels, oh, ow))
         return Conv2dGeometry(
             n=n, c=c, h=h, w=w, o=self.out_channels, oh=oh, ow=ow, kh=self.kh, kw=self.kw,
             sh=sh, sw=sw, dh=dh, dw=dw, pt=pt, pl=pl, pb=pb, pr=pr, groups=self.groups,

@@ -3,10 +3,12 @@
 // and each barrier splits that loop; here every work-item owns an 8 out-channel x 8 output-pixel
 // block in eight float8 accumulators and reads A and B straight from global memory (the caches
 // keep them), with no local memory. The 8 pixels are adjacent in one output row: at stride 1 each
-// tap's input row is one unaligned vload8, at stride 2 the even elements of two vload8s (the input is
-// padded to whole blocks where rows are ragged), else eight loads. Work-item x = ((batch * groups
-// + group) * OH + row) * owb + 8-pixel block, y = channel block. Weights packed
-// [group][ogpad / 8][kdim][8]; ktab as in conv2d_implicit_gemm.
+// tap's input row is one unaligned vload8, at stride 2 the even elements of two vload8s, else eight
+// loads. Only the first vec_owb blocks of a row take the vector reads: the rest (a ragged row's last
+// block, whose vector would run past the row, and past the buffer on its last row) load their
+// pixels one by one, so an unpadded input is read in place. Work-item x = ((batch * groups + group)
+// * OH + row) * owb + 8-pixel block, y = channel block. Weights packed [group][ogpad / 8][kdim][8];
+// ktab as in conv2d_implicit_gemm.
 
 // KCHUNK: taps per pass. When it is shorter than K, a barrier after each pass makes the work-group
 // loop finish a pass over all its work-items before the next, so that pass's slices of A and B stay
@@ -39,12 +41,13 @@ KERNEL void conv2d_cpu_gemm(
     const GLOBAL float* RESTRICT x, const GLOBAL float* RESTRICT wp, const GLOBAL float* RESTRICT bias,
     const GLOBAL int* RESTRICT ktab, GLOBAL float* RESTRICT y,
     int C, int HP, int WP, int O, int OH, int OW, int SH, int SW, int groups, int kdim, int ogpad, int owb,
-    int nblocks, float alpha, float beta)
+    int vec_owb, int nblocks, float alpha, float beta)
 {
     // Work-items past the end compute a clamped block and store nothing: all must reach the barriers.
     const int og = O / groups, cg = C / groups;
     const int blk = min((int)get_global_id(0), nblocks - 1), m0 = (int)get_global_id(1) * 8;
-    const int r = blk / owb, ox0 = (blk - r * owb) * 8, ng = r / OH, oy = r - ng * OH;
+    const int r = blk / owb, bx = blk - r * owb, ox0 = bx * 8, ng = r / OH, oy = r - ng * OH;
+    const bool vector = bx < vec_owb;
     const int n = ng / groups, g = ng - n * groups;
     const GLOBAL float* xg = x + (int64)(n * C + g * cg) * HP * WP + oy * SH * WP + ox0 * SW;
     const GLOBAL float* wg = wp + ((int64)g * ogpad + m0) * kdim;
@@ -60,9 +63,9 @@ KERNEL void conv2d_cpu_gemm(
         pix[q] = min(q, OW - 1 - ox0) * SW;
     for (int k0 = 0; k0 < kdim; k0 += KCHUNK) {
         const int k1 = min(k0 + KCHUNK, kdim);
-        if (SW == 1)
+        if (vector && SW == 1)
             accumulate_taps(acc, xg, wg, ktab, k0, k1, 1, pix);
-        else if (SW == 2)
+        else if (vector && SW == 2)
             accumulate_taps(acc, xg, wg, ktab, k0, k1, 2, pix);
         else
             accumulate_taps(acc, xg, wg, ktab, k0, k1, 0, pix);

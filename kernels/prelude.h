@@ -28,8 +28,6 @@ typedef long int64;
 #define tanhf tanh
 #define log1pf log1p
 #define fabsf fabs
-#define fmaxf fmax
-#define fminf fmin
 
 // The even elements of p[0..15], i.e. 8 inputs at stride 2, for the CPU-only float8 paths (two
 // vload8s: a float16 value warns of an ABI change on AVX2 targets).
@@ -71,15 +69,28 @@ typedef long long int64;
 #define ACTIVATION ACT_NONE
 #endif
 
+// Comparisons that select, so a NaN stays NaN: fmax/fmin (and OpenCL's clamp) return the other
+// operand for a NaN, which would turn relu(NaN) into 0.
+DEVICE_FN float clamp_keep_nan(float v, float lo, float hi)
+{
+    return v < lo ? lo : v > hi ? hi : v;
+}
+
+DEVICE_FN float relu_keep_nan(float v)
+{
+    return v < 0.0f ? 0.0f : v;
+}
+
 // The epilogue every kernel applies to an accumulated output: bias, then the layer's activation
 // (chosen at compile time). alpha is leaky_relu's slope or clip's low bound, beta clip's high bound.
+// NaN and +-inf come out as the numpy backend and the float64 reference give them.
 DEVICE_FN float epilogue(float acc, float bias, float alpha, float beta)
 {
     float v = acc + bias;
 #if ACTIVATION == ACT_RELU
-    v = fmaxf(v, 0.0f);
+    v = relu_keep_nan(v);
 #elif ACTIVATION == ACT_RELU6
-    v = fminf(fmaxf(v, 0.0f), 6.0f);
+    v = clamp_keep_nan(v, 0.0f, 6.0f);
 #elif ACTIVATION == ACT_SIGMOID
     v = 1.0f / (1.0f + expf(-v));
 #elif ACTIVATION == ACT_TANH
@@ -87,13 +98,13 @@ DEVICE_FN float epilogue(float acc, float bias, float alpha, float beta)
 #elif ACTIVATION == ACT_SILU
     v = v * (1.0f / (1.0f + expf(-v)));
 #elif ACTIVATION == ACT_MISH
-    v = v * tanhf(fmaxf(v, 0.0f) + log1pf(expf(-fabsf(v))));
+    v = v * tanhf(relu_keep_nan(v) + log1pf(expf(-fabsf(v))));
 #elif ACTIVATION == ACT_HARDSWISH
-    v = v * fminf(fmaxf(v / 6.0f + 0.5f, 0.0f), 1.0f);
+    v = v * clamp_keep_nan(v / 6.0f + 0.5f, 0.0f, 1.0f);
 #elif ACTIVATION == ACT_LEAKY_RELU
     v = v >= 0.0f ? v : alpha * v;
 #elif ACTIVATION == ACT_CLIP
-    v = fminf(fmaxf(v, alpha), beta);
+    v = clamp_keep_nan(v, alpha, beta);
 #endif
     return v;
 }

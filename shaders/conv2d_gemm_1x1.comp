@@ -19,13 +19,13 @@ float load_input(int x_base, int k, int slot) {
 
 // Direct path: input channels are taken CB at a time, as the "rows" of one weight block, so each
 // accumulator takes CB taps per visit.
-layout(constant_id = 16) const int CB = 1;
+layout(constant_id = 15) const int CB = 1;
 const int TAP_ROWS = CB;
 #include "gemm_tiles.glsl"
 
 // Direct path: an invocation owns TN consecutive pixels (TN a multiple of 4), fetched as vec4s. The
-// host pads the weights' input channels to a multiple of TAP_ROWS with zeros; reads of those channels
-// are clamped to the last real one.
+// host pads the weights' input channels to a multiple of TAP_ROWS with zeros; those channels' inputs
+// are zeros too (fetched from the last real channel and replaced: 0 * inf would be NaN).
 void direct_gemm(int image, int group) {
     const int cg = shape.C / shape.GROUPS;
     const int npix = shape.OH * shape.OW;
@@ -40,9 +40,11 @@ void direct_gemm(int image, int group) {
         fetch_weights(w_block4 + block * BLOCK4);
         vec4 rows[TAP_ROWS][ROW4];
         [[unroll]] for (int r = 0; r < TAP_ROWS; ++r) {
-            const int c = min(block * TAP_ROWS + r, cg - 1);
-            [[unroll]] for (int t = 0; t < ROW4; ++t)
-                rows[r][t] = texelFetch(x4, x_base4 + c * shape.PS / 4 + t);
+            const int c = block * TAP_ROWS + r;
+            [[unroll]] for (int t = 0; t < ROW4; ++t) {
+                const vec4 v = texelFetch(x4, x_base4 + min(c, cg - 1) * shape.PS / 4 + t);
+                rows[r][t] = c < cg ? v : vec4(0.0);  // operands without side effects: a select, no branch
+            }
         }
         accumulate(rows);
     }

@@ -12,15 +12,16 @@ void setup_pixels(int first_pixel, int npix) {
         const int p = first_pixel + j * int(gl_WorkGroupSize.x);
         const int oh = p / shape.OW;
         slot_live[j] = p < npix;
-        slot_offset[j] = oh * SH * shape.WP + (p - oh * shape.OW) * SW;
+        slot_offset[j] = oh * stride_h() * shape.WP + (p - oh * shape.OW) * stride_w();
     }
 }
 
 float load_input(int x_base, int k, int slot) {
-    const int c = k / (KH * KW);
-    const int r = (k - c * KH * KW) / KW;
-    const int s = k - c * KH * KW - r * KW;
-    const int index = x_base + c * shape.PS + slot_offset[slot] + r * DH * shape.WP + s * DW;
+    const int kw = kernel_w(), taps = kernel_h() * kw;
+    const int c = k / taps;
+    const int r = (k - c * taps) / kw;
+    const int s = k - c * taps - r * kw;
+    const int index = x_base + c * shape.PS + slot_offset[slot] + r * dilation_h() * shape.WP + s * dilation_w();
     return slot_live[slot] ? texelFetch(x, index).x : 0.0;
 }
 
@@ -53,11 +54,48 @@ void direct_gemm(int image, int group) {
     store_run(image, group, m_tile * TM, oh * shape.OW + ow0, oh < shape.OH ? min(TN, shape.OW - ow0) : 0);
 }
 
+// Direct path without UNROLL: the same outputs per invocation, one tap at a time in loops, each tap
+// TN single fetches (outputs past the row's end fetch its last output's inputs and store nothing) and
+// TM / 4 weight vec4s. The host pads x only to what the live outputs read.
+void direct_gemm_looped(int image, int group) {
+    const int cg = shape.C / shape.GROUPS;
+    const int m_tile = int(gl_WorkGroupID.y);
+    const int row_tiles = (shape.OW + TN - 1) / TN;
+    const int item = int(gl_GlobalInvocationID.x);
+    const int oh = item / row_tiles;
+    const int ow0 = (item - oh * row_tiles) * TN;
+    int column[TN];
+    [[unroll]] for (int j = 0; j < TN; ++j)
+        column[j] = min(ow0 + j, shape.OW - 1) * shape.SW;
+    const int x_base = (image * shape.C + group * cg) * shape.PS + min(oh, shape.OH - 1) * shape.SH * shape.WP;
+    int w_next4 = (group * (shape.OGP / TM) + m_tile) * cg * shape.KH * shape.KW * (TM / 4);
+    clear_tile();
+    for (int c = 0; c < cg; ++c)
+        for (int r = 0; r < shape.KH; ++r) {
+            const int row = x_base + c * shape.PS + r * shape.DH * shape.WP;
+            for (int s = 0; s < shape.KW; ++s) {
+                float v[TN];
+                [[unroll]] for (int j = 0; j < TN; ++j)
+                    v[j] = texelFetch(x, row + column[j] + s * shape.DW).x;
+                [[unroll]] for (int q = 0; q < TM / 4; ++q) {
+                    const vec4 wq = texelFetch(w4, w_next4++);
+                    [[unroll]] for (int e = 0; e < 4; ++e)
+                        [[unroll]] for (int j = 0; j < TN; ++j)
+                            acc[4 * q + e][j] = fma(wq[e], v[j], acc[4 * q + e][j]);
+                }
+            }
+        }
+
+    store_run(image, group, m_tile * TM, oh * shape.OW + ow0, oh < shape.OH ? min(TN, shape.OW - ow0) : 0);
+}
+
 void main() {
     const int group = int(gl_WorkGroupID.z) % shape.GROUPS;
     const int image = int(gl_WorkGroupID.z) / shape.GROUPS;
     if (STAGE)
-        staged_gemm(image, group, shape.C / shape.GROUPS * KH * KW);
-    else
+        staged_gemm(image, group, shape.C / shape.GROUPS * kernel_h() * kernel_w());
+    else if (UNROLL)
         direct_gemm(image, group);
+    else
+        direct_gemm_looped(image, group);
 }

@@ -1,4 +1,5 @@
-"""`convbackends bench --onnx`: the Conv layers of a small model built here with onnx.helper, end to end."""
+"""`convbackends bench --onnx`: the Conv and ConvTranspose layers of a small model built here with onnx.helper, end
+to end; ConvTranspose's padding rules against onnx's own reference evaluator."""
 import json
 import subprocess
 import sys
@@ -53,6 +54,10 @@ EXPECTED_LAYERS = {  # name: (input shape, weight shape, stride, (top, left, bot
     "conv_d": ([1, 8, 17, 16], [8, 1, 3, 3], [2, 2], [1, 1, 1, 0], 8, 1),
     "conv_e": ([1, 8, 9, 8], [16, 8, 1, 1], [1, 1], [0, 0, 0, 0], 1, 1),
 }
+# The ConvTranspose node: e (1, 16, 9, 8) through Wt (16, 4, 2, 2) at stride 2 gives (1, 4, 18, 16).
+EXPECTED_TRANSPOSED = {"name": "up", "op": "conv_transpose2d", "input_shape": [1, 16, 9, 8],
+                       "output_shape": [1, 4, 18, 16], "kernel": [2, 2], "stride": [2, 2], "pads": [0, 0, 0, 0],
+                       "dilation": [1, 1], "groups": 1, "output_padding": [0, 0]}
 
 
 def test_bench_onnx_end_to_end(tmp_path):
@@ -61,24 +66,29 @@ def test_bench_onnx_end_to_end(tmp_path):
     result = subprocess.run([sys.executable, "-m", "convbackends", "bench", "--onnx", str(model), *FAST,
                              "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "model tiny.onnx: 6 Conv, 1 ConvTranspose nodes, 4 distinct layers" in result.stdout
-    assert "not benchmarked: ConvTranspose node up: no layer builder for it yet" in result.stdout
+    assert "model tiny.onnx: 6 Conv, 1 ConvTranspose nodes, 5 distinct layers" in result.stdout
+    assert "ConvTranspose node up" not in result.stdout
     assert "not benchmarked: Conv node conv_1d: a 1-D convolution (conv2d takes 2-D)" in result.stdout
+    assert "conv2d + conv_transpose2d benchmark" in result.stdout
 
     doc = json.loads(out.read_text())
     assert doc["settings"]["suite"] == "onnx:tiny.onnx"
     layers = {layer["name"]: layer for layer in doc["layers"]}
-    assert list(layers) == list(EXPECTED_LAYERS)
+    assert list(layers) == [*EXPECTED_LAYERS, "up"]
     for name, (x, w, stride, pads, groups, _) in EXPECTED_LAYERS.items():
         layer = layers[name]
+        assert layer["op"] == "conv2d"
         assert (layer["input_shape"], [layer["output_shape"][1], layer["input_shape"][1] // groups, *layer["kernel"]],
                 layer["stride"], layer["pads"], layer["groups"]) == (x, w, stride, pads, groups), name
     assert layers["conv_d"]["output_shape"] == [1, 8, 9, 8]
+    up = layers["up"]
+    assert {key: up[key] for key in EXPECTED_TRANSPOSED} == EXPECTED_TRANSPOSED
+    assert up["flops"] == 2 * 16 * 9 * 8 * 4 * 2 * 2
 
     model_doc = doc["model"]
     assert model_doc["nodes"] == {"Conv": 6, "ConvTranspose": 1}
-    assert model_doc["counts"] == {name: expected[-1] for name, expected in EXPECTED_LAYERS.items()}
-    assert [s["node"] for s in model_doc["skipped"]] == ["up", "conv_1d"]
+    assert model_doc["counts"] == {**{name: expected[-1] for name, expected in EXPECTED_LAYERS.items()}, "up": 1}
+    assert [s["node"] for s in model_doc["skipped"]] == ["conv_1d"]
 
     # Every layer on every target ran and matched cv2.dnn; the model's time is the counted sum of the medians.
     medians = {}
@@ -89,7 +99,7 @@ def test_bench_onnx_end_to_end(tmp_path):
     assert set(totals) == {"cv2dnn", "numpy:0"}
     for target, row in totals.items():
         expected = sum(medians[target, name] * count for name, count in model_doc["counts"].items())
-        assert row["layers_run"] == 4 and row["total_s"] == pytest.approx(expected, rel=1e-12)
+        assert row["layers_run"] == 5 and row["total_s"] == pytest.approx(expected, rel=1e-12)
     assert totals["numpy:0"]["ratio_vs_cv2dnn"] == pytest.approx(totals["numpy:0"]["total_s"] / totals["cv2dnn"]["total_s"])
 
 
@@ -97,11 +107,44 @@ def test_onnx_layers_merge_by_geometry_and_bias(tmp_path):
     model = tmp_path / "m.onnx"
     _model(model)
     layers = bench.onnx_layers(str(model))
-    assert [c.name for c in layers.cases] == list(EXPECTED_LAYERS)
-    assert [c.bias for c in layers.cases] == [True, True, False, False]
+    assert [c.name for c in layers.cases] == [*EXPECTED_LAYERS, "up"]
+    assert [c.bias for c in layers.cases] == [True, True, False, False, False]
+    assert [c.op for c in layers.cases] == ["conv2d"] * 4 + ["conv_transpose2d"]
     # The same layer as the CLI's --layer spec, so each can be rerun on its own.
     for case in layers.cases:
         assert bench.geometry(bench.parse_layer(bench.format_layer(case))) == bench.geometry(case)
+
+
+@pytest.mark.parametrize("x_shape, w_shape, attrs", [
+    ((1, 3, 5, 4), (3, 2, 3, 3), dict(strides=[2, 2], pads=[0, 1, 2, 1], output_padding=[1, 0])),
+    ((1, 3, 5, 4), (3, 2, 3, 4), dict(strides=[2, 3], auto_pad="SAME_UPPER")),  # odd totals: 1 and 1
+    ((1, 3, 5, 4), (3, 2, 3, 4), dict(strides=[2, 3], auto_pad="SAME_LOWER")),
+    ((1, 3, 5, 4), (3, 2, 4, 3), dict(strides=[3, 2], auto_pad="VALID")),
+    ((2, 4, 5, 4), (4, 3, 3, 3), dict(strides=[2, 2], output_shape=[10, 8], group=2)),
+    ((2, 4, 5, 4), (4, 3, 3, 3), dict(strides=[2, 2], output_shape=[9, 7], auto_pad="SAME_UPPER", dilations=[1, 2])),
+])
+def test_conv_transpose_nodes_take_onnx_padding_rules(tmp_path, x_shape, w_shape, attrs):
+    """The layer built from a ConvTranspose node computes what onnxruntime computes for the node (onnx's
+    ReferenceEvaluator has no groups and ignores output_shape without auto_pad)."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from convbackends.reference import conv_transpose2d_float64
+
+    rng = np.random.default_rng(1)
+    x = rng.uniform(-1, 1, x_shape).astype(np.float32)
+    w = rng.uniform(-1, 1, w_shape).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("ConvTranspose", ["x", "W"], ["y"], name="t", **attrs)], "t",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=[numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    path = tmp_path / "t.onnx"
+    onnx.save(model, str(path))
+    (case,) = bench.onnx_layers(str(path)).cases
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {"x": x})[0]
+    got = conv_transpose2d_float64(x, w, **case.kwargs)
+    assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-5
+    assert bench.geometry(bench.parse_layer(bench.format_layer(case))) == bench.geometry(case)
 
 
 @pytest.mark.parametrize("content, message", [
@@ -126,4 +169,4 @@ def test_a_model_without_conv_nodes_is_refused(tmp_path, capsys):
     path = tmp_path / "relu.onnx"
     onnx.save(helper.make_model(graph), str(path))
     assert main(["bench", "--onnx", str(path), *FAST]) == 2
-    assert f"error: {path} has no Conv node to benchmark" in capsys.readouterr().err
+    assert f"error: {path} has no Conv or ConvTranspose node to benchmark" in capsys.readouterr().err

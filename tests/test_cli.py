@@ -58,7 +58,9 @@ def _check_schema(doc: dict) -> None:
     assert set(doc) == {"schema_version", "tool", "date", "machine", "settings", "targets", "layers", "results",
                         "summary", "model"}
     assert isinstance(doc["date"], str) and isinstance(doc["tool"], str)
-    assert {"platform", "cpu", "cpu_count", "memory_gib", "python", "packages"} <= set(doc["machine"])
+    assert {"platform", "cpu", "cpu_count", "memory_gib", "load_average", "python", "packages"} <= set(doc["machine"])
+    load = doc["machine"]["load_average"]
+    assert load is None or (len(load) == 3 and all(isinstance(v, (int, float)) and v >= 0 for v in load))
     assert isinstance(doc["machine"]["packages"], dict)
     settings = doc["settings"]
     assert isinstance(settings["suite"], str) and settings["baseline"] == "cv2dnn"
@@ -120,22 +122,30 @@ def test_bench_smoke_writes_json_csv_and_plot(tmp_path, capsys):
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+# conv2d and transposed layers with asymmetric pads (torch pads or crops them), output_padding, dilation and groups
+# (ncnn's *DepthWise layers), so every peer's translation of the layer is checked.
+PEER_LAYERS = ("name=tiny,c=8,hw=9x7,o=12,k=3,s=2,p=0x1x1x0",
+               "name=tinyT,op=conv_transpose2d,c=6,hw=5x4,o=9,k=3,s=2,p=0x1x1x0,opad=1,d=1x2",
+               "name=tinyTg,op=conv_transpose2d,n=2,c=6,hw=5,o=6,k=4,s=2,p=1,g=3")
+
+
 def test_bench_with_every_peer_through_python_m(tmp_path):
     """Every peer either runs and matches cv2.dnn, or says why it cannot run here."""
     out = tmp_path / "peers.json"
-    result = _python_m("bench", "--layer", "name=tiny,c=8,hw=9x7,o=12,k=3,s=2,p=0x1x1x0", *FAST, "--json", str(out))
+    result = _python_m("bench", *(f"--layer={layer}" for layer in PEER_LAYERS), *FAST, "--json", str(out))
     assert result.returncode == 0, result.stderr
     doc = json.loads(out.read_text())
     _check_schema(doc)
+    assert [layer["op"] for layer in doc["layers"]] == ["conv2d", "conv_transpose2d", "conv_transpose2d"]
     peers = {t["id"]: t for t in doc["targets"] if t["kind"] == "peer"}
     assert set(peers) == {"cv2dnn", "cv2dnn-opencl", "torch", "torch-cuda", "onnxruntime", "ncnn", "ncnn-vulkan"}
     assert peers["cv2dnn"]["available"]
-    records = {r["target"]: r for r in doc["results"]}
     for name, target in peers.items():
+        records = [r for r in doc["results"] if r["target"] == name]
         if target["available"]:
-            assert records[name]["passed"] is True, records[name]
+            assert len(records) == len(PEER_LAYERS) and all(r["passed"] is True for r in records), records
         else:
-            assert target["reason"] and name not in records
+            assert target["reason"] and not records
 
 
 def test_a_missing_peer_package_is_a_reason_not_an_error(monkeypatch):
@@ -200,6 +210,16 @@ def test_layer_spec(text, shape, kernel, stride, pads, dilation, groups):
     assert geometry(again) == g
 
 
+def test_layer_spec_of_a_transposed_layer():
+    case = parse_layer("op=conv_transpose2d,n=2,c=8,hw=5x6,o=12,k=3,s=2,p=1,opad=1x0,g=4")
+    assert case.op == "conv_transpose2d" and case.w_shape == (8, 3, 3, 3)
+    g = geometry(case)
+    assert g.output_shape == (2, 12, 10, 11) and (g.oph, g.opw) == (1, 0) and g.groups == 4
+    assert g.flops == 2 * 2 * 8 * 5 * 6 * 3 * 9
+    again = parse_layer(format_layer(case))
+    assert again.op == case.op and geometry(again) == g
+
+
 @pytest.mark.parametrize("text, message", [
     ("c=64,hw=x,o=64,k=3", "hw must be N or NxN"),
     ("c=64,hw=56,o=64", "missing k="),
@@ -210,6 +230,10 @@ def test_layer_spec(text, shape, kernel, stride, pads, dilation, groups):
     ("c=64,hw=56,o=64,k=3,s=0", "stride must be >= 1"),
     ("c=64,hw=2,o=64,k=5", "output size"),
     ("c64", "is not key=value"),
+    ("op=deconv,c=4,hw=5,o=4,k=3", "op must be one of conv2d, conv_transpose2d, got 'deconv'"),
+    ("c=4,hw=5,o=4,k=3,opad=1", "opad= .output_padding. is for op=conv_transpose2d only"),
+    ("op=conv_transpose2d,c=4,hw=5,o=6,k=3,g=4", "g=4 must divide o=6"),
+    ("op=conv_transpose2d,c=4,hw=5,o=4,k=3,s=2,opad=2", "output_padding must be smaller than stride or dilation"),
 ])
 def test_layer_spec_errors(text, message):
     with pytest.raises(LayerSpecError, match=message) as info:
@@ -267,6 +291,14 @@ def test_suites():
         assert len(names) == len(set(names)), name
     assert len(bench.suite("vgg16")) == 9
     assert sum(geometry(c).flops for c in bench.suite("smoke")) < 1e8
+    transposed = {c.name: (c, geometry(c)) for c in bench.suite("conv_transpose2d")}
+    assert all(case.op == "conv_transpose2d" for case, _ in transposed.values())
+    case, dcgan = transposed["dcgan-4x4s2-8-512-256"]
+    assert case.w_shape == (512, 256, 4, 4) and dcgan.output_shape == (1, 256, 16, 16)
+    case, fcn = transposed["fcn-dw4x4s2-64-21"]
+    assert case.w_shape == (21, 1, 4, 4) and fcn.groups == 21 and fcn.output_shape == (1, 21, 128, 128)
+    assert transposed["unet-2x2s2-64-256-128"][1].output_shape == (1, 128, 128, 128)
+    assert transposed["3x3s2-opad1-32-128-64"][1].output_shape == (1, 64, 64, 64)
 
 
 def test_help_documents_the_layer_spec():

@@ -94,6 +94,21 @@ def test_nan_and_inf_reach_exactly_their_outputs(target):
     assert compare(y, ref)[3]
 
 
+@pytest.mark.parametrize("kernel, kwargs", [((1, 1), dict(stride=2)), ((2, 1), dict(stride=(1, 3), dilation=(2, 1))),
+                                            ((5, 5), dict(stride=4, padding=(6, 1, 0, 2)))])
+def test_outputs_no_tap_reaches_are_the_bias_whatever_x_holds(target, kernel, kwargs):
+    """Phases that see only the bias run on zeros: a NaN in x's first pixel must not reach them."""
+    backend, device = target
+    case = Case("T", (1, 3, 4, 5), (3, 2, *kernel), True, dict(kwargs, activation="sigmoid"), 6, "conv_transpose2d")
+    x, w, b = case.tensors()
+    x[:, :, 0, 0] = np.nan
+    with np.errstate(invalid="ignore"):
+        ref = conv_transpose2d_float64(x, w, b, **case.kwargs)
+    with ConvTranspose2d(w, b, backend=backend, device=device, **case.kwargs) as layer:
+        y = layer(x)
+    assert compare(y, ref)[3]
+
+
 def test_one_shot_call_reuses_the_layer_and_sees_weights_changed_in_place(target):
     backend, device = target
     case = Case("T", (1, 4, 5, 5), (4, 2, 4, 4), True, dict(stride=2, padding=1), 9, "conv_transpose2d")
@@ -160,6 +175,80 @@ def test_phases_multiply_no_zeros():
     assert all(p.spec.kh == 2 and p.spec.kw == 2 and p.spec.stride == (1, 1) for p in phases)
 
 
+def _stacks(w_shape, x_shape, **kwargs):
+    from convbackends.backends._phases import stacks
+
+    spec = ConvTranspose2dSpec.create(np.zeros(w_shape, np.float32), **kwargs)
+    return stacks(spec, spec.geometry(x_shape))
+
+
+def test_phases_of_one_shape_run_as_one_stacked_conv2d():
+    # DCGAN's 4x4 stride 2 pad 1: four 2x2 phases, each padded on other sides: one conv2d of 4 x O outputs over
+    # x padded by 1 all round, 9x9 outputs of which each phase takes an 8x8 window.
+    (dcgan,) = _stacks((512, 256, 4, 4), (1, 512, 8, 8), stride=2, padding=1)
+    assert len(dcgan.phases) == 4 and dcgan.spec.out_channels == 1024 and (dcgan.spec.kh, dcgan.spec.kw) == (2, 2)
+    assert dcgan.spec.pads == (1, 1, 1, 1) and (dcgan.rows.count, dcgan.cols.count) == (9, 9)
+    assert sorted(dcgan.offsets) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    # U-Net's 2x2 stride 2: four 1x1 phases over all of x, no padding: one 1x1 GEMM.
+    (unet,) = _stacks((256, 128, 2, 2), (1, 256, 64, 64), stride=2)
+    assert unet.spec.out_channels == 512 and unet.spec.pads == (0, 0, 0, 0) and set(unet.offsets) == {(0, 0)}
+    # Depthwise: the phases stack within each group, a channel multiplier of 4.
+    (fcn,) = _stacks((21, 1, 4, 4), (1, 21, 64, 64), stride=2, padding=1, groups=21)
+    assert fcn.spec.groups == 21 and fcn.spec.out_channels == 84
+    # 3x3 stride 2: phases of 1x1, 1x2, 2x1 and 2x2 taps, no two alike.
+    assert [len(s.phases) for s in _stacks((128, 64, 3, 3), (1, 128, 32, 32), stride=2, padding=1,
+                                           output_padding=1)] == [1, 1, 1, 1]
+    # On a 1x1 input the union window would double each side of every phase's output: not stacked.
+    assert [len(s.phases) for s in _stacks((8, 4, 4, 4), (1, 8, 1, 1), stride=2, padding=1)] == [1, 1, 1, 1]
+
+
+def _plans_as_cpu_device(backend: str, device: int) -> bool:
+    if backend == "opencl":
+        from convbackends.runtime.opencl import BACKEND
+
+        return BACKEND.runtime(device).limits.is_cpu
+    if backend == "vulkan":
+        from convbackends.runtime import vulkan as _vk
+
+        return _vk.device(device).type == "cpu"
+    return False
+
+
+def test_cpu_devices_stack_only_phases_whose_windows_are_the_same(target):
+    """PoCL and llvmpipe ran a stack over grown windows slower than its phases: there only exact stacks."""
+    backend, device = target
+    with ConvTranspose2d(np.zeros((16, 8, 4, 4), np.float32), stride=2, padding=1, backend=backend,
+                         device=device) as dcgan, \
+            ConvTranspose2d(np.zeros((16, 8, 2, 2), np.float32), stride=2, backend=backend, device=device) as unet:
+        x = np.zeros((1, 16, 8, 8), np.float32)
+        grown = [len(s.phases) for s in dcgan._prepared.plan(dcgan.geometry(x))[1]]
+        exact = [len(s.phases) for s in unet._prepared.plan(unet.geometry(x))[1]]
+    assert grown == ([1, 1, 1, 1] if _plans_as_cpu_device(backend, device) else [4])
+    assert exact == [4]
+
+
+def test_numpy_runs_col2im_where_the_phases_do_not_stack_and_tiles_it():
+    from convbackends.backends.numpy import conv_transpose2d as numpy_ct
+
+    case = Case("T", (3, 6, 7, 5), (6, 4, 3, 3), True, dict(stride=2, padding=1, output_padding=1, groups=2,
+                                                             activation="relu"), 2, "conv_transpose2d")
+    x, w, b = case.tensors()
+    with ConvTranspose2d(w, b, **case.kwargs) as layer:
+        prepared = layer._prepared
+        geom = layer.geometry(x)
+        assert prepared.uses_col2im(geom)
+        ref = float64_output(case)
+        assert compare(layer(x), ref)[3]
+    # Z in bands of one input row (and one image): every band adds its taps into rows other bands add to.
+    for tile_bytes in (1, 4 * 4 * 9 * 5 * 7, 4 * 4 * 9 * 5 * 7 * 2):
+        out = np.empty(geom.output_shape, np.float32)
+        numpy_ct.conv_transpose2d_col2im(x, prepared.w_t, prepared.bias, prepared.spec.activation, geom, out,
+                                         tile_bytes)
+        assert compare(out, ref)[3], tile_bytes
+    with ConvTranspose2d(np.zeros((8, 4, 4, 4), np.float32), stride=2, padding=1) as layer:
+        assert not layer._prepared.uses_col2im(layer.geometry(np.zeros((1, 8, 8, 8), np.float32)))
+
+
 def test_public_names():
     assert cb.ConvTranspose2d is ConvTranspose2d and cb.conv_transpose2d is conv_transpose2d
 
@@ -185,3 +274,49 @@ def test_opencl_device_arrays_in_and_out(monkeypatch, as_gpu):
         y = layer(cla.to_device(queue, x))
         assert isinstance(y, cla.Array)
         assert compare(y.get(), conv_transpose2d_float64(x, w, b, **case.kwargs))[3]
+
+
+def test_threads_share_a_layer(target):
+    """8 threads x 20 calls on one layer, every output checked against the float64 oracle."""
+    import sys
+    import threading
+
+    backend, device = target
+    case = Case("T", (1, 6, 5, 4), (6, 4, 4, 4), True, dict(stride=2, padding=1, activation="relu"), 11,
+                "conv_transpose2d")
+    _, w, b = case.tensors()
+    inputs = [np.random.default_rng(t).uniform(-1, 1, case.x_shape).astype(np.float32) for t in range(8)]
+    refs = [conv_transpose2d_float64(x, w, b, **case.kwargs) for x in inputs]
+    wrong = [0] * len(inputs)
+    with ConvTranspose2d(w, b, backend=backend, device=device, **case.kwargs) as layer:
+        def work(t):
+            for _ in range(20):
+                wrong[t] += not compare(layer(inputs[t]), refs[t])[3]
+
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)
+        try:
+            threads = [threading.Thread(target=work, args=(t,)) for t in range(len(inputs))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            sys.setswitchinterval(interval)
+    assert sum(wrong) == 0
+
+
+def test_phase_sets_kept_per_layer_are_bounded(monkeypatch):
+    """A layer keeps one prepared phase set per output_padding in use, at most PHASE_SETS_KEPT."""
+    from convbackends.backends import _phases
+
+    monkeypatch.setattr(_phases, "PHASE_SETS_KEPT", 2)
+    case = Case("T", (1, 3, 4, 4), (3, 2, 3, 3), True, dict(stride=4, padding=1), 2, "conv_transpose2d")
+    x, w, b = case.tensors()
+    with ConvTranspose2d(w, b, **case.kwargs) as layer:
+        for extra in range(4):  # output_padding 0..3: four distinct phase sets
+            size = (4 * (4 - 1) + 2 + 1 - 2 + extra,) * 2  # stride * (H - 1) + (k - 1) + 1 - pads + extra
+            y = layer(x, output_size=size)
+            ref = conv_transpose2d_float64(x, w, b, output_padding=extra, **case.kwargs)
+            assert compare(y, ref)[3]
+            assert len(layer._prepared._sets) <= 2

@@ -97,3 +97,59 @@ def test_winograd_for_host_input_direct_kernels_for_cupy_arrays():
         assert np.abs(layer(x) - ref).max() <= tol
         assert not layer._prepared.uses_winograd(cp.asarray(x), geom)
         assert np.abs(layer(cp.asarray(x)).get() - ref).max() <= tol
+
+
+@needs_gpu
+def test_threads_share_a_layer_each_on_its_own_stream_or_the_default_one():
+    import sys
+    import threading
+
+    import cupy as cp
+
+    rng = np.random.default_rng(7)
+    w = rng.uniform(-1, 1, (32, 16, 3, 3)).astype(np.float32)
+    inputs = [rng.uniform(-1, 1, (2, 16, 9, 10)).astype(np.float32) for _ in range(8)]
+    refs = [conv2d_float64(x, w, padding=1) for x in inputs]
+    wrong = [0] * len(inputs)
+    with Conv2d(w, padding=1, backend="cuda") as layer:
+        def work(t):
+            stream = cp.cuda.Stream(non_blocking=True) if t % 2 else cp.cuda.Stream.null
+            with stream:
+                xd = cp.asarray(inputs[t])
+                for i in range(50):
+                    y = layer(xd).get() if i % 5 == 0 else layer(inputs[t])
+                    wrong[t] += not np.abs(y - refs[t]).max() <= 1e-4 * max(1.0, np.abs(refs[t]).max())
+
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)
+        try:
+            threads = [threading.Thread(target=work, args=(t,)) for t in range(len(inputs))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            sys.setswitchinterval(interval)
+    assert sum(wrong) == 0
+
+
+@needs_gpu
+def test_a_batch_over_the_buffer_cap_runs_in_parts(monkeypatch):
+    import dataclasses
+
+    import cupy as cp
+
+    from convbackends.runtime.cuda import BACKEND
+
+    x, w, b = _tensors((5, 8, 16, 16), (4, 8, 3, 3))
+    kwargs = dict(stride=2, padding=1)
+    ref = conv2d_float64(x, w, b, **kwargs)
+    tol = 1e-4 * max(1.0, np.abs(ref).max())
+    with Conv2d(w, b, backend="cuda", **kwargs) as layer:
+        rt = BACKEND.runtime()
+        geom = layer.geometry(x)
+        padded = layer._prepared._direct.plan.call_buffers(geom)[0].nbytes(1)  # the largest per image
+        monkeypatch.setattr(rt, "limits", dataclasses.replace(rt.limits, max_alloc=2 * padded))
+        assert len(layer._prepared.chunks(geom, winograd=False, one_output=True)) == 3
+        assert np.abs(layer(x) - ref).max() <= tol
+        assert np.abs(layer(cp.asarray(x)).get() - ref).max() <= tol

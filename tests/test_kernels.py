@@ -3,6 +3,7 @@
 PoCL runs the OpenCL build of the same sources (tests/test_opencl.py); compiling the CUDA side
 here for sm_80 and sm_90 catches dialect slips that only NVCC would see.
 """
+import math
 import shutil
 import subprocess
 
@@ -129,9 +130,11 @@ def test_only_padded_layers_get_a_padded_copy():
     assert pointwise.padded(pointwise.spec.geometry((1, 4, 9, 9))) is None
     depthwise = _plan(8, 1, (3, 3), groups=4, stride=2)
     geom = depthwise.spec.geometry((2, 4, 9, 11))
-    lx, ly = depthwise.dw_local
     hp, wp = depthwise.padded(geom)
-    assert hp >= (ly - 1) * 2 + 3 and wp >= (lx - 1) * 2 + 3  # whole work-groups read inside the copy
+    # the real outputs' reads (work-items past them re-read the last row and pixel), whatever the stride
+    assert (hp, wp) == ((geom.oh - 1) * 2 + 3, (geom.ow - 1) * 2 + 3)
+    far = _plan(8, 1, (3, 3), groups=4, stride=2**31 - 1, padding=1)
+    assert far.padded(far.spec.geometry((1, 4, 8, 8))) == (3, 3)
     launch = depthwise.pad_launch(geom)
     gx, gy, _ = launch.global_size
     assert gx * gy >= 2 * 4 * hp * wp and all(g % l == 0 for g, l in zip(launch.global_size, launch.local_size))
@@ -163,23 +166,32 @@ def test_cpu_devices_run_both_gemm_forms_as_cpu_gemm_with_channel_blocked_weight
     assert _plan(8, 1, (3, 3), groups=8, limits=CPU).kernel_name == "conv2d_depthwise"
 
 
-def test_cpu_gemm_pads_rows_to_whole_vector_reads():
+def test_cpu_gemm_reads_unpadded_inputs_in_place_and_pads_rows_to_whole_vector_reads():
     pointwise = _plan(8, 4, (1, 1), limits=CPU)
     assert pointwise.padded(pointwise.spec.geometry((1, 4, 16, 16))) is None
-    assert pointwise.padded(pointwise.spec.geometry((1, 4, 14, 14))) == (14, 16)
+    ragged = pointwise.spec.geometry((1, 4, 14, 14))
+    assert pointwise.padded(ragged) is None and pointwise.vector_blocks(ragged) == 1  # the second block gathers
+    short = pointwise.spec.geometry((1, 4, 7, 7))  # no vector read fits a row: a copy of whole blocks
+    assert pointwise.padded(short) == (7, 8) and pointwise.vector_blocks(short) == 1
     strided = _plan(8, 4, (3, 3), stride=2, limits=CPU)
-    geom = strided.spec.geometry((1, 4, 33, 33))
-    assert (geom.ow, strided.padded(geom)) == (16, (33, 16 * 2 + 2))  # 16 inputs read per tap at stride 2
+    geom = strided.spec.geometry((1, 4, 33, 33))  # 16 outputs a row: a block reads 16 inputs per tap
+    assert strided.padded(geom) is None and strided.vector_blocks(geom) == 1  # 16 + 15 + 2 > 32
+    assert strided.vector_blocks(strided.spec.geometry((1, 4, 35, 35))) == 2
+    padded = _plan(8, 4, (3, 3), stride=2, padding=1, limits=CPU)
+    geom = padded.spec.geometry((1, 4, 33, 33))
+    assert (geom.ow, padded.padded(geom)) == (17, (35, 24 * 2 + 2))  # a copy anyway: rows of whole blocks
+    assert padded.vector_blocks(geom) == 3
     gathered = _plan(8, 4, (3, 3), stride=3, limits=CPU)
-    assert gathered.padded(gathered.spec.geometry((1, 4, 33, 33))) is None
+    geom = gathered.spec.geometry((1, 4, 33, 33))
+    assert gathered.padded(geom) is None and gathered.vector_blocks(geom) == 0
 
 
 def test_cpu_depthwise_and_pad_copy_work_in_rows():
     depthwise = _plan(8, 1, (3, 3), groups=8, stride=2, padding=1, limits=CPU)
     geom = depthwise.spec.geometry((1, 8, 15, 15))
-    lx, ly = depthwise.dw_local
     hp, wp = depthwise.padded(geom)
-    assert depthwise.dw_vec == 8 and wp == lx * 8 * 2 + 2  # the last 16-input read of a row stays inside it
+    # the last real block's 16-input read stays inside the row (blocks past it re-read the last one)
+    assert depthwise.dw_vec == 8 and wp == math.ceil(geom.ow / 8) * 8 * 2 + 2
     launch = depthwise.pad_launch(geom)
     assert launch.local_size == (1, _kernels.PAD_CPU_LOCAL[1], 1) and launch.global_size[0] * launch.local_size[1] >= 8 * hp
 
@@ -201,10 +213,32 @@ def test_winograd_plan_runs_the_36_gemms_as_one_grouped_1x1_layer_over_the_batch
     assert not _kernels.WinogradPlan.eligible(Conv2dSpec.create(np.zeros((64, 64, 3, 3), np.float32)), CPU)
 
 
-def test_winograd_leaves_geometries_whose_transformed_copies_exceed_the_buffer_limit():
+def test_winograd_runs_a_batch_in_parts_whose_transformed_copies_fit_the_buffer_limit():
     plan = _winograd_plan(GPU, o=64, c=64)
-    geom = plan.spec.geometry((2, 64, 32, 32))  # 2 x 64 tiles: V is 36 * 64 * 128 floats
-    v_bytes = 4 * 36 * 64 * 128
-    assert plan.pays(geom, GPU)
-    assert plan.pays(geom, kernel_runtime.DeviceLimits("gpu", 1024, 48 * 1024, v_bytes))
-    assert not plan.pays(geom, kernel_runtime.DeviceLimits("gpu", 1024, 48 * 1024, v_bytes - 1))
+    geom = plan.spec.geometry((2, 64, 32, 32))  # 64 tiles per image: V and M hold 36 * 64 * TPS floats
+    one_image = 4 * 36 * 64 * (64 + 7)  # TPS: the tiles rounded up to whole 8-pixel blocks
+    assert plan.pays(geom, kernel_runtime.DeviceLimits("gpu", 1024, 48 * 1024, one_image))
+    assert not plan.pays(geom, kernel_runtime.DeviceLimits("gpu", 1024, 48 * 1024, one_image - 1))
+    buffers = plan.call_buffers(geom)
+    assert {b.name for b in buffers} == {"padded input copy", "Winograd V", "Winograd M"}
+    assert kernel_runtime.images_per_chunk(2, buffers, one_image, "LIMIT", "opencl") == 1
+    assert kernel_runtime.images_per_chunk(2, buffers, 4 * 36 * 64 * (128 + 7), "LIMIT", "opencl") == 2
+    assert kernel_runtime.images_per_chunk(2, buffers, 1 << 40, "LIMIT", "opencl") == 2
+    # V and M keep their own cap (WINOGRAD_MAX_BUFFER_BYTES) however large the device's buffers
+    big = plan.spec.geometry((256, 64, 128, 128))  # 1024 tiles per image
+    parts = kernel_runtime.images_per_chunk(256, plan.call_buffers(big), 1 << 40, "LIMIT", "opencl")
+    assert parts < 256
+    assert 4 * 36 * 64 * (parts * 1024 + 7) <= _kernels.WINOGRAD_MAX_BUFFER_BYTES < 4 * 36 * 64 * (parts + 1) * 1024
+
+
+def test_a_buffer_one_image_overfills_is_refused_with_its_name_and_the_limit():
+    plan = _plan(16, 8, (3, 3), padding=2, limits=CPU)
+    geom = plan.spec.geometry((4, 8, 30, 30))
+    padded = 4 * 8 * 34 * 34
+    assert [b.name for b in plan.call_buffers(geom)] == ["padded input copy"]
+    assert plan.call_buffers(geom)[0].nbytes(1) >= padded
+    need = plan.call_buffers(geom)[0].nbytes(1)
+    assert kernel_runtime.images_per_chunk(4, plan.call_buffers(geom), 2 * need, "LIMIT_NAME", "opencl") == 2
+    message = rf"opencl: one image needs a padded input copy of {need} bytes, .*LIMIT_NAME: {need - 1} bytes"
+    with pytest.raises(ValueError, match=message):
+        kernel_runtime.images_per_chunk(4, plan.call_buffers(geom), need - 1, "LIMIT_NAME", "opencl")

@@ -107,6 +107,38 @@ def test_forced_tiles_split_images_rows_and_columns(x_shape, w_shape, kwargs, ti
     _assert_matches(layer(x), conv2d_float64(x, w, b, activation="silu", **kwargs))
 
 
+@pytest.mark.parametrize(
+    "x_shape, w_shape, kwargs",
+    [
+        ((2, 12, 9, 11), (8, 3, 3, 3), dict(padding=1, groups=4)),
+        ((1, 12, 10, 13), (12, 4, 3, 5), dict(padding=(2, 3, 0, 5), dilation=(1, 2), groups=3)),  # asymmetric
+        ((2, 64, 8, 7), (32, 32, 3, 3), dict(padding=2, dilation=2, groups=2)),  # 32 channels per group
+    ],
+)
+@pytest.mark.parametrize("forced", [False, True])
+def test_grouped_tap_gemms(x_shape, w_shape, kwargs, forced, monkeypatch):
+    # Forced: bands of one output row and blocks of one group.
+    if forced:
+        monkeypatch.setattr(nc, "GEMM_SERIAL_ELEMS", 1)
+        monkeypatch.setattr(nc, "TAP_GEMM_BLOCK_ELEMS", 1)
+    x, w, b = _tensors(x_shape, w_shape)
+    layer = Conv2d(w, b, activation="silu", **kwargs)
+    assert layer._prepared.path == "tap_gemms"
+    _assert_matches(layer(x), conv2d_float64(x, w, b, activation="silu", **kwargs))
+
+
+def test_grouped_layers_with_many_channels_per_group_take_implicit_gemm():
+    x, w, b = _tensors((1, 128, 9, 9), (16, 64, 3, 3))
+    assert Conv2d(w, b, padding=1, groups=2)._prepared.path == "implicit_gemm"
+    assert Conv2d(w[:, :8], b, padding=1, stride=2, groups=16)._prepared.path == "implicit_gemm"
+
+
+def test_grouped_tap_gemms_keep_non_finite_mask():
+    x, w, b = _tensors((1, 8, 9, 9), (8, 2, 3, 3))
+    x[0, 1, 0, 8], x[0, 2, 5, 0], x[0, 7, 8, 8] = np.inf, np.nan, -np.inf
+    _assert_same_non_finite(x, w, b, padding=1, groups=4)
+
+
 @pytest.mark.parametrize("hw", [(12, 12), (13, 18), (31, 29)])
 def test_winograd_and_gemm_agree_with_float64(hw):
     x, w, b = _tensors((2, 64, *hw), (72, 64, 3, 3))
@@ -150,6 +182,19 @@ def test_dilated_winograd_layer_falls_back_to_gemm_on_non_finite_input():
     x, w, b = _tensors((1, 64, 32, 32), (64, 64, 3, 3))
     x[0, 3, 10, 10], x[0, 7, 21, 5] = np.nan, np.inf
     _assert_same_non_finite(x, w, b, dilation=2, padding=2)
+
+
+@pytest.mark.parametrize("o, c", [(72, 64), (5, 3)])
+def test_winograd_weights_match_float64_transform(o, c):
+    # The float32 GEMM against G w G^T in float64, written out per (o, c) and independent of it.
+    _, w, _ = _tensors((1, c, 3, 3), (o, c, 3, 3), seed=4)
+    g = _winograd.G
+    ref = np.stack([[g @ w[i, j].astype(np.float64) @ g.T for j in range(c)] for i in range(o)])
+    u = _winograd.weights(w)
+    assert u.shape == (36, c, o) and u.dtype == np.float32
+    assert np.abs(u - ref.reshape(o, c, 36).transpose(2, 1, 0)).max() <= 1e-6
+    # The (36, O, C) under the view is contiguous: the device backends' GEMM weights without a copy.
+    assert u.transpose(0, 2, 1).flags.c_contiguous
 
 
 def test_winograd_error_with_512_channels():
@@ -282,3 +327,44 @@ def test_activation_extremes_without_warnings(activation):
     assert np.array_equal(np.isnan(y), np.isnan(ref)) and np.isnan(y[-1])
     finite = np.abs(ref) <= big  # leaky_relu(-big, 3) overflows float32 itself; NaN compares False
     assert np.all(np.abs(y[finite] - ref[finite]) <= 1e-6 * np.maximum(1, np.abs(ref[finite])))
+
+
+@pytest.fixture
+def restore_threads():
+    yield
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        nc.set_num_threads(None)
+
+
+def test_set_num_threads_sets_pool_and_blas(restore_threads):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    x, w, b = _tensors((1, 32, 20, 20), (32, 1, 3, 3))
+    nc.set_num_threads(1)
+    assert nc.get_num_threads() == 1
+    assert {pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"} == {1}
+    _assert_matches(Conv2d(w, b, padding=1, groups=32)(x), conv2d_float64(x, w, b, padding=1, groups=32))
+    nc.set_num_threads(None)
+    assert nc.get_num_threads() == nc._cores()
+
+
+def test_set_num_threads_without_threadpoolctl_warns(restore_threads, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "threadpoolctl", None)  # import fails
+    with pytest.warns(RuntimeWarning, match="threadpoolctl is not installed"):
+        nc.set_num_threads(3)
+    assert nc.get_num_threads() == 3
+    x, w, b = _tensors((2, 16, 30, 30), (16, 2, 3, 3))
+    _assert_matches(Conv2d(w, b, padding=1, groups=8)(x), conv2d_float64(x, w, b, padding=1, groups=8))
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    (0, ValueError, "num_threads must be >= 1, got 0"),
+    (-2, ValueError, "num_threads must be >= 1, got -2"),
+    (1.5, TypeError, "num_threads must be an int or None, got float 1.5"),
+    (True, TypeError, "num_threads must be an int or None, got bool True"),
+    ("2", TypeError, "num_threads must be an int or None, got str '2'"),
+])
+def test_set_num_threads_rejects_bad_counts(bad, error, message):
+    with pytest.raises(error) as info:
+        nc.set_num_threads(bad)
+    assert str(info.value) == message

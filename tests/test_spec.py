@@ -9,7 +9,8 @@ import pytest
 
 import convbackends
 from convbackends import Conv2d, Conv2dSpec, conv2d
-from convbackends.spec import ACTIVATION_CODES
+from convbackends.runtime import get_backend
+from convbackends.spec import ACTIVATION_CODES, INT32_MAX, Activation
 
 ROOT = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(0)
@@ -67,6 +68,76 @@ def test_same_error_on_every_backend(target, row):
     with pytest.raises(exc) as got:
         conv2d(x, w, b, backend=backend, device=device, **kwargs)
     assert str(got.value) == str(expected.value)
+
+
+# Activation(...) itself, not only parse(), refuses what no backend could run.
+BAD_ACTIVATIONS = [
+    (("clip",), ValueError, r"activation 'clip' needs parameters"),
+    (("leaky_relu",), ValueError, r"activation 'leaky_relu' needs parameters"),
+    (("clip", 0.5), ValueError, r"activation 'clip' needs parameters"),
+    (("gelu",), ValueError, r"activation must be one of .*got 'gelu'"),
+    ((3,), ValueError, r"activation must be one of .*got 3"),
+    (("relu", 0.5), ValueError, r"activation must be one of .*got \('relu', 0.5\)"),
+    (("leaky_relu", 0.1, 2.0), ValueError, r"activation must be one of .*got \('leaky_relu', 0.1, 2.0\)"),
+    (("clip", 1.0, 0.0), ValueError, r"needs lo <= hi, got \('clip', 1.0, 0.0\)"),
+    (("clip", -np.inf, np.inf), ValueError, r"finite float32 values \(\|v\| <= 3.4028235e\+38\), got \('clip', -inf, inf\)"),
+    (("leaky_relu", 4e38), ValueError, r"finite float32 values .*got \('leaky_relu', 4e\+38\)"),
+    (("leaky_relu", "0.1"), TypeError, r"activation parameters must be real numbers, got \('leaky_relu', '0.1'\)"),
+    (("leaky_relu", True), TypeError, r"activation parameters must be real numbers"),
+]
+
+
+@pytest.mark.parametrize("args,exc,pattern", BAD_ACTIVATIONS, ids=[repr(row[0]) for row in BAD_ACTIVATIONS])
+def test_activation_validates_itself(args, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        Activation(*args)
+
+
+def test_activation_is_normalised():
+    """Names in any case, parameters as floats, the ones an activation does not take as 0.0; parse
+    builds the same value."""
+    assert Activation("ReLU") == Activation("relu", 0.0, 0.0) == Activation.parse("RELU")
+    assert Activation("relu").alpha == Activation("relu").beta == 0.0
+    clip = Activation("clip", np.float32(-1), np.int64(2))
+    assert (clip.kind, clip.alpha, clip.beta) == ("clip", -1.0, 2.0) and type(clip.beta) is float
+    assert Activation.parse(("Clip", -1, 2)) == clip
+    assert Activation("leaky_relu", 0.1) == Activation.parse(("leaky_relu", 0.1))
+    assert Activation.parse(None) == Activation()
+
+
+def test_float32_extremes_are_valid_clip_bounds():
+    """float32's largest magnitude is a finite bound: it clips nothing."""
+    bound = float(np.finfo(np.float32).max)
+    y = conv2d(X, W, B, groups=2, activation=("clip", -bound, bound))
+    np.testing.assert_array_equal(y, conv2d(X, W, B, groups=2))
+
+
+def test_int32_limits_are_inclusive():
+    """Exactly INT32_MAX is accepted (stride, dilation, padding, one image's elements), one more is not."""
+    w1 = np.zeros((1, 1, 1, 1), np.float32)
+    spec = Conv2dSpec.create(w1, stride=INT32_MAX, dilation=INT32_MAX, padding=(0, 0, 0, INT32_MAX - 8))
+    assert spec.geometry((1, 1, 1, 8)).output_shape == (1, 1, 1, 1)
+    assert Conv2dSpec.create(w1).geometry((3, 1, 1, INT32_MAX)).output_shape == (3, 1, 1, INT32_MAX)
+    with pytest.raises(ValueError, match=r"x of shape \(1, 1, 1, 2147483647\) padded by \(0, 0, 0, 1\) has 2147483648"):
+        Conv2dSpec.create(w1, padding=(0, 0, 0, 1)).geometry((1, 1, 1, INT32_MAX))
+    with pytest.raises(ValueError, match=r"the output of shape \(1, 2, 1, 2147483647\) has 4294967294 elements"):
+        Conv2dSpec.create(np.zeros((2, 1, 1, 1), np.float32)).geometry((1, 1, 1, INT32_MAX))
+    extent = Conv2dSpec.create(np.zeros((1, 1, 2, 1), np.float32), dilation=(INT32_MAX - 1, 1))
+    assert (extent.kh - 1) * extent.dilation[0] + 1 == INT32_MAX
+    with pytest.raises(ValueError, match=r"extent \(2147483648, 1\)"):
+        Conv2dSpec.create(np.zeros((1, 1, 2, 1), np.float32), dilation=(INT32_MAX, 1))
+
+
+@pytest.mark.parametrize("index", [np.int64(0), np.int32(0), np.uint8(0)], ids=lambda i: type(i).__name__)
+def test_device_index_may_be_a_numpy_integer(index):
+    assert get_backend("numpy").select(index).index == 0
+    np.testing.assert_array_equal(conv2d(X, W, B, groups=2, device=index), conv2d(X, W, B, groups=2))
+
+
+def test_device_refuses_bools_and_floats():
+    for device in (True, np.True_, 0.0):
+        with pytest.raises(TypeError, match="device must be None, an int index or a name substring"):
+            get_backend("numpy").select(device)
 
 
 def test_unavailable_backend_names_the_reason():

@@ -5,6 +5,7 @@ found by `backends.implementation(op, backend)`.
 """
 from __future__ import annotations
 
+import numbers
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -67,12 +68,12 @@ class Backend(ABC):
             return min(found, key=lambda d: (DEVICE_TYPE_ORDER.index(d.type), d.index))
         if isinstance(device, DeviceInfo):
             device = device.index
-        if isinstance(device, bool) or not isinstance(device, (int, str)):
+        if isinstance(device, bool) or not isinstance(device, (numbers.Integral, str)):
             raise TypeError(f"device must be None, an int index or a name substring, got {device!r}")
-        if isinstance(device, int):
+        if isinstance(device, numbers.Integral):  # numpy integers too
             if not 0 <= device < len(found):
                 raise ValueError(f"device {device!r} is out of range for backend {self.name!r} (devices: {listing})")
-            return found[device]
+            return found[int(device)]
         for d in found:
             if device.lower() in d.name.lower():
                 return d

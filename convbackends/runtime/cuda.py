@@ -20,8 +20,12 @@ _COMPILE_OPTIONS = ("-std=c++17",)
 
 
 class Runtime(KernelRuntime):
-    """One GPU's compiled kernels. A CuPy launch passes its arguments with the launch, so launches
-    from several threads need no lock."""
+    """One GPU's compiled kernels. Threads share it: CuPy passes a kernel's arguments with each launch,
+    and its memory pool hands a freed block only to later work on the same stream, so per-call buffers
+    need no lock; builds take one."""
+
+    # CUDA has no per-buffer limit: a quarter of the memory caps each buffer, so a call's set fits.
+    max_alloc_name = "a quarter of the GPU's memory"
 
     def __init__(self, info: DeviceInfo):
         self.info = info
@@ -48,20 +52,29 @@ class Runtime(KernelRuntime):
         return kernel.max_threads_per_block
 
     def upload(self, array: np.ndarray):
+        """A device copy that is complete on return, so work on any stream (any thread's) may read it."""
         with self.device:
-            return cp.asarray(array)
+            out = cp.asarray(array)
+            cp.cuda.get_current_stream().synchronize()
+            return out
 
     def empty(self, shape):
+        """A float32 array from CuPy's pool, ordered on the current stream."""
         with self.device:
             return cp.empty(shape, np.float32)
 
-    def write(self, dst, array: np.ndarray) -> None:
-        with self.device:
-            dst.set(array, stream=cp.cuda.get_current_stream())
+    empty_array = empty
 
-    def read(self, src) -> np.ndarray:
+    def run_host(self, x: np.ndarray, y: np.ndarray, launch) -> None:
         with self.device:
-            return src.get(stream=cp.cuda.get_current_stream())
+            stream = cp.cuda.get_current_stream()
+            xdev, ydev = self.empty(x.shape), self.empty(y.shape)
+            xdev.set(x, stream=stream)
+            launch(xdev, ydev)
+            ydev.get(stream=stream, out=y)
+
+    def run_part(self, x, y, start: int, count: int, launch) -> None:
+        launch(x[start:start + count], y[start:start + count])  # slices along the batch: plain pointers
 
     def device_input(self, x):
         if x.device.id != self.info.index:

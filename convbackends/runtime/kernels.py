@@ -93,22 +93,58 @@ def copy_launch(shape, strides, offset) -> Launch:
 
 
 class GeometryCache:
-    """Per-input-size device objects (gather tables, staging buffers), a few sizes kept."""
+    """Per-input-size device objects (gather tables), a few sizes kept; safe to share between threads."""
 
     def __init__(self, make, size: int = 8):
         self._make = make
         self._size = size
         self._items: dict = {}
+        self._lock = threading.Lock()
 
     def get(self, geom):
-        if geom not in self._items:
-            if len(self._items) >= self._size:
-                del self._items[next(iter(self._items))]
-            self._items[geom] = self._make(geom)
-        return self._items[geom]
+        with self._lock:
+            item = self._items.get(geom)
+        if item is None:
+            item = self._make(geom)  # outside the lock: an upload may wait for the queue
+            with self._lock:
+                item = self._items.setdefault(geom, item)  # a thread that made it first wins
+                while len(self._items) > self._size:
+                    del self._items[next(iter(self._items))]
+        return item
 
     def clear(self) -> None:
-        self._items.clear()
+        with self._lock:
+            self._items.clear()
+
+
+@dataclass(frozen=True)
+class CallBuffer:
+    """A device buffer one call allocates: `per_image` bytes for each image of the batch plus up to
+    `extra`, within `cap` bytes where the path sets its own cap (else the device's largest buffer)."""
+
+    name: str
+    per_image: int
+    extra: int = 0
+    cap: int | None = None
+
+    def nbytes(self, images: int) -> int:
+        return self.per_image * images + self.extra
+
+
+def images_per_chunk(n: int, buffers: list[CallBuffer], max_alloc: int, limit_name: str, backend: str) -> int:
+    """The most images of the batch one call may take so that each buffer stays within its cap and the
+    device's largest buffer; a ValueError naming the buffer and the limit when one image is too many."""
+    fit = n
+    for buf in buffers:
+        cap = max_alloc if buf.cap is None else min(buf.cap, max_alloc)
+        images = (cap - buf.extra) // max(buf.per_image, 1)
+        if images < 1:
+            raise ValueError(
+                f"{backend}: one image needs a {buf.name} of {buf.nbytes(1)} bytes, more than the device's largest "
+                f"buffer ({limit_name}: {max_alloc} bytes)"
+            )
+        fit = min(fit, images)
+    return fit
 
 
 class KernelRuntime(ABC):
@@ -120,6 +156,7 @@ class KernelRuntime(ABC):
 
     info: DeviceInfo
     limits: DeviceLimits
+    max_alloc_name: str  # what limits.max_alloc is called on this API, for error messages
 
     @abstractmethod
     def kernel(self, source: str, name: str, options: tuple[str, ...] = ()):
@@ -131,19 +168,24 @@ class KernelRuntime(ABC):
 
     @abstractmethod
     def upload(self, array: np.ndarray):
-        """A new device array holding a copy of `array`."""
+        """A read-only device buffer holding a copy of `array`, complete before any later launch reads it."""
 
     @abstractmethod
     def empty(self, shape):
-        """A new float32 device array."""
+        """A float32 scratch buffer from the device's pool, for one call (freed when dropped)."""
 
     @abstractmethod
-    def write(self, dst, array: np.ndarray) -> None:
-        """Copy a host array into the device array `dst` (ordered before later launches)."""
+    def empty_array(self, shape):
+        """A float32 device array of the API's array type, to hand to the user."""
 
     @abstractmethod
-    def read(self, src) -> np.ndarray:
-        """A host copy of a device array, after every launch before it."""
+    def run_host(self, x: np.ndarray, y: np.ndarray, launch) -> None:
+        """Run `launch(x_device, y_device)` on host arrays x (read) and y (written), finished on return:
+        in place where host memory is device memory, else through pooled device copies."""
+
+    @abstractmethod
+    def run_part(self, x, y, start: int, count: int, launch) -> None:
+        """Run `launch(x_part, y_part)` on images [start, start + count) of device arrays x and y."""
 
     @abstractmethod
     def device_input(self, x):
@@ -152,7 +194,8 @@ class KernelRuntime(ABC):
 
     @abstractmethod
     def launch(self, kernel, launch: Launch, buffers: list) -> None:
-        """Enqueue one kernel over device arrays then scalars; safe to call from several threads."""
+        """Enqueue one kernel over device buffers or arrays (None: an empty input no kernel reads) then
+        scalars; as one step with respect to other threads."""
 
     @abstractmethod
     def returned(self, y):

@@ -8,6 +8,7 @@ not, and PoCL and NVIDIA keep their own build caches.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 
 import numpy as np
@@ -30,9 +31,13 @@ def _device_type(device: cl.Device) -> str:
 class Runtime(KernelRuntime):
     """One device's context, in-order profiling queue, memory pool and built kernels.
 
-    A pyopencl kernel call sets the kernel object's arguments, then enqueues it: two threads sharing
-    a kernel object could interleave those steps, so every launch holds `_launch_lock`.
+    Threads share it: builds and launches take locks, since one built kernel object serves every layer
+    that needs it, and setting a kernel's arguments then enqueueing it is two OpenCL calls that another
+    thread's launch of that kernel must not come between. The queue is in order, so a pooled buffer
+    freed after its last enqueue is safe to hand to the next allocation.
     """
+
+    max_alloc_name = "CL_DEVICE_MAX_MEM_ALLOC_SIZE"
 
     def __init__(self, device: cl.Device, info: DeviceInfo):
         self.device = device
@@ -42,6 +47,8 @@ class Runtime(KernelRuntime):
         self.pool = MemoryPool(ImmediateAllocator(self.queue))
         self.limits = DeviceLimits(info.type, device.max_work_group_size, device.local_mem_size,
                                    device.max_mem_alloc_size)
+        # Host and device share memory (CPU devices, integrated GPUs): host arrays are used in place.
+        self.unified = bool(device.host_unified_memory)
         self._kernels: dict[tuple[str, str, tuple[str, ...]], cl.Kernel] = {}
         self._build_lock = threading.Lock()
         self._launch_lock = threading.Lock()
@@ -63,21 +70,44 @@ class Runtime(KernelRuntime):
     def max_threads(self, kernel: cl.Kernel) -> int:
         return kernel.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE, self.device)
 
-    def upload(self, array: np.ndarray) -> cla.Array:
-        return cla.to_device(self.queue, array, allocator=self.pool)
+    def upload(self, array: np.ndarray) -> cl.Buffer:
+        return cl.Buffer(self.context, cl.mem_flags.READ_ONLY | cl.mem_flags.COPY_HOST_PTR, hostbuf=array)
 
-    def empty(self, shape) -> cla.Array:
+    def empty(self, shape):
+        """A pooled buffer for float32 `shape` (a plain buffer: a pyopencl Array costs ~20 us to make)."""
+        return self.pool.allocate(4 * math.prod(shape))
+
+    def empty_array(self, shape) -> cla.Array:
         return cla.empty(self.queue, shape, np.float32, allocator=self.pool)
 
-    def write(self, dst: cla.Array, array: np.ndarray) -> None:
-        if array.size:
-            cl.enqueue_copy(self.queue, dst.base_data, array, is_blocking=False)
+    def _host_buffer(self, array: np.ndarray, flags) -> cl.Buffer:
+        """A buffer over a contiguous, non-empty host array's own memory (CL_MEM_USE_HOST_PTR)."""
+        return cl.Buffer(self.context, flags | cl.mem_flags.USE_HOST_PTR, hostbuf=array)
 
-    def read(self, src: cla.Array) -> np.ndarray:
-        out = np.empty(src.shape, np.float32)
-        if out.size:
-            cl.enqueue_copy(self.queue, out, src.base_data)
-        return out
+    def run_host(self, x: np.ndarray, y: np.ndarray, launch) -> None:
+        mf = cl.mem_flags
+        if self.unified and x.size:
+            ydev = self._host_buffer(y, mf.WRITE_ONLY)
+            launch(self._host_buffer(x, mf.READ_ONLY), ydev)
+            mapped, _ = cl.enqueue_map_buffer(self.queue, ydev, cl.map_flags.READ, 0, y.shape, y.dtype,
+                                              is_blocking=False)
+            mapped.base.release(self.queue).wait()  # the map makes y current; the unmap ends the call
+            return
+        xdev, ydev = (self.empty(x.shape) if x.size else None), self.empty(y.shape)
+        if x.size:
+            cl.enqueue_copy(self.queue, xdev, x, is_blocking=False)
+        launch(xdev, ydev)
+        cl.enqueue_copy(self.queue, y, ydev)
+
+    def run_part(self, x: cla.Array, y: cla.Array, start: int, count: int, launch) -> None:
+        if start == 0 and count == x.shape[0]:
+            launch(x, y)
+            return
+        part = self.device_input(x[start:start + count])
+        out = self.empty((count, *y.shape[1:]))
+        launch(part, out)
+        nbytes = 4 * math.prod((count, *y.shape[1:]))
+        cl.enqueue_copy(self.queue, y.base_data, out, byte_count=nbytes, dst_offset=y.offset + start * nbytes // count)
 
     def device_input(self, x: cla.Array) -> cla.Array:
         if x.context != self.context:
@@ -87,15 +117,14 @@ class Runtime(KernelRuntime):
         if x.flags.c_contiguous and x.offset == 0:
             return x
         kernel = self.kernel(source("copy_strided.h"), "copy_strided")
-        out = self.empty(x.shape)
+        out = self.empty_array(x.shape)
         shape = (1,) * (4 - x.ndim) + tuple(x.shape)
         strides = (0,) * (4 - x.ndim) + tuple(s // x.dtype.itemsize for s in x.strides)
         self.launch(kernel, copy_launch(shape, strides, x.offset // x.dtype.itemsize), [x, out])
         return out
 
     def launch(self, kernel, launch, buffers) -> None:
-        # A 0-sized array has no buffer; no kernel reads it, so a placeholder stands in.
-        args = [a.base_data if a.size else self._placeholder for a in buffers]
+        args = [self._placeholder if a is None else a.base_data if isinstance(a, cla.Array) else a for a in buffers]
         with self._launch_lock:
             event = kernel(self.queue, launch.global_size, launch.local_size, *args, *launch.scalars)
         events = getattr(self._timing, "events", None)
@@ -130,7 +159,7 @@ class OpenCLBackend(KernelBackend):
             platforms = cl.get_platforms()
         except cl.Error as exc:
             raise BackendUnavailable(f"no OpenCL platform: {exc}") from exc
-        found = []
+        found, cl_devices = [], []
         for platform in platforms:
             try:
                 devices = platform.get_devices()
@@ -148,8 +177,9 @@ class OpenCLBackend(KernelBackend):
                     "local_memory": device.local_mem_size,
                     "max_buffer": device.max_mem_alloc_size,
                 }
-                self._cl_devices.append(device)
+                cl_devices.append(device)
                 found.append(DeviceInfo(self.name, len(found), device.name.strip(), _device_type(device), facts))
+        self._cl_devices = cl_devices  # whole, so a second thread's enumeration cannot interleave
         return found
 
     def _make_runtime(self, info: DeviceInfo) -> Runtime:

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ...runtime.kernels import DeviceLimits, GeometryCache, KernelRuntime, Launch, i32 as _i32, source as _source
+from ...runtime.kernels import (CallBuffer, DeviceLimits, GeometryCache, KernelRuntime, Launch, i32 as _i32,
+                                images_per_chunk, source as _source)
 from ...spec import Conv2dGeometry, Conv2dSpec
 from .. import Prepared, _winograd
 
@@ -47,8 +47,9 @@ WINOGRAD_LOCAL = 64
 # 0.94-1.2x at 64. GPU: conventional, not yet measured.
 WINOGRAD_MIN_CHANNELS = {"cpu": 128, "gpu": 32}
 WINOGRAD_MIN_TILES = {"cpu": 16, "gpu": 16}
-# Its transformed input and products (V, M) are 36 / 16 times the input and output: past this size
-# (or the device's largest buffer) a geometry takes the direct kernels, which need no such copies.
+# Its transformed input and products (V, M) are 36 / 16 times the input and output: a batch runs in
+# parts that keep them under this size (and the device's largest buffer); where one image's do not
+# fit, the geometry takes the direct kernels, which need no such copies.
 WINOGRAD_MAX_BUFFER_BYTES = 1 << 30
 
 
@@ -204,24 +205,35 @@ class Plan:
         return self.algorithm in ("implicit_gemm", "cpu_gemm")
 
     def padded(self, geom: Conv2dGeometry) -> tuple[int, int] | None:
-        """(HP, WP) of the zero-padded input copy the kernel reads, or None when it reads x itself.
-        Depthwise pads to whole work-groups and conv2d_cpu_gemm to whole 8-pixel blocks, so their
-        taps need no checks even past the output."""
+        """(HP, WP) of the zero-padded input copy the kernel reads, or None when it reads x itself. It spans
+        the reads of the real outputs only (work-items past them re-read the last row or pixel), and
+        whole 8-pixel blocks where a CPU kernel reads vectors, so no tap needs a bounds check."""
         unpadded = not any((geom.pt, geom.pl, geom.pb, geom.pr))
-        # conv2d_cpu_gemm reads whole 8-pixel rows (16 inputs at stride 2), so they need room.
-        ragged = self.algorithm == "cpu_gemm" and (geom.sw == 2 or (geom.sw == 1 and geom.ow % 8))
-        if self.algorithm == "gemm_1x1" or (self.algorithm != "depthwise" and unpadded and not ragged):
+        # conv2d_cpu_gemm reads an unpadded input in place (a ragged row's last block gathers) unless
+        # its rows are too short for one vector read: a copy in whole blocks, small there, is faster.
+        short = self.algorithm == "cpu_gemm" and geom.sw <= 2 and geom.w < 8 * geom.sw + (geom.kw - 1) * geom.dw
+        if self.algorithm == "gemm_1x1" or (self.algorithm != "depthwise" and unpadded and not short):
             return None
-        oh, ow = geom.oh, geom.ow
-        if self.algorithm == "depthwise":
-            lx, ly = self.dw_local
-            lx *= self.dw_vec
-            oh, ow = math.ceil(oh / ly) * ly, math.ceil(ow / lx) * lx
-            if self.dw_vec > 1 and geom.sw == 2:  # the last stride-2 read (16 inputs) reaches one element further
-                return (oh - 1) * geom.sh + (geom.kh - 1) * geom.dh + 1, ow * 2 + (geom.kw - 1) * geom.dw
-        elif self.algorithm == "cpu_gemm":
-            return (oh - 1) * geom.sh + (geom.kh - 1) * geom.dh + 1, math.ceil(ow / 8) * 8 * geom.sw + (geom.kw - 1) * geom.dw
-        return (oh - 1) * geom.sh + (geom.kh - 1) * geom.dh + 1, (ow - 1) * geom.sw + (geom.kw - 1) * geom.dw + 1
+        oh, ow, sw = geom.oh, geom.ow, geom.sw
+        rows = (oh - 1) * geom.sh + (geom.kh - 1) * geom.dh + 1  # items past the output re-read the last row
+        reach = (geom.kw - 1) * geom.dw
+        if sw <= 2 and (self.algorithm == "cpu_gemm" or (self.algorithm == "depthwise" and self.dw_vec > 1)):
+            # vector reads: whole 8-pixel blocks, 16 inputs each at stride 2
+            return rows, math.ceil(ow / 8) * 8 * sw + reach
+        return rows, (ow - 1) * sw + reach + 1  # gathers clamp to the row's last pixel
+
+    def vector_blocks(self, geom: Conv2dGeometry) -> int:
+        """conv2d_cpu_gemm: the leading 8-pixel blocks of an output row whose vector reads (8 inputs at
+        stride 1, 16 at stride 2, from each tap's column) stay inside the input row it reads."""
+        if geom.sw > 2:
+            return 0
+        width, reach = self._input_dims(geom)[1], (geom.kw - 1) * geom.dw
+        return max(0, min(math.ceil(geom.ow / 8), (width - reach - 8 * geom.sw) // (8 * geom.sw) + 1))
+
+    def call_buffers(self, geom: Conv2dGeometry) -> list[CallBuffer]:
+        """What one call allocates besides its input and output: the padded copy, where there is one."""
+        dims = self.padded(geom)
+        return [CallBuffer("padded input copy", 4 * geom.c * dims[0] * dims[1])] if dims else []
 
     def _input_dims(self, geom: Conv2dGeometry) -> tuple[int, int]:
         return self.padded(geom) or (geom.h, geom.w)
@@ -255,7 +267,7 @@ class Plan:
             return Launch(
                 (math.ceil(nblocks / lx) * lx, self.ogpad // 8, 1), (lx, ly, 1),
                 _i32(geom.c, hp, wp, geom.o, geom.oh, geom.ow, geom.sh, geom.sw, geom.groups, self.kpad, self.ogpad,
-                     owb, nblocks) + params,
+                     owb, self.vector_blocks(geom), nblocks) + params,
             )
         if self.tiles is None:
             lx, ly = self.dw_local
@@ -313,10 +325,21 @@ class WinogradPlan:
         return _winograd.fits(spec) and min(spec.in_channels, spec.out_channels) >= WINOGRAD_MIN_CHANNELS[kind]
 
     def pays(self, geom: Conv2dGeometry, limits: DeviceLimits) -> bool:
-        """Enough tiles to pay for the transforms, and V and M within the buffer limits."""
-        largest = 4 * 36 * max(geom.c, geom.o) * self.tile_plane(geom)
+        """Enough tiles to pay for the transforms, and one image's V and M within the buffer limits
+        (a larger batch runs in chunks)."""
         return (self.pixels(geom) >= WINOGRAD_MIN_TILES["cpu" if limits.is_cpu else "gpu"]
-                and largest <= min(WINOGRAD_MAX_BUFFER_BYTES, limits.max_alloc))
+                and all(b.nbytes(1) <= min(b.cap, limits.max_alloc) for b in self._transformed(geom)))
+
+    def _transformed(self, geom: Conv2dGeometry) -> list[CallBuffer]:
+        """V and M: 36 planes of TPS floats per channel, TPS at most 7 more than the batch's tiles."""
+        th, tw = _winograd.tile_grid(geom)
+        return [CallBuffer(name, 4 * 36 * channels * th * tw, 4 * 36 * channels * 7, WINOGRAD_MAX_BUFFER_BYTES)
+                for name, channels in (("Winograd V", geom.c), ("Winograd M", geom.o))]
+
+    def call_buffers(self, geom: Conv2dGeometry) -> list[CallBuffer]:
+        """What one call allocates besides its input and output: the padded copy, V and M."""
+        hp, wp = self.padded(geom)
+        return [CallBuffer("padded input copy", 4 * geom.c * hp * wp), *self._transformed(geom)]
 
     @staticmethod
     def pixels(geom: Conv2dGeometry) -> int:
@@ -352,21 +375,22 @@ class WinogradPlan:
 
 
 class _Stage:
-    """A `Plan` on one device: its kernels, uploaded weights, and per-geometry gather tables and padded
-    copies. `steps` is its launch sequence: the pad copy when the kernel needs one, then the kernel."""
+    """A `Plan` on one device: its kernels, uploaded weights and per-geometry gather tables, all
+    read-only once made, so concurrent calls share them. `steps` is its launch sequence: the pad copy
+    (into a buffer of that call's own) when the kernel needs one, then the kernel."""
 
-    def __init__(self, owner: "KernelPrepared", plan: Plan, kernel):
-        self.plan, self.kernel = plan, kernel
-        self.pad = owner._rt.kernel(plan.pad_source, "pad_input", plan.pad_options)
-        self.weights = owner._rt.upload(plan.weights)
-        self.bias = owner._rt.upload(plan.bias)
-        self.ktabs = GeometryCache(lambda geom: owner._rt.upload(plan.ktab(geom)))
-        self.padded = GeometryCache(lambda geom: owner._rt.empty((geom.n, geom.c, *plan.padded(geom))))
+    def __init__(self, rt, plan: Plan, kernel):
+        self.plan, self.kernel, self._rt = plan, kernel, rt
+        self.pad = rt.kernel(plan.pad_source, "pad_input", plan.pad_options)
+        self.weights = rt.upload(plan.weights)
+        self.bias = rt.upload(plan.bias)
+        self.ktabs = GeometryCache(lambda geom: rt.upload(plan.ktab(geom)))
 
     def steps(self, x, y, geom: Conv2dGeometry) -> list[tuple[object, Launch, list]]:
         plan, steps = self.plan, []
-        if plan.padded(geom):
-            xp = self.padded.get(geom)
+        dims = plan.padded(geom)
+        if dims:
+            xp = self._rt.empty((geom.n, geom.c, *dims))
             steps.append((self.pad, plan.pad_launch(geom), [x, xp]))
             x = xp
         buffers = [x, self.weights, self.bias, *([self.ktabs.get(geom)] if plan.uses_ktab else []), y]
@@ -375,28 +399,24 @@ class _Stage:
 
     def clear(self) -> None:
         self.ktabs.clear()
-        self.padded.clear()
 
 
 class _WinogradStage:
-    """A `WinogradPlan` on one device: the transforms, the GEMM stage, and per-geometry buffers (the
-    padded input, V and M)."""
+    """A `WinogradPlan` on one device: the transforms and the GEMM stage; each call gets its own padded
+    input, V and M."""
 
-    def __init__(self, owner: "KernelPrepared", wino: WinogradPlan):
-        self.plan = wino
-        self.input = owner._rt.kernel(wino.source, "conv2d_winograd_input", wino.options)
-        self.output = owner._rt.kernel(wino.source, "conv2d_winograd_output", wino.options)
-        self.gemm = _Stage(owner, wino.gemm, wino.gemm_kernel)
-        self.bias = owner._rt.upload(wino.bias)
-        self.buffers = GeometryCache(lambda geom: (
-            owner._rt.empty((geom.n, geom.c, *wino.padded(geom))),
-            owner._rt.empty((36 * geom.c * wino.tile_plane(geom),)),
-            owner._rt.empty((36 * geom.o * wino.tile_plane(geom),)),
-        ))
+    def __init__(self, rt, wino: WinogradPlan):
+        self.plan, self._rt = wino, rt
+        self.input = rt.kernel(wino.source, "conv2d_winograd_input", wino.options)
+        self.output = rt.kernel(wino.source, "conv2d_winograd_output", wino.options)
+        self.gemm = _Stage(rt, wino.gemm, wino.gemm_kernel)
+        self.bias = rt.upload(wino.bias)
 
     def steps(self, x, y, geom: Conv2dGeometry) -> list[tuple[object, Launch, list]]:
-        wino, gemm = self.plan, self.gemm
-        xp, v, m = self.buffers.get(geom)
+        wino, gemm, rt = self.plan, self.gemm, self._rt
+        tps = wino.tile_plane(geom)
+        xp = rt.empty((geom.n, geom.c, *wino.padded(geom)))
+        v, m = rt.empty((36 * geom.c * tps,)), rt.empty((36 * geom.o * tps,))
         return [  # gemm.pad: the device's pad_input, which every plan on it builds alike
             (gemm.pad, wino.gemm.pad_launch(geom, wino.padded(geom)), [x, xp]),
             (self.input, wino.input_launch(geom), [xp, v]),
@@ -406,31 +426,34 @@ class _WinogradStage:
 
     def clear(self) -> None:
         self.gemm.clear()
-        self.buffers.clear()
 
 
 class KernelPrepared(Prepared):
-    """A layer on one device: the direct stage (its plan, built kernels, uploaded weights), the
-    Winograd stage where it pays, and per-input-size staging buffers.
-
-    A call uses the layer's per-geometry buffers (staging, padded copies, Winograd scratch), so calls
-    on one layer are serialised by `_lock`; calls on different layers run concurrently.
+    """A layer on one device: the direct stage (its plan, built kernels, uploaded weights) and the
+    Winograd stage where it pays. What a call writes (device copies of its input and output, padded
+    copies, V and M) it allocates for itself from the runtime's memory pool, and what calls share
+    (weights, gather tables) is read-only once made, so threads may share a layer.
     """
 
     def __init__(self, rt: KernelRuntime, spec: Conv2dSpec, w: np.ndarray, b: np.ndarray | None):
         self.device = rt.info
         self._rt = rt
-        self._lock = threading.Lock()
 
         def build(plan):
             return rt.kernel(plan.source, plan.kernel_name, plan.options)
 
-        self._direct = _Stage(self, *fit_plan(spec, w, b, rt.limits, build, rt.max_threads))
+        plan, kernel = fit_plan(spec, w, b, rt.limits, build, rt.max_threads)
+        if plan.weights.nbytes > rt.limits.max_alloc:
+            raise ValueError(
+                f"{self.device.backend}: the packed weights need {plan.weights.nbytes} bytes, more than the device's "
+                f"largest buffer ({rt.max_alloc_name}: {rt.limits.max_alloc} bytes)"
+            )
+        self._direct = _Stage(rt, plan, kernel)
         self._winograd = None
         if WinogradPlan.eligible(spec, rt.limits):
-            self._winograd = _WinogradStage(self, WinogradPlan(spec, w, b, rt.limits, build, rt.max_threads))
-        # Input and output buffers reused by every host call of one input size.
-        self._staging = GeometryCache(lambda geom: (rt.empty(geom.input_shape), rt.empty(geom.output_shape)))
+            wino = WinogradPlan(spec, w, b, rt.limits, build, rt.max_threads)
+            if wino.gemm.weights.nbytes <= rt.limits.max_alloc:  # 4x the direct weights: else direct only
+                self._winograd = _WinogradStage(rt, wino)
 
     @property
     def _plan(self) -> Plan:
@@ -443,26 +466,54 @@ class KernelPrepared(Prepared):
         return (wino is not None and isinstance(x, np.ndarray) and wino.plan.pays(geom, self._rt.limits)
                 and _winograd.safe(x))
 
+    def chunks(self, geom: Conv2dGeometry, winograd: bool,
+               one_output: bool = False) -> list[tuple[int, Conv2dGeometry]]:
+        """The batch as (first image, geometry) parts whose every buffer (input, output, padded copy,
+        V, M) fits the device's largest buffer; one part when the whole batch does. `one_output`: the
+        output is one device array, so it must fit whole."""
+        rt, backend = self._rt, self.device.backend
+        output = CallBuffer("output", 4 * geom.o * geom.oh * geom.ow)
+        if one_output and output.nbytes(geom.n) > rt.limits.max_alloc:
+            raise ValueError(
+                f"{backend}: the output needs {output.nbytes(geom.n)} bytes, more than the device's largest buffer "
+                f"({rt.max_alloc_name}: {rt.limits.max_alloc} bytes); pass a numpy array to run the batch in parts"
+            )
+        stage = self._winograd if winograd else self._direct
+        buffers = [CallBuffer("input", 4 * geom.c * geom.h * geom.w), output, *stage.plan.call_buffers(geom)]
+        per_chunk = images_per_chunk(geom.n, buffers, rt.limits.max_alloc, rt.max_alloc_name, backend)
+        if per_chunk == geom.n:
+            return [(0, geom)]
+        return [(start, self._plan.spec.geometry((min(per_chunk, geom.n - start), *geom.input_shape[1:])))
+                for start in range(0, geom.n, per_chunk)]
+
     def _steps(self, x, y, geom: Conv2dGeometry, winograd: bool) -> list[tuple[object, Launch, list]]:
         """(kernel, launch, buffers) in order; x and y are device arrays of this backend."""
         return (self._winograd if winograd else self._direct).steps(x, y, geom)
 
+    def _launch(self, x, y, geom: Conv2dGeometry, winograd: bool) -> None:
+        for kernel, launch, buffers in self._steps(x, y, geom, winograd):
+            self._rt.launch(kernel, launch, buffers)
+
     def _run(self, x, geom: Conv2dGeometry, timed: bool):
-        rt = self._rt
-        with self._lock:
-            if self._direct is None:
-                raise ValueError("this layer is closed")
-            host = isinstance(x, np.ndarray)
-            winograd = self.uses_winograd(x, geom)
+        """A batch whose buffers would pass the device's largest buffer runs in parts (`chunks`)."""
+        rt, stages = self._rt, (self._direct, self._winograd)
+        if stages[0] is None:
+            raise ValueError("this layer is closed")
+        host = isinstance(x, np.ndarray)
+        winograd = self.uses_winograd(x, geom)
+        with rt.timer() if timed else contextlib.nullcontext([None]) as seconds:
             if host:
-                xdev, ydev = self._staging.get(geom)
-                rt.write(xdev, x)
+                y = np.empty(geom.output_shape, np.float32)
+                for start, part in self.chunks(geom, winograd):
+                    images = slice(start, start + part.n)
+                    rt.run_host(x[images], y[images], lambda xd, yd, part=part: self._launch(xd, yd, part, winograd))
             else:
-                xdev, ydev = rt.device_input(x), rt.empty(geom.output_shape)
-            with rt.timer() if timed else contextlib.nullcontext([None]) as seconds:
-                for kernel, launch, buffers in self._steps(xdev, ydev, geom, winograd):
-                    rt.launch(kernel, launch, buffers)
-            return (rt.read(ydev) if host else rt.returned(ydev)), seconds[0]
+                chunks = self.chunks(geom, winograd=False, one_output=True)  # device arrays: see uses_winograd
+                x, y = rt.device_input(x), rt.empty_array(geom.output_shape)
+                for start, part in chunks:
+                    rt.run_part(x, y, start, part.n, lambda xd, yd, part=part: self._launch(xd, yd, part, False))
+                y = rt.returned(y)
+        return y, seconds[0]
 
     def run(self, x, geom: Conv2dGeometry):
         return self._run(x, geom, timed=False)[0]
@@ -471,12 +522,10 @@ class KernelPrepared(Prepared):
         return self._run(x, geom, timed=True)
 
     def close(self) -> None:
-        with self._lock:
-            for stage in (self._direct, self._winograd):
-                if stage is not None:
-                    stage.clear()
-            self._direct = self._winograd = None
-            self._staging.clear()
+        for stage in (self._direct, self._winograd):
+            if stage is not None:
+                stage.clear()
+        self._direct = self._winograd = None
 
 
 def prepare(backend, spec: Conv2dSpec, w: np.ndarray, b: np.ndarray | None, device) -> KernelPrepared:

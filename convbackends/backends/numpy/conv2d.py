@@ -5,16 +5,23 @@ Four paths, named after the GPU kernels: `conv2d_gemm_1x1` (a plain GEMM), `conv
 (im2col from a strided view, tiled so the column buffer stays under `TILE_BYTES`) and
 `conv2d_winograd` (F(4,3) for 3x3 stride-1 layers with enough channels and finite inputs; dilated
 ones run over their dilation phases).
+Grouped stride-1 layers with few channels per group take `conv2d_tap_gemms` (one GEMM per tap).
 Weights are repacked once in `prepare`; bias and activation are applied in place on each output
 tile while it is still in cache. BLAS threads the GEMMs; the copies and elementwise passes around
-them, which it does not, are split over the cores by `_in_parts`, and depthwise blocks run on the
-same thread pool.
+them, which it does not, are split over the cores by `_in_parts`, and depthwise and tap-GEMM blocks
+run on the same thread pool.
+
+Threads: `set_num_threads(n)` sets both this backend's pool and BLAS's threads (BLAS through
+threadpoolctl, when it is installed: that limit holds for the whole process, numpy's own
+products included); `set_num_threads(None)` goes back to the default, the cores this process may
+run on. `get_num_threads()` reads it back.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -28,11 +35,18 @@ from .. import Prepared, _winograd
 TILE_BYTES = 16 << 20
 # Grouped layers copy and multiply this many column elements at a time (4 MB: still in cache).
 GROUP_COLUMNS_ELEMS = 1 << 20
-# Depthwise blocks gather this many column elements (every tap of a few channels) per GEMM.
-DEPTHWISE_COLUMNS_ELEMS = 1 << 20
+# Depthwise blocks of channels hold this many elements (padded phases, columns, sums): in L2.
+DEPTHWISE_BLOCK_ELEMS = 1 << 18
 # OpenBLAS runs a GEMV on the calling thread below this many matrix elements (2304 * its
 # GEMM_MULTITHREAD_THRESHOLD of 4), and splits it over its own threads from there.
 GEMV_SERIAL_ELEMS = 9216
+# ... and a GEMM below this many multiply-adds (M*N*K; 65536 * its GEMM_MULTITHREAD_THRESHOLD of 4).
+GEMM_SERIAL_ELEMS = 262144
+# Grouped stride-1 layers (`conv2d_tap_gemms`): a block of groups and rows holds this many elements
+# (input rows, sum, one tap's products), so it stays in L2 across the taps.
+TAP_GEMM_BLOCK_ELEMS = 1 << 18
+# ... with up to this many input channels per group; from 64 the im2col GEMM was faster.
+TAP_GEMM_MAX_GROUP_CHANNELS = 32
 # Winograd pays off with enough channels on both sides (its transforms cost ~36/O and 16/C of its
 # GEMM) and enough 4x4 tiles per image (36 GEMMs of O x C by C x tiles are too thin below that).
 WINOGRAD_MIN_CHANNELS = 64
@@ -41,8 +55,6 @@ WINOGRAD_MIN_TILES = 16
 # 2 MB each keeps them in the caches, but at least 256 tiles keep its GEMMs wide enough for BLAS.
 WINOGRAD_BLOCK_BYTES = 2 << 20
 WINOGRAD_BLOCK_MIN_TILES = 256
-# Below this many tiles in a block (deep layers on small images), the GEMMs run tiles x C by C x O.
-WINOGRAD_WIDE_TILES = 64
 # Copies and elementwise passes split over the cores from this many elements per part (512 KB, ~50-100 us):
 # below it, waking a worker for a part (~20-30 us) costs about what it saves.
 PARALLEL_MIN_ELEMS = 1 << 17
@@ -56,6 +68,7 @@ _WINO_OUT = np.kron(_winograd.AT, _winograd.AT).astype(np.float32)
 _local = threading.local()
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
+_num_threads: int | None = None  # None: the cores
 
 
 def _scratch(slot: str, size: int) -> np.ndarray:
@@ -70,12 +83,48 @@ def _scratch(slot: str, size: int) -> np.ndarray:
     return buf[:size]
 
 
-def _workers() -> int:
+def _cores() -> int:
     """The cores this process may run on (its affinity mask where the OS has one)."""
     try:
         return len(os.sched_getaffinity(0)) or 1
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def _workers() -> int:
+    """Threads the passes and blocks are split over: `set_num_threads`, else the cores."""
+    return _num_threads or _cores()
+
+
+def get_num_threads() -> int:
+    """The threads this backend runs on (`set_num_threads`; by default the cores)."""
+    return _workers()
+
+
+def set_num_threads(num_threads: int | None) -> None:
+    """Run this backend, and BLAS, on num_threads threads; None: the cores this process may run on.
+
+    BLAS is set through threadpoolctl, for the whole process; without threadpoolctl a warning says
+    that BLAS keeps its own count. Set it between runs: a layer running meanwhile on another
+    thread finishes on the threads it started with.
+    """
+    global _num_threads, _pool
+    if num_threads is not None:
+        if isinstance(num_threads, bool) or not isinstance(num_threads, int):
+            raise TypeError(f"num_threads must be an int or None, got {type(num_threads).__name__} {num_threads!r}")
+        if num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    with _pool_lock:
+        # The old pool is dropped, not shut down: a run still holding it can finish; its idle
+        # threads exit once it is collected.
+        _num_threads, _pool = num_threads, None
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        warnings.warn("threadpoolctl is not installed, so BLAS keeps its own thread count "
+                      "(pip install threadpoolctl to set it too)", RuntimeWarning, stacklevel=2)
+        return
+    threadpool_limits(limits=_workers(), user_api="blas")
 
 
 def _threads() -> ThreadPoolExecutor:
@@ -258,6 +307,49 @@ def conv2d_implicit_gemm(x, w, bias, act, geom: Conv2dGeometry, out, tile_bytes:
         _columns_gemm(w, view, y_all[n0:n0 + nb, :, :, p0:p0 + nr * nc], bias, act)
 
 
+def conv2d_tap_gemms(x, w_taps, bias, act, geom: Conv2dGeometry, out) -> None:
+    """Grouped stride-1 layers: per kernel tap, one GEMM per group over shifted whole rows, summed in cache.
+
+    w_taps is (kh*kw, groups, O/groups, C/groups). As in `_implicit_gemm_rows`, outputs are computed
+    over the padded width, so tap (i, j) of a band of output rows reads one contiguous run of each
+    input channel: the GEMM's operand is a view of the padded input, with no column buffer. With few
+    channels per group an im2col GEMM moves 9 times the input through memory for little arithmetic;
+    here each block of groups and rows (`TAP_GEMM_BLOCK_ELEMS`) stays in L2 across its taps. The
+    bands keep each GEMM under OpenBLAS's threading threshold, and the blocks run in parts on the cores.
+    """
+    g = geom
+    wp = g.w + g.pl + g.pr
+    # One spare row: the last tap's run overhangs the last padded row by (kw-1)*dw.
+    xp = _padded(x, (g.pt, g.pl, g.pb, g.pr), bottom=1)
+    flat = xp.reshape(g.n, g.groups, g.cg, -1)
+    band_rows = min(g.oh, max(1, (GEMM_SERIAL_ELEMS - 1) // (g.og * g.cg * wp)))
+    band_len = band_rows * wp
+    step = max(1, min(g.groups, TAP_GEMM_BLOCK_ELEMS // (2 * g.og * band_len + g.cg * (band_rows + g.kh * g.dh) * wp)))
+    offsets = [i * g.dh * wp + j * g.dw for i in range(g.kh) for j in range(g.kw)]
+    y_all = out.reshape(g.n, g.groups, g.og, g.oh, g.ow)
+    blocks = [(n0, g0, r0) for n0 in range(g.n) for g0 in range(0, g.groups, step) for r0 in range(0, g.oh, band_rows)]
+
+    def run(n0: int, g0: int, r0: int) -> None:
+        g1, nr = min(g.groups, g0 + step), min(band_rows, g.oh - r0)
+        length = nr * wp
+        acc = _scratch("rows", (g1 - g0) * g.og * length).reshape(g1 - g0, g.og, length)
+        term = _scratch("cols", acc.size).reshape(acc.shape)
+        src = flat[n0, g0:g1, :, r0 * wp:]
+        with np.errstate(invalid="ignore", over="ignore"):  # inf * 0 gives NaN, as in the reference
+            for t, offset in enumerate(offsets):
+                np.matmul(w_taps[t, g0:g1], src[:, :, offset:offset + length], out=term if t else acc)
+                if t:
+                    acc += term
+            _epilogue(acc, None if bias is None else bias[g0:g1], act)
+        y_all[n0, g0:g1, :, r0:r0 + nr] = acc.reshape(g1 - g0, g.og, nr, wp)[..., :g.ow]
+
+    def run_blocks(i0: int, i1: int) -> None:
+        for block in blocks[i0:i1]:
+            run(*block)
+
+    _in_parts(len(blocks), out.size * len(offsets), run_blocks)
+
+
 def _implicit_gemm_rows(x, w, bias, act, geom: Conv2dGeometry, out, cap: int) -> None:
     """Stride 1: output rows computed over the padded width make each tap one contiguous run.
 
@@ -285,105 +377,95 @@ def _implicit_gemm_rows(x, w, bias, act, geom: Conv2dGeometry, out, cap: int) ->
         _in_parts(g.o, rows.size, lambda o0, o1: np.copyto(dst[:, o0:o1], rows[:, o0:o1]))
 
 
-def _rows_padded(x: np.ndarray, geom: Conv2dGeometry) -> np.ndarray:
-    """The input with its pad rows but no pad columns, flattened per channel.
+def _depthwise_layout(geom: Conv2dGeometry):
+    """The layout `conv2d_depthwise` reads its taps from: (phase rows, phase columns, band rows, bands,
+    per tap (phase slot, row shift, column shift), the (a, b) of each phase slot).
 
-    Each channel is (pl spare, padded rows * W, pr spare) elements, so every tap's view stays
-    inside its channel; the pixels a tap reads past a row's start or end stand for pad columns, and
-    `conv2d_depthwise` zeroes them in its column buffer. Each channel is one contiguous copy.
+    Phase (a, b) holds padded pixels (r*sh + a, q*sw + b). Tap (i, j) of output (r, q) reads padded
+    pixel (r*sh + i*dh, q*sw + j*dw): pixel (r + i*dh // sh, q + j*dw // sw) of phase
+    (i*dh % sh, j*dw % sw), so every tap is a shifted stride-1 read of one phase. Outputs are computed
+    at the phase width (OW plus the largest column shift; the surplus columns are dropped) in bands of
+    rows, so one band of one tap is a contiguous run of its phase. A band's GEMV stays under
+    OpenBLAS's threading threshold (GEMV_SERIAL_ELEMS), so it runs on the thread that calls it. The
+    bands may cover a few rows past OH, and phases hold one spare row where columns shift: no run
+    leaves its phase.
     """
     g = geom
-    n, c, h, w = x.shape
-    body = (h + g.pt + g.pb) * w
-    flat = _scratch("pad", n * c * (g.pl + body + g.pr)).reshape(n, c, g.pl + body + g.pr)
-    top, bottom = g.pl + g.pt * w, g.pl + (g.pt + h) * w
-
-    def fill(c0: int, c1: int) -> None:
-        flat[:, c0:c1, :top] = 0
-        flat[:, c0:c1, bottom:] = 0
-        flat[:, c0:c1, top:bottom] = x[:, c0:c1].reshape(n, c1 - c0, h * w)
-
-    _in_parts(c, flat.size, fill)
-    return flat
+    # Only the phases some tap reads are kept (at most kh * kw of them, whatever the stride).
+    phases = sorted({(i * g.dh % g.sh, j * g.dw % g.sw) for i in range(g.kh) for j in range(g.kw)})
+    slot = {phase: k for k, phase in enumerate(phases)}
+    taps = [(slot[(i * g.dh % g.sh, j * g.dw % g.sw)], i * g.dh // g.sh, j * g.dw // g.sw)
+            for i in range(g.kh) for j in range(g.kw)]
+    cols = g.ow + (g.kw - 1) * g.dw // g.sw
+    band_rows = min(g.oh, max(1, (GEMV_SERIAL_ELEMS - 1) // (len(taps) * g.og * cols)))
+    bands = -(-g.oh // band_rows)
+    band_rows = -(-g.oh // bands)
+    rows = bands * band_rows + (g.kh - 1) * g.dh // g.sh + (cols > g.ow)
+    return rows, cols, band_rows, bands, taps, phases
 
 
 def conv2d_depthwise(x, w, bias, act, geom: Conv2dGeometry, out) -> None:
-    """Per block of channels: gather every tap into columns with one copy, then small GEMVs.
+    """Per block of channels small enough for the cache: pad and split into stride phases, gather
+    every tap's bands of rows into columns, then small GEMVs, bias and activation, and the crop into out.
 
-    w is (C, multiplier, kh*kw): output channel c*multiplier + m reads input channel c. The taps
-    read the input with pad rows but no pad columns (`_rows_padded`): output pixel (r, q) of tap
-    (i, j) is element (r*sh + i*dh)*W + q*sw + j*dw of its channel, so all taps are one strided view
-    and the entries of a tap that fall left or right of the row are zeroed afterwards. With stride 1
-    and OW == W a band of output rows is one contiguous run per tap. A copy plus BLAS GEMVs beats
-    nine multiply-add passes, which numpy cannot fuse. Each GEMV covers a band of rows small enough
-    for BLAS to run it on the calling thread (OpenBLAS threads a GEMV only from `GEMV_SERIAL_ELEMS`
-    elements), so channel blocks are what runs on the workers.
+    w is (C, multiplier, kh*kw): output channel c*multiplier + m reads input channel c. Each band of a
+    tap is one contiguous run (`_depthwise_layout`), so the gather is plain copies, and a copy plus
+    BLAS GEMVs beats a multiply-add pass per tap, which numpy cannot fuse (measured in
+    docs/performance-notes.md). The blocks run in parts on the cores.
     """
     g = geom
     mult = g.og
-    taps = g.kh * g.kw
-    image = _rows_padded(x, g)
-    # Bands of output rows: the most rows (a divisor of OH) whose GEMV stays under the threading limit.
-    band = max(r for r in range(1, g.oh + 1) if g.oh % r == 0 and (r == 1 or r * g.ow * taps < GEMV_SERIAL_ELEMS))
-    bands, band_len = g.oh // band, band * g.ow
-    sn, sc, sq = image.strides
-    row = g.w * sq
-    if (g.sh, g.sw, g.ow) == (1, 1, g.w):
-        shape, strides = (band_len,), (sq,)
-    else:
-        shape, strides = (band, g.ow), (g.sh * row, g.sw * sq)
-    view = as_strided(
-        image,
-        shape=(g.n, g.c, bands, g.kh, g.kw) + shape,
-        strides=(sn, sc, band * g.sh * row, g.dh * row, g.dw * sq) + strides,
-        writeable=False,
-    )
-    # Output columns [lo, hi) of tap column j read inside the row: q*sw + j*dw - pl in [0, W).
-    wraps = []
-    for j in range(g.kw):
-        lo = min(g.ow, max(0, -(-(g.pl - j * g.dw) // g.sw)))
-        hi = max(lo, min(g.ow, (g.w - 1 + g.pl - j * g.dw) // g.sw + 1))
-        if (lo, hi) != (0, g.ow):
-            wraps.append((j, lo, hi))
+    rows, cols, band_rows, bands, taps, used = _depthwise_layout(g)
+    phases = len(used)
+    band_len = band_rows * cols
+    per_channel = phases * rows * cols + (len(taps) + mult) * bands * band_len
+    step = max(1, min(g.c, DEPTHWISE_BLOCK_ELEMS // per_channel))
+    if g.n * -(-g.c // step) < _workers():  # enough blocks to give every core a part
+        step = -(-g.c // -(-_workers() // g.n))
+    # Per phase (a, b): the phase rows and columns that hold input pixels, and the first input row/column.
+    spans = []
+    for a, b in used:
+        r0, q0 = max(0, -(-(g.pt - a) // g.sh)), max(0, -(-(g.pl - b) // g.sw))
+        r1 = max(r0, min(rows, (g.h - 1 + g.pt - a) // g.sh + 1))
+        q1 = max(q0, min(cols, (g.w - 1 + g.pl - b) // g.sw + 1))
+        spans.append((r0, r1, q0, q1, r0 * g.sh + a - g.pt, q0 * g.sw + b - g.pl))
+    y_all = out.reshape(g.n, g.c, mult, g.oh, g.ow)
     w_taps = w[:, None]
     b_all = None if bias is None else bias.reshape(g.c, 1, mult, 1)
-    y_all = out.reshape(g.n, g.c, mult, bands, band_len)
-    # The GEMVs write the output directly when their (bands, multiplier) order is the output's.
-    direct = mult == 1 or bands == 1
-    per_channel = (taps + mult) * g.oh * g.ow
-    workers = _workers()
-    # Enough blocks to keep each block's columns under the cap and every worker busy; no more, as
-    # each block costs tens of microseconds of Python.
-    blocks = max(-(-g.c * per_channel // DEPTHWISE_COLUMNS_ELEMS), min(workers, g.n * g.c * per_channel >> 16))
-    blocks = min(g.c, -(-blocks // workers) * workers)
-    step = -(-g.c // blocks)
+    full = g.oh // band_rows  # bands wholly inside the output rows
 
     def run(n0: int, c0: int) -> None:
         c1 = min(g.c, c0 + step)
         nb = c1 - c0
-        columns = _scratch("cols", nb * bands * taps * band_len).reshape(nb, bands, taps, band_len)
-        by_column = columns.reshape(nb, bands, g.kh, g.kw, band, g.ow)
-        np.copyto(columns.reshape((nb,) + view.shape[2:]), view[n0, c0:c1])
-        for j, lo, hi in wraps:
-            by_column[:, :, :, j, :, :lo] = 0
-            by_column[:, :, :, j, :, hi:] = 0
-        y = y_all[n0, c0:c1]
-        if direct:
-            acc = y.transpose(0, 2, 1, 3)
-        else:
-            acc = _scratch("rows", nb * bands * mult * band_len).reshape(nb, bands, mult, band_len)
+        image = _scratch("pad", nb * phases * rows * cols).reshape(nb, phases, rows, cols)
+        image.fill(0)
+        for p, (r0, r1, q0, q1, y0, x0) in enumerate(spans):
+            if r1 > r0 and q1 > q0:
+                image[:, p, r0:r1, q0:q1] = x[n0, c0:c1, y0:y0 + (r1 - r0 - 1) * g.sh + 1:g.sh,
+                                              x0:x0 + (q1 - q0 - 1) * g.sw + 1:g.sw]
+        columns = _scratch("cols", nb * bands * len(taps) * band_len).reshape(nb, bands, len(taps), band_len)
+        flat = image.reshape(nb, phases, rows * cols)
+        for t, (p, dr, dq) in enumerate(taps):
+            start = dr * cols + dq
+            np.copyto(columns[:, :, t], flat[:, p, start:start + bands * band_len].reshape(nb, bands, band_len))
+        acc = _scratch("rows", nb * bands * mult * band_len).reshape(nb, bands, mult, band_len)
         with np.errstate(invalid="ignore", over="ignore"):  # inf * 0 gives NaN, as in the reference
             np.matmul(w_taps[c0:c1], columns, out=acc)
             _epilogue(acc, None if b_all is None else b_all[c0:c1], act)
-        if not direct:
-            y[...] = acc.transpose(0, 2, 1, 3)
+        # (nb, bands, m, band rows, cols) -> (nb, m, OH, OW): whole bands, then the rows of the last one.
+        src = acc.reshape(nb, bands, mult, band_rows, cols).transpose(0, 2, 1, 3, 4)
+        dst = y_all[n0, c0:c1]
+        np.copyto(dst[:, :, :full * band_rows].reshape(nb, mult, full, band_rows, g.ow), src[:, :, :full, :, :g.ow])
+        if full < bands:
+            np.copyto(dst[:, :, full * band_rows:], src[:, :, full, :g.oh - full * band_rows, :g.ow])
 
     starts = [(n0, c0) for n0 in range(g.n) for c0 in range(0, g.c, step)]
-    if len(starts) == 1 or workers == 1:
-        for n0, c0 in starts:
+
+    def run_blocks(i0: int, i1: int) -> None:
+        for n0, c0 in starts[i0:i1]:
             run(n0, c0)
-    else:
-        list(_threads().map(run, *zip(*starts)))
+
+    _in_parts(len(starts), g.n * g.c * per_channel, run_blocks)
 
 
 def winograd_tiles(geom: Conv2dGeometry) -> int:
@@ -395,9 +477,10 @@ def winograd_tiles(geom: Conv2dGeometry) -> int:
 def conv2d_winograd(x, u, bias, act, geom: Conv2dGeometry, out, tile_bytes: int = TILE_BYTES) -> None:
     """Winograd F(4,3): 6x6 input tiles -> 36 GEMMs (O x C by C x tiles) -> 4x4 output tiles.
 
-    u is (36, C, O). Blocks of few tiles multiply the other way round, (tiles x C) by (C x O): BLAS
-    runs that shape faster than a product only a few tiles wide. Only for finite inputs: a NaN or
-    inf in one tile spreads over its 16 outputs (the caller checks).
+    u is `_winograd.weights`: (36, C, O) over a contiguous (36, O, C), so each GEMM reads its O x C
+    operand in order. With that layout (tiles x C) by (C x O) was slower on every block measured
+    (16 to 64 tiles of 512 channels; docs/performance-notes.md), so there is one orientation. Only for finite inputs: a NaN or inf in
+    one tile spreads over its 16 outputs (the caller checks).
     """
     g = geom
     th, tw = _winograd.tile_grid(g)
@@ -423,20 +506,13 @@ def conv2d_winograd(x, u, bias, act, geom: Conv2dGeometry, out, tile_bytes: int 
         m = _scratch("wino_m", 36 * g.o * tiles)
         y = _scratch("wino_y", 16 * g.o * tiles)
         dst = full[n0:n0 + nb, :, 4 * r0:4 * (r0 + nr), 4 * c0:4 * (c0 + nc)].reshape(nb, g.o, nr, 4, nc, 4)
-        if tiles < WINOGRAD_WIDE_TILES:
-            np.matmul(v.transpose(0, 2, 1), u, out=m.reshape(36, tiles, g.o))
-            np.matmul(_WINO_OUT, m.reshape(36, -1), out=y.reshape(16, -1))
-            # Output channels last: (16, tiles, O).
-            y_o, b_o, axis = y.reshape(16, tiles, g.o), bias, 2
-            src = y.reshape(4, 4, nb, nr, nc, g.o).transpose(2, 5, 3, 0, 4, 1)
-        else:
-            np.matmul(u.transpose(0, 2, 1), v, out=m.reshape(36, g.o, tiles))
-            np.matmul(_WINO_OUT, m.reshape(36, -1), out=y.reshape(16, -1))
-            y_o, b_o, axis = y.reshape(16, g.o, tiles), None if bias is None else bias[:, None], 1
-            src = y.reshape(4, 4, g.o, nb, nr, nc).transpose(3, 2, 4, 0, 5, 1)
+        np.matmul(u.transpose(0, 2, 1), v, out=m.reshape(36, g.o, tiles))
+        np.matmul(_WINO_OUT, m.reshape(36, -1), out=y.reshape(16, -1))
+        y_o, b_o = y.reshape(16, g.o, tiles), None if bias is None else bias[:, None]
+        src = y.reshape(4, 4, g.o, nb, nr, nc).transpose(3, 2, 4, 0, 5, 1)
 
         def finish(o0: int, o1: int) -> None:
-            _epilogue(y_o[(slice(None),) * axis + (slice(o0, o1),)], None if b_o is None else b_o[o0:o1], act)
+            _epilogue(y_o[:, o0:o1], None if b_o is None else b_o[o0:o1], act)
             # One copy per output column of the tile: numpy then loops along tile columns, not along
             # the tile's 4 columns (3x faster).
             for s in range(4):
@@ -510,6 +586,10 @@ class NumpyPrepared(Prepared):
         self.path = "gemm_1x1" if (spec.kh, spec.kw) == (1, 1) else "implicit_gemm"
         self.w = w.reshape(groups, o // groups, -1).copy()
         self.bias = None if b is None else b.reshape(groups, o // groups, 1).copy()
+        cg = spec.in_channels // groups
+        if groups > 1 and spec.stride == (1, 1) and self.path == "implicit_gemm" and cg <= TAP_GEMM_MAX_GROUP_CHANNELS:
+            self.path = "tap_gemms"
+            self.w = np.ascontiguousarray(w.reshape(groups, o // groups, cg, -1).transpose(3, 0, 1, 2))
         # Winograd sits beside the GEMM weights: unsafe inputs, small images and dilated inputs that do
         # not split evenly into phases still take the GEMM.
         if _winograd.fits(spec, dilated=True) and min(spec.in_channels, o) >= WINOGRAD_MIN_CHANNELS:
@@ -522,6 +602,8 @@ class NumpyPrepared(Prepared):
             conv2d_depthwise(x, self.w, self.bias, act, geom, out)
         elif self.path == "gemm_1x1":
             conv2d_gemm_1x1(x, self.w, self.bias, act, geom, out)
+        elif self.path == "tap_gemms":
+            conv2d_tap_gemms(x, self.w, self.bias, act, geom, out)
         elif self.winograd is not None and (phases := winograd_phases(geom)) is not None and (
             winograd_tiles(phases) >= WINOGRAD_MIN_TILES and _winograd_safe(x)
         ):

@@ -1,9 +1,11 @@
 """conv2d on Vulkan: embedded SPIR-V (shaders/ via tools/build_spirv.py) run through the `vulkan` bindings.
 
-Per-layer values (kernel, stride, dilation, activation, tiles) are specialization constants, shapes are push
-constants, so one pipeline serves every input size of a layer. Each input geometry gets its buffers and a
-command buffer recorded once; a call then only writes x (zero-padded, see conv2d_layout.glsl), submits,
-waits and reads y. 3x3 stride-1 layers with enough channels run Winograd F(4,3) for finite inputs: three
+Per-layer choices (kernel, stride and dilation where they are small enough to unroll, the activation, tiles)
+are specialization constants; shapes and the activation's parameters are push constants, so one pipeline
+serves every input size of a layer, and every layer of the same form. Each input geometry gets its buffers
+and a command buffer recorded once; a call then only writes x (zero-padded, see conv2d_layout.glsl),
+submits, waits and reads y. A layer's device objects are released by close() or, failing that, when it is
+collected. 3x3 stride-1 layers with enough channels run Winograd F(4,3) for finite inputs: three
 dispatches in the one command buffer (input transform, 36 GEMMs as one grouped conv2d_gemm_1x1, output
 transform with bias and activation).
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import math
 import struct
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
@@ -27,7 +30,16 @@ from .spirv import SPIRV
 _PLANS_KEPT = 4  # recorded geometries kept per layer; older ones go back to the pool
 # x, x as vec4, w, w as vec4, b, y: the bindings of shaders/conv2d_layout.glsl.
 _BINDINGS = (_vk.TEXEL_FLOAT, _vk.TEXEL_VEC4, _vk.TEXEL_FLOAT, _vk.TEXEL_VEC4, _vk.TEXEL_FLOAT, _vk.STORAGE)
-_PUSH = struct.Struct("<11i")  # C, HP, WP, PS, O, OH, OW, GROUPS, OGP, N, TPS
+_PUSH = struct.Struct("<17i2f")  # C, HP, WP, PS, O, OH, OW, GROUPS, OGP, N, TPS, KH, KW, SH, SW, DH, DW, ALPHA, BETA
+_NO_KERNEL = (1,) * 6  # KH ... DW for the shaders that have no kernel geometry
+_NO_ACTIVATION = (0.0, 0.0)
+# Past these the direct shaders' code unrolled over the kernel's taps or its input row segments takes the
+# driver seconds to minutes to build; such layers loop instead (UNROLL off, conv2d_layout.glsl), one
+# pipeline for all of them. Measured on llvmpipe, shader cache off, 2 loaded cores: unrolled GEMM 3x3
+# 1.5-2 s, 7x7 3 s, 9x9 5.5 s, 23x23 21 s, 3x3 at stride 3000 23 s; looping runs 7x7 1.7x and 3x3 9x
+# slower. Depthwise code per tap is lighter (23x23 1.1 s, 31x31 3.9 s) and loops 7x slower.
+UNROLLED_MULTIPLY_ADDS = {"implicit_gemm": 16 * 4 * 7 * 7, "depthwise": 8 * 23 * 23}  # TM x TN x taps
+UNROLLED_ROW_VEC4S = 256  # KH rows of vec4s, each covering TN outputs' taps
 # Winograd pays once both channel counts reach this (its transforms cost ~36/C and ~16/O of its GEMMs,
 # whose K is C) and the batch has this many 4x4 tiles (its 36 GEMMs are that wide), by device kind.
 # CPU (llvmpipe, measured): 1.35-1.9x faster from 128 channels and 32 tiles, about even at 64 channels,
@@ -92,6 +104,27 @@ def _round_up(value: int, step: int) -> int:
     return -(-value // step) * step
 
 
+def unrolls(spec: Conv2dSpec, t: Tiles) -> bool:
+    """Whether the layer's shader is built with its loops over the kernel unrolled (UNROLL); 1x1 layers
+    have nothing to unroll."""
+    if spec.algorithm not in UNROLLED_MULTIPLY_ADDS:
+        return True
+    row_vec4s = -(-((t.tn - 1) * spec.stride[1] + (spec.kw - 1) * spec.dilation[1] + 1) // 4)
+    return (t.tm * t.tn * spec.kh * spec.kw <= UNROLLED_MULTIPLY_ADDS[spec.algorithm]
+            and spec.kh * row_vec4s <= UNROLLED_ROW_VEC4S)
+
+
+def packed_floats(w_shape: tuple[int, int, int, int], groups: int, t: Tiles, depthwise: bool) -> int:
+    """The size of pack_weights' result, known before packing."""
+    o, cg, kh, kw = w_shape
+    if depthwise:
+        return o * kh * kw
+    ogp = _round_up(o // groups, t.tm * t.ly)
+    if t.stage:
+        return groups * _round_up(cg * kh * kw, t.bk) * ogp
+    return groups * ogp * _round_up(cg, t.cb) * kh * kw + 4 * t.lx
+
+
 def pack_weights(w: np.ndarray, groups: int, t: Tiles, depthwise: bool) -> tuple[np.ndarray, int]:
     """Weights (O, C/groups, kh, kw) in the order the shader walks them, zero-padded to whole tiles so it
     never checks bounds, and the padded output channels per group (the shaders' OGP).
@@ -130,40 +163,82 @@ def work_groups(t: Tiles, algorithm: str, oh: int, ow: int, og: int, planes: int
     return (math.ceil(items / t.lx), channel_tiles, planes)
 
 
-class _Shader:
-    """One GEMM-shaped or depthwise pass of a layer: its tiles, packed weights on the device, pipeline."""
+class _DeviceObjects:
+    """What a layer holds on its device: weight buffers, pipelines, recorded plans. Kept apart from the layer
+    so that its finalizer can release them without keeping the layer alive, and so that a half-built
+    layer gives back whatever it got."""
 
-    def __init__(self, dev: _vk.Device, algorithm: str, tiles: Tiles, w: np.ndarray, groups: int, constants: dict):
-        self.algorithm = algorithm
+    def __init__(self, dev: _vk.Device):
+        self.dev = dev
+        self.buffers: list[_vk.Buffer] = []
+        self.pipelines: list[_vk.Pipeline] = []
+        self.plans: OrderedDict[tuple[Conv2dGeometry, bool], _Plan] = OrderedDict()
+
+    def pipeline(self, name: str, constants: dict) -> _vk.Pipeline:
+        found = self.dev.pipeline(name, SPIRV[name], constants, _BINDINGS, _PUSH.size)
+        self.pipelines.append(found)
+        return found
+
+    def upload(self, array: np.ndarray) -> _vk.Buffer:
+        buf = _vk.upload(self.dev, array)
+        self.buffers.append(buf)
+        return buf
+
+    def release(self) -> None:
+        for plan in self.plans.values():
+            plan.close()
+        self.plans.clear()
+        for buf in self.buffers:
+            self.dev.release(buf)
+        for pipeline in self.pipelines:
+            self.dev.release_pipeline(pipeline)
+        self.buffers, self.pipelines = [], []
+
+
+class _Shader:
+    """One GEMM-shaped or depthwise pass of a layer: its tiles, packed weights on the device, pipeline.
+    `unroll`: the kernel's geometry is specialised (`constants` holds it) and the shader's loops over it
+    unrolled; else it arrives as push constants."""
+
+    def __init__(self, held: _DeviceObjects, algorithm: str, tiles: Tiles, w: np.ndarray, groups: int,
+                 constants: dict, unroll: bool = True):
+        self.algorithm, self.unroll = algorithm, unroll
         t = self.tiles = tiles
+        floats = packed_floats(w.shape, groups, t, algorithm == "depthwise")
+        limit = held.dev.limits.maxTexelBufferElements
+        if floats > limit:
+            raise ValueError(f"vulkan: the packed weights ({floats} floats) exceed the device's "
+                             f"maxTexelBufferElements ({limit})")
         packed, self.row_stride = pack_weights(w, groups, t, algorithm == "depthwise")
-        if packed.size > dev.limits.maxTexelBufferElements:
-            raise ValueError(
-                f"vulkan: the packed weights ({packed.size} floats) exceed the device's maxTexelBufferElements "
-                f"({dev.limits.maxTexelBufferElements})"
-            )
-        constants = {**constants, 0: t.lx, 1: t.ly, 12: t.tm, 13: t.tn, 14: t.bk, 15: t.stage, 16: t.cb}
-        name = f"conv2d_{algorithm}"
-        self.pipeline = dev.pipeline(name, SPIRV[name], constants, _BINDINGS, _PUSH.size)
-        self.w = _vk.upload(dev, packed)
+        constants = {**constants, 0: t.lx, 1: t.ly, 10: unroll, 11: t.tm, 12: t.tn, 13: t.bk, 14: t.stage, 15: t.cb}
+        self.pipeline = held.pipeline(f"conv2d_{algorithm}", constants)
+        self.w = held.upload(packed)
 
 
 class _Winograd:
     """The Winograd form of a 3x3 stride-1 layer: transform pipelines and the 36 GEMMs' weights."""
 
-    def __init__(self, dev: _vk.Device, spec: Conv2dSpec, w: np.ndarray, epilogue: dict):
-        lanes = min(_TRANSFORM_LANES, dev.limits.maxComputeWorkGroupSize[0], dev.limits.maxComputeWorkGroupInvocations)
+    def __init__(self, held: _DeviceObjects, spec: Conv2dSpec, w: np.ndarray, epilogue: dict):
+        limits = held.dev.limits
+        lanes = min(_TRANSFORM_LANES, limits.maxComputeWorkGroupSize[0], limits.maxComputeWorkGroupInvocations)
         self.lanes = lanes
-        self.input = dev.pipeline("conv2d_winograd_input", SPIRV["conv2d_winograd_input"], {0: lanes, 1: 1},
-                                  _BINDINGS, _PUSH.size)
-        self.output = dev.pipeline("conv2d_winograd_output", SPIRV["conv2d_winograd_output"],
-                                   {0: lanes, 1: 1, **epilogue}, _BINDINGS, _PUSH.size)
+        self.input = held.pipeline("conv2d_winograd_input", {0: lanes, 1: 1})
+        self.output = held.pipeline("conv2d_winograd_output", {0: lanes, 1: 1, **epilogue})
         u = _winograd.weights(w)  # (36, C, O): as a grouped 1x1 layer, (36 * O, C, 1, 1)
         gemm_w = np.ascontiguousarray(u.transpose(0, 2, 1)).reshape(36 * spec.out_channels, spec.in_channels, 1, 1)
+        self.gemm = _Shader(held, "gemm_1x1", self.gemm_tiles(held.dev), gemm_w, 36, {9: False})
+
+    @staticmethod
+    def gemm_tiles(dev: _vk.Device) -> Tiles:
         tiles = choose_tiles("gemm_1x1", dev)
-        if not tiles.stage:  # its K is only C: 8 pixels per lane halve llvmpipe's per-work-group cost
-            tiles = replace(tiles, tn=8)
-        self.gemm = _Shader(dev, "gemm_1x1", tiles, gemm_w, 36, {11: False})  # uploads last: nothing to undo
+        # Its K is only C: 8 pixels per lane halve llvmpipe's per-work-group cost.
+        return tiles if tiles.stage else replace(tiles, tn=8)
+
+    @classmethod
+    def weights_fit(cls, dev: _vk.Device, spec: Conv2dSpec) -> bool:
+        """Whether the 36 GEMMs' packed weights fit one texel buffer (else the layer runs direct only)."""
+        shape = (36 * spec.out_channels, spec.in_channels, 1, 1)
+        return packed_floats(shape, 36, cls.gemm_tiles(dev), False) <= dev.limits.maxTexelBufferElements
 
     def tile_plane(self, tiles: int) -> int:
         """TPS: floats between V's tile planes, whole vec4s and whole GEMM pixel tiles."""
@@ -175,25 +250,14 @@ class _Plan:
     buffer would exceed maxTexelBufferElements or maxStorageBufferRange."""
 
     def __init__(self, layer: "VulkanConv2d", geom: Conv2dGeometry, winograd: bool):
-        dev = self.device = layer.dev
+        self.device = layer.dev
         self.geom = geom
-        hp, wp, ps = self.padded = layer.padded_input(geom, winograd)
-        in_image, out_image = geom.c * ps, geom.o * geom.oh * geom.ow
-        textures, writes = [in_image], [out_image]
-        if winograd:  # per image: V (up to a GEMM pixel tile of padding per chunk) and M
-            th, tw = _winograd.tile_grid(geom)
-            self.tiles = th * tw
-            textures += [36 * geom.c * (self.tiles + layer.winograd.tile_plane(1)), 36 * geom.o * self.tiles]
-            writes += textures[1:]
-        limits = dev.limits
-        per_chunk = min(min(limits.maxTexelBufferElements // t for t in textures),
-                        min(limits.maxStorageBufferRange // (4 * s) for s in writes))
+        self.padded = layer.padded_input(geom, winograd)
+        if winograd:
+            self.tiles = math.prod(_winograd.tile_grid(geom))
+        per_chunk, refusal = layer.images_per_chunk(geom, winograd)
         if per_chunk < 1:
-            raise ValueError(
-                f"vulkan: one image of input {geom.input_shape[1:]} or output {geom.output_shape[1:]} exceeds the "
-                f"device's maxTexelBufferElements ({limits.maxTexelBufferElements} floats) or "
-                f"maxStorageBufferRange ({limits.maxStorageBufferRange} bytes)"
-            )
+            raise ValueError(refusal)
         self.chunks, self._owned, self._transformed = [], [], None
         try:
             self.recording = self._record(layer, geom, per_chunk, winograd)
@@ -223,7 +287,9 @@ class _Plan:
                 dispatches += self._winograd_dispatches(layer, geom, n, x_dev, y_dev)
             else:
                 conv = layer.conv
-                push = _PUSH.pack(geom.c, hp, wp, ps, geom.o, geom.oh, geom.ow, geom.groups, conv.row_stride, n, 0)
+                kernel = (geom.kh, geom.kw, geom.sh, geom.sw, geom.dh, geom.dw)
+                push = _PUSH.pack(geom.c, hp, wp, ps, geom.o, geom.oh, geom.ow, geom.groups, conv.row_stride, n, 0,
+                                  *kernel, *layer.activation_parameters)
                 planes = n * geom.o if conv.algorithm == "depthwise" else n * geom.groups
                 groups = work_groups(conv.tiles, conv.algorithm, geom.oh, geom.ow, geom.og, planes)
                 dispatches.append(_vk.Dispatch(conv.pipeline, [x_dev, x_dev, conv.w, conv.w, layer.b, y_dev], push, groups))
@@ -239,8 +305,10 @@ class _Plan:
             self._transformed = (self._buffer(4 * 36 * geom.c * tps, False), self._buffer(4 * 36 * geom.o * pixels, False))
         v, m = self._transformed
         gemm, unused = wino.gemm, wino.gemm.w  # bindings a shader does not read still need a buffer
-        transform_push = _PUSH.pack(geom.c, hp, wp, ps, geom.o, geom.oh, geom.ow, 1, 0, n, tps)
-        gemm_push = _PUSH.pack(36 * geom.c, 1, pixels, tps, 36 * geom.o, 1, pixels, 36, gemm.row_stride, 1, 0)
+        transform_push = _PUSH.pack(geom.c, hp, wp, ps, geom.o, geom.oh, geom.ow, 1, 0, n, tps, *_NO_KERNEL,
+                                    *layer.activation_parameters)
+        gemm_push = _PUSH.pack(36 * geom.c, 1, pixels, tps, 36 * geom.o, 1, pixels, 36, gemm.row_stride, 1, 0,
+                               *_NO_KERNEL, *_NO_ACTIVATION)
         return [
             _vk.Dispatch(wino.input, [x_dev, x_dev, unused, unused, layer.b, v], transform_push,
                          (math.ceil(pixels / (4 * wino.lanes)), 1, geom.c)),  # 4 tiles per invocation
@@ -282,22 +350,26 @@ class VulkanConv2d(Prepared):
     def __init__(self, spec: Conv2dSpec, w: np.ndarray, b: np.ndarray | None, device: DeviceInfo):
         self.device, self.spec = device, spec
         dev = self.dev = _vk.device(device.index)
+        held = self._held = _DeviceObjects(dev)
+        # Releases what the layer holds when it is collected, or at close(); refers to held, not to self.
+        self._finalizer = weakref.finalize(self, dev.release_soon, held.release)
         act = spec.activation
-        epilogue = {8: act.code, 9: act.alpha, 10: act.beta, 11: b is not None}
-        constants = {2: spec.kh, 3: spec.kw, 4: spec.stride[0], 5: spec.stride[1],
-                     6: spec.dilation[0], 7: spec.dilation[1], **epilogue}
-        self.b = self.conv = self.winograd = None
+        self.activation_parameters = (act.alpha, act.beta)
+        epilogue = {8: act.code, 9: b is not None}
+        self.winograd = None
         try:
-            self.b = _vk.upload(dev, b if b is not None else np.zeros(1, np.float32))
+            self.b = held.upload(b if b is not None else np.zeros(1, np.float32))
             tiles = choose_tiles(spec.algorithm, dev, spec.kw, spec.stride[1])
-            self.conv = _Shader(dev, spec.algorithm, tiles, w, spec.groups, constants)
-            if (_winograd.fits(spec)
-                    and min(spec.in_channels, spec.out_channels) >= WINOGRAD_MIN_CHANNELS[self._kind]):
-                self.winograd = _Winograd(dev, spec, w, epilogue)
+            unroll = unrolls(spec, tiles)
+            kernel = {2: spec.kh, 3: spec.kw, 4: spec.stride[0], 5: spec.stride[1],
+                      6: spec.dilation[0], 7: spec.dilation[1]} if unroll else {}
+            self.conv = _Shader(held, spec.algorithm, tiles, w, spec.groups, {**kernel, **epilogue}, unroll)
+            if (_winograd.fits(spec) and min(spec.in_channels, spec.out_channels) >= WINOGRAD_MIN_CHANNELS[self._kind]
+                    and _Winograd.weights_fit(dev, spec)):
+                self.winograd = _Winograd(held, spec, w, epilogue)
         except BaseException:
-            self._release_weights()
+            self._finalizer()
             raise
-        self._plans: OrderedDict[tuple[Conv2dGeometry, bool], _Plan] = OrderedDict()
         self._lock = threading.Lock()
 
     def padded_input(self, geom: Conv2dGeometry, winograd: bool) -> tuple[int, int, int]:
@@ -310,33 +382,62 @@ class VulkanConv2d(Prepared):
         t = self.conv.tiles
         if self.spec.algorithm == "gemm_1x1":
             return geom.h, geom.w, _round_up(geom.h * geom.w, max(4, t.tn))
-        span4 = -(-((t.tn - 1) * geom.sw + (geom.kw - 1) * geom.dw + 1) // 4)
-        last_tile = (math.ceil(geom.ow / t.tn) - 1) * t.tn
+        if self.conv.unroll and not t.stage:  # each run of tn outputs fetches whole vec4s of its rows
+            span4 = -(-((t.tn - 1) * geom.sw + (geom.kw - 1) * geom.dw + 1) // 4)
+            reach = (math.ceil(geom.ow / t.tn) - 1) * t.tn * geom.sw + 4 * span4
+        else:  # single fetches, of live outputs only
+            reach = (geom.ow - 1) * geom.sw + (geom.kw - 1) * geom.dw + 1
         hp = max(geom.pt + geom.h, (geom.oh - 1) * geom.sh + (geom.kh - 1) * geom.dh + 1)
-        wp = _round_up(max(geom.pl + geom.w, last_tile * geom.sw + 4 * span4), 4)
+        wp = _round_up(max(geom.pl + geom.w, reach), 4)
         return hp, wp, hp * wp
+
+    def images_per_chunk(self, geom: Conv2dGeometry, winograd: bool) -> tuple[int, str]:
+        """How many images one dispatch may take within the device's buffer limits, and, where that is
+        not even one, why (the buffer and the limit)."""
+        limits = self.dev.limits
+        texel, storage = limits.maxTexelBufferElements, limits.maxStorageBufferRange
+        # Floats per image of each buffer, and whether a shader reads it as texels, writes it, or both.
+        hp, wp, ps = self.padded_input(geom, winograd)
+        buffers = [(f"the input zero-padded to {hp}x{wp} per channel", geom.c * ps, True, False),
+                   ("the output", geom.o * geom.oh * geom.ow, False, True)]
+        if winograd:  # V (up to a GEMM pixel tile of padding per chunk) and M
+            tiles = math.prod(_winograd.tile_grid(geom))
+            v_floats = 36 * geom.c * (tiles + self.winograd.tile_plane(1))
+            buffers += [("Winograd's transformed input", v_floats, True, True),
+                        ("Winograd's tile products", 36 * geom.o * tiles, True, True)]
+        fits = []
+        for name, floats, read, written in buffers:
+            if read:
+                fits.append((texel // floats, f"{name} ({floats} floats)", f"maxTexelBufferElements ({texel} floats)"))
+            if written:
+                fits.append((storage // (4 * floats), f"{name} ({4 * floats} bytes)",
+                             f"maxStorageBufferRange ({storage} bytes)"))
+        images, what, limit = min(fits)
+        return images, (f"vulkan: one image of {what} exceeds the device's {limit} (x of shape {geom.input_shape}, "
+                        f"y of shape {geom.output_shape})")
 
     @property
     def _kind(self) -> str:
         return "cpu" if self.dev.type == "cpu" else "gpu"
 
     def uses_winograd(self, x: np.ndarray, geom: Conv2dGeometry) -> bool:
-        """Winograd for enough tiles and a finite input well inside float32's range (`_winograd.safe`)."""
+        """Winograd for enough tiles, buffers within the device's limits, and a finite input well inside
+        float32's range (`_winograd.safe`)."""
         th, tw = _winograd.tile_grid(geom)
         return (self.winograd is not None and geom.n * th * tw >= WINOGRAD_MIN_TILES[self._kind]
-                and _winograd.safe(x))
+                and self.images_per_chunk(geom, True)[0] >= 1 and _winograd.safe(x))
 
     def _plan(self, geom: Conv2dGeometry, winograd: bool) -> _Plan:
-        key = (geom, winograd)
-        plan = self._plans.pop(key, None) or _Plan(self, geom, winograd)
-        self._plans[key] = plan
-        while len(self._plans) > _PLANS_KEPT:
-            self._plans.popitem(last=False)[1].close()
+        key, plans = (geom, winograd), self._held.plans
+        plan = plans.pop(key, None) or _Plan(self, geom, winograd)
+        plans[key] = plan
+        while len(plans) > _PLANS_KEPT:
+            plans.popitem(last=False)[1].close()
         return plan
 
     def profile(self, x, geom: Conv2dGeometry):
         with self._lock:
-            if self.b is None:
+            if not self._finalizer.alive:
                 raise ValueError("this Vulkan layer is closed")
             return self._plan(geom, self.uses_winograd(x, geom)).run(x)
 
@@ -345,20 +446,7 @@ class VulkanConv2d(Prepared):
 
     def close(self) -> None:
         with self._lock:
-            if self.b is None:
-                return
-            for plan in self._plans.values():
-                plan.close()
-            self._plans.clear()
-            self._release_weights()
-
-    def _release_weights(self) -> None:
-        for shader in (self.conv, self.winograd and self.winograd.gemm):
-            if shader is not None:
-                self.dev.release(shader.w)
-        if self.b is not None:
-            self.dev.release(self.b)
-        self.b = self.conv = self.winograd = None
+            self._finalizer()
 
 
 def prepare(backend, spec: Conv2dSpec, w: np.ndarray, b: np.ndarray | None, device: DeviceInfo) -> Prepared:
