@@ -11,8 +11,10 @@ output block is reduced on its worker to one value, so the output is never gathe
 LocalCluster of WORKERS processes x THREADS on 127.0.0.1; dask's nanny caps BLAS at one thread per worker
 process, so a worker thread is one core.
 
-Scaling rows: the median of --repeats runs of the chunked graph, after one warm-up run; the peak RSS of
-each worker process (getrusage), which includes a persisted input (SIZE^2 x 64 bytes over the workers).
+Scaling rows: the median of --repeats runs of the chunked graph, after a warm-up of the same layer on a small
+array; the peak RSS of each worker process (getrusage), which includes a persisted input (SIZE^2 x 64 bytes
+over the workers). A row that fails (a worker killed for memory, say) is written with its reason, and the run
+goes on. Every row has the 1-minute load average at its start and end: the machine may be shared.
 
 Overhead rows (--overhead-size, one worker, one thread): the same graph against convbackends.conv2d on the
 whole array drawn in the same worker process, in the same BLAS set-up, runs alternating (whole, chunked,
@@ -98,7 +100,11 @@ class Cluster:
         self.graph = _reduced(cbd.conv2d(x, w, b, padding=1, backend="numpy"))
         self.draw = _reduced(x)
         self.tasks = len(self.graph.__dask_graph__())
-        self.run()  # warm-up: every worker prepares its layer
+        # Warm-up on a small array of the same layer (it is found by its weights, not by x's size): every
+        # worker imports, starts BLAS and prepares the layer the timed runs use.
+        small = da.random.default_rng(1).random((1, CHANNELS, 512, 512), chunks=(1, CHANNELS, 128, 128),
+                                                dtype=np.float32)
+        self.run(_reduced(cbd.conv2d(small, w, b, padding=1, backend="numpy")))
 
     def run(self, graph=None) -> float:
         return _timed((self.graph if graph is None else graph).compute)
@@ -111,21 +117,30 @@ class Cluster:
         self.cluster.close()
 
 
+def _load() -> float:
+    return os.getloadavg()[0]
+
+
 def scaling_row(size: int, chunk: int, workers: int, threads: int, repeats: int, persisted: bool) -> dict:
-    cluster = Cluster(size, chunk, workers, threads, persisted)
+    row = {"kind": "scaling", "size": size, "workers": workers, "threads": threads, "chunk": chunk,
+           "input": "persisted" if persisted else "drawn", "load": [_load()]}
     try:
-        runs = [cluster.run() for _ in range(repeats)]
-        draws = [] if persisted else [cluster.run(cluster.draw) for _ in range(repeats)]
-        rss, tasks = cluster.peak_rss_mib(), cluster.tasks
-    finally:
-        cluster.close()
+        cluster = Cluster(size, chunk, workers, threads, persisted)
+        try:
+            runs = [cluster.run() for _ in range(repeats)]
+            draws = [] if persisted else [cluster.run(cluster.draw) for _ in range(repeats)]
+            rss, tasks = cluster.peak_rss_mib(), cluster.tasks
+        finally:
+            cluster.close()
+    except Exception as exc:  # noqa: BLE001 - a row that fails (a worker killed for memory) is a result too
+        return {**row, "error": f"{type(exc).__name__}: {exc}", "load": row["load"] + [_load()]}
     median = statistics.median(runs) - (statistics.median(draws) if draws else 0)
-    return {"kind": "scaling", "size": size, "workers": workers, "threads": threads, "chunk": chunk, "tasks": tasks,
-            "input": "persisted" if persisted else "drawn", "median_s": median, "runs_s": runs, "draw_runs_s": draws,
-            "gflops": _flops(size) / median / 1e9, "peak_rss_mib": rss}
+    return {**row, "tasks": tasks, "median_s": median, "runs_s": runs, "draw_runs_s": draws,
+            "gflops": _flops(size) / median / 1e9, "peak_rss_mib": rss, "load": row["load"] + [_load()]}
 
 
 def overhead_row(size: int, chunk: int, repeats: int) -> dict:
+    load = _load()
     cluster = Cluster(size, chunk, 1, 1)
     try:
         cluster.client.submit(_whole_conv_s, size, pure=False).result()  # its warm-up
@@ -138,7 +153,11 @@ def overhead_row(size: int, chunk: int, repeats: int) -> dict:
         cluster.close()
     w, c = statistics.median(whole), statistics.median(chunked)
     return {"kind": "overhead", "size": size, "chunk": chunk, "tasks": tasks, "whole_s": w, "chunked_s": c,
-            "whole_runs_s": whole, "chunked_runs_s": chunked, "ratio": c / w, "peak_rss_mib": rss}
+            "whole_runs_s": whole, "chunked_runs_s": chunked, "ratio": c / w, "peak_rss_mib": rss, "load": [load, _load()]}
+
+
+def _loads(row: dict) -> str:
+    return "-".join(f"{v:.1f}" for v in row["load"])
 
 
 def markdown(rows: list[dict]) -> str:
@@ -146,25 +165,31 @@ def markdown(rows: list[dict]) -> str:
     overhead = [r for r in rows if r["kind"] == "overhead"]
     lines = []
     if scaling:
-        single = {r["chunk"]: r["median_s"] for r in scaling if r["workers"] * r["threads"] == 1}
+        single = {r["chunk"]: r["median_s"] for r in scaling if r["workers"] * r["threads"] == 1 and "error" not in r}
         lines += ["| x | input | workers x threads | chunk | tasks | conv s (median) | runs s (; draw alone) | GFLOP/s "
-                  "| speed-up over 1 x 1 | peak RSS per worker MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| speed-up over 1 x 1 | peak RSS per worker MiB | load (1 min, start-end) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in scaling:
+            if "error" in r:
+                lines.append(f"| 1x{CHANNELS}x{r['size']}x{r['size']} | {r['input']} | {r['workers']} x {r['threads']} "
+                             f"| {r['chunk']} | - | failed: {r['error'][:120]} | - | - | - | - | {_loads(r)} |")
+                continue
             speedup = f"{single[r['chunk']] / r['median_s']:.2f}" if r["chunk"] in single else "-"
             runs = ", ".join(f"{s:.1f}" for s in r["runs_s"])
             if r["draw_runs_s"]:
                 runs += "; " + ", ".join(f"{s:.1f}" for s in r["draw_runs_s"])
             lines.append(f"| 1x{CHANNELS}x{r['size']}x{r['size']} | {r['input']} | {r['workers']} x {r['threads']} "
                          f"| {r['chunk']} | {r['tasks']} | {r['median_s']:.1f} | {runs} | {r['gflops']:.1f} | {speedup} "
-                         f"| {r['peak_rss_mib']:.0f} |")
+                         f"| {r['peak_rss_mib']:.0f} | {_loads(r)} |")
     if overhead:
         lines += ["", "| x | chunk | tasks | whole-array conv2d s | chunked s | chunked / whole "
-                      "| runs s (whole; chunked) | peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
+                      "| runs s (whole; chunked) | peak RSS MiB | load (1 min, start-end) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in overhead:
             runs = f"{', '.join(f'{s:.1f}' for s in r['whole_runs_s'])}; " \
                    f"{', '.join(f'{s:.1f}' for s in r['chunked_runs_s'])}"
             lines.append(f"| 1x{CHANNELS}x{r['size']}x{r['size']} | {r['chunk']} | {r['tasks']} | {r['whole_s']:.1f} "
-                         f"| {r['chunked_s']:.1f} | {r['ratio']:.2f} | {runs} | {r['peak_rss_mib']:.0f} |")
+                         f"| {r['chunked_s']:.1f} | {r['ratio']:.2f} | {runs} | {r['peak_rss_mib']:.0f} | {_loads(r)} |")
     return "\n".join(lines) + "\n"
 
 
