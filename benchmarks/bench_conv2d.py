@@ -5,7 +5,7 @@
 
 The measuring is `convbackends.bench` (the engine of `convbackends bench`); this script only adds the
 markdown: date and machine, one row per (layer, target) with its median time, GFLOP/s and time ratio
-to cv2.dnn on the CPU, and the geometric mean per target.
+to cv2.dnn on the CPU, the geometric mean per target, and per layer the fastest backend and peer.
 """
 from __future__ import annotations
 
@@ -45,6 +45,10 @@ def markdown(report: bench.Report) -> str:
         "## Geometric mean over the layers",
         "",
         markdown_table(bench.SUMMARY_COLUMNS, bench.summary_rows(report)),
+        "",
+        "## Fastest per layer",
+        "",
+        markdown_table(bench.FASTEST_COLUMNS, bench.fastest_rows(report)),
     ]
     skipped = bench.skipped_lines(report)
     if skipped:

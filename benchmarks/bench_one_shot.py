@@ -1,9 +1,9 @@
-"""The call users make: one-shot `conv2d(x, w, ...)` against a prepared `Conv2d`, side by side.
+"""The call users make: the one-shot functional form (`conv2d(x, w, ...)`, ...) against its prepared op object.
 
     python benchmarks/bench_one_shot.py --backends numpy,opencl,vulkan --md docs/benchmarks-one-shot-cpu.md
 
-For every layer of the `standard` suite and every backend: the prepared layer and the functional call with
-the same w and b, timed alternately (prepared, one-shot, prepared, ...) after warm-up, medians. The first
+For every layer of the suites (`standard` and `conv_transpose2d` by default) and every backend: the op
+object and the functional call of the layer's op with the same w and b, timed alternately (prepared, one-shot, prepared, ...) after warm-up, medians. The first
 one-shot call prepares (it is reported as "first call"); later ones find the layer in the one-shot cache
 after comparing w and b with the copies they were prepared from.
 """
@@ -27,25 +27,30 @@ def _timed(fn) -> float:
 
 def measure(case, backend: str, repeats: int, warmup: int) -> dict:
     x, w, b = case.tensors()
+    functional = getattr(cb, case.op)  # every op's functional form bears the op's name
+
+    def call():
+        return functional(x, w, b, backend=backend, **case.kwargs)
+
     cb.clear_one_shot_cache()
-    first = _timed(lambda: cb.conv2d(x, w, b, backend=backend, **case.kwargs))
-    with cb.Conv2d(w, b, backend=backend, **case.kwargs) as layer:
+    first = _timed(call)
+    with case.layer(w, b, backend=backend) as layer:
         for _ in range(warmup):
             layer(x)
-            cb.conv2d(x, w, b, backend=backend, **case.kwargs)
+            call()
         prepared, one_shot = [], []
         for _ in range(repeats):
             prepared.append(_timed(lambda: layer(x)))
-            one_shot.append(_timed(lambda: cb.conv2d(x, w, b, backend=backend, **case.kwargs)))
+            one_shot.append(_timed(call))
     p, o = statistics.median(prepared), statistics.median(one_shot)
-    return dict(layer=case.name, backend=backend, first_ms=first * 1e3, prepared_ms=p * 1e3, one_shot_ms=o * 1e3,
+    return dict(layer=case.name, op=case.op, backend=backend, first_ms=first * 1e3, prepared_ms=p * 1e3, one_shot_ms=o * 1e3,
                 ratio=o / p)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default="numpy,opencl,vulkan")
-    parser.add_argument("--suite", default="standard")
+    parser.add_argument("--suites", default="standard,conv_transpose2d", help="comma-separated bench suites")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--md", help="write the table as markdown here")
@@ -55,20 +60,20 @@ def main(argv=None) -> int:
         if not cb.available_backends()[backend].available:
             print(f"{backend}: unavailable, skipped")
             continue
-        for case in bench.suite(args.suite):
+        for case in (c for name in args.suites.split(",") for c in bench.suite(name)):
             row = measure(case, backend, args.repeats, args.warmup)
             rows.append(row)
             print(f"{row['layer']:>28} {backend:>7}  first {row['first_ms']:9.2f} ms  prepared {row['prepared_ms']:8.2f} ms"
                   f"  one-shot {row['one_shot_ms']:8.2f} ms  ratio {row['ratio']:.2f}", flush=True)
     if args.md:
-        lines = [f"# One-shot conv2d against a prepared Conv2d: suite `{args.suite}`", "",
+        lines = [f"# One-shot calls against prepared op objects: suites `{args.suites}`", "",
                  f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
                  f"- machine: {platform.processor() or platform.machine()}, {platform.platform()}",
                  f"- method: medians of {args.repeats} alternating calls after {args.warmup} warm-up pairs; "
                  "numpy in, numpy out; `first call` is the one-shot call that prepared the layer", "",
-                 "| layer | backend | first call ms | prepared ms | one-shot ms | one-shot / prepared |",
-                 "|---|---|---|---|---|---|"]
-        lines += [f"| {r['layer']} | {r['backend']} | {r['first_ms']:.2f} | {r['prepared_ms']:.3f} | "
+                 "| layer | op | backend | first call ms | prepared ms | one-shot ms | one-shot / prepared |",
+                 "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['layer']} | {r['op']} | {r['backend']} | {r['first_ms']:.2f} | {r['prepared_ms']:.3f} | "
                   f"{r['one_shot_ms']:.3f} | {r['ratio']:.2f} |" for r in rows]
         worst = {}
         for r in rows:

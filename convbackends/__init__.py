@@ -6,6 +6,7 @@ from .ops.base import clear_one_shot_cache
 from .ops.conv2d import Conv2d, conv2d
 from .ops.conv_transpose2d import ConvTranspose2d, ConvTranspose2dGeometry, ConvTranspose2dSpec, conv_transpose2d
 from .runtime import Availability, BackendUnavailable, DeviceInfo, available_backends, devices, opencl_queue
+from .runtime.numpy import get_num_threads, set_num_threads
 from .spec import Activation, Conv2dGeometry, Conv2dSpec
 
 __version__ = "0.1.0"
@@ -26,5 +27,7 @@ __all__ = [
     "conv2d",
     "conv_transpose2d",
     "devices",
+    "get_num_threads",
     "opencl_queue",
+    "set_num_threads",
 ]

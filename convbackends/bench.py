@@ -7,6 +7,7 @@ where a table or a plot is drawn.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import math
@@ -22,6 +23,7 @@ import numpy as np
 from . import __version__
 from .backends import unsupported
 from .runtime import available_backends, check_name, get_backend
+from .runtime.numpy import num_threads, set_num_threads
 from .ops.conv_transpose2d import ConvTranspose2dSpec
 from .parity import Case, compare, reference_output
 from .spec import Conv2dSpec
@@ -507,6 +509,7 @@ class Report:
     requested: dict = field(default_factory=dict)  # the --backends, --devices, --peers given; None: the default
     unchecked: str = ""  # why outputs were not checked against cv2.dnn; "" when they were
     model: ModelLayers | None = None  # the ONNX model the layers came from
+    threads: int | None = None  # the CPU targets' threads (--threads); None: the cores
 
     def summary(self) -> list[dict]:
         """Per target: geometric means over its measured layers, and how many passed the check."""
@@ -559,7 +562,7 @@ class Report:
             "machine": self.machine,
             "settings": {"suite": self.suite, "warmup": self.warmup, "repeats": self.repeats, "isolated": self.isolated,
                          "baseline": BASELINE, "tolerance": "1e-4 * max(1, max|reference|)",
-                         "checked": not self.unchecked,
+                         "checked": not self.unchecked, "threads": self.threads,
                          **{key: self.requested.get(key) for key in ("backends", "devices", "peers")}},
             "targets": self.targets,
             "layers": self.layers,
@@ -688,18 +691,45 @@ def _run_one(case: Case, target, warmup: int, repeats: int) -> Record:
                   max_abs_err=max_abs, mean_abs_err=mean_abs, tol=tol, passed=passed)
 
 
-def _records_here(target, cases, warmup, repeats):
-    reason = target.unavailable()  # in a worker process: the library's import and probe, before any timing
-    for case in cases:
-        yield Record(case.name, target.id, "error", reason) if reason else _run_one(case, target, warmup, repeats)
+# The CPU drivers' thread counts: PoCL's pthread device and Mesa's llvmpipe read them when they load.
+DRIVER_THREAD_VARIABLES = ("POCL_MAX_PTHREAD_COUNT", "LP_NUM_THREADS")
 
 
-def _worker(target, cases, warmup, repeats, sender) -> None:
-    for record in _records_here(target, cases, warmup, repeats):
+@contextlib.contextmanager
+def _threads(threads: int | None):
+    """The numpy backend, BLAS, the CPU peers (they read `get_num_threads`) and the CPU drivers on
+    `threads` threads while the target runs; the process's own settings again afterwards."""
+    if threads is None:
+        yield
+        return
+    saved_env = {name: os.environ.get(name) for name in DRIVER_THREAD_VARIABLES}
+    os.environ.update({name: str(threads) for name in DRIVER_THREAD_VARIABLES})
+    try:
+        with num_threads(threads):
+            yield
+    finally:
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _records_here(target, cases, warmup, repeats, threads=None):
+    with _threads(threads):
+        reason = target.unavailable()  # in a worker process: the library's import and probe, before any timing
+        if threads is not None:
+            set_num_threads(threads)  # again: the probe may have loaded a BLAS of its own (cv2 bundles one)
+        for case in cases:
+            yield Record(case.name, target.id, "error", reason) if reason else _run_one(case, target, warmup, repeats)
+
+
+def _worker(target, cases, warmup, repeats, threads, sender) -> None:
+    for record in _records_here(target, cases, warmup, repeats, threads):
         sender.send(record)
 
 
-def _records_isolated(target, cases, warmup, repeats):
+def _records_isolated(target, cases, warmup, repeats, threads=None):
     """The target's records, measured in a fresh process of its own.
 
     On a CPU-only machine the stand-in drivers (PoCL, llvmpipe) and the CPU libraries (OpenMP,
@@ -711,7 +741,7 @@ def _records_isolated(target, cases, warmup, repeats):
 
     context = multiprocessing.get_context("spawn")  # fork would copy the parent's driver threads' state
     receiver, sender = context.Pipe(duplex=False)  # send() writes at once: a crash loses no earlier record
-    worker = context.Process(target=_worker, args=(target, cases, warmup, repeats, sender), daemon=True)
+    worker = context.Process(target=_worker, args=(target, cases, warmup, repeats, threads, sender), daemon=True)
     worker.start()
     sender.close()  # only the worker holds the write end now, so its end reads as EOF here
     done = 0
@@ -735,23 +765,26 @@ def _records_isolated(target, cases, warmup, repeats):
 
 
 def run(cases: list[Case], targets: list, *, suite_name: str, warmup: int = 2, repeats: int = 10,
-        isolate: bool = True, progress=None, requested: dict | None = None, model: ModelLayers | None = None) -> Report:
+        isolate: bool = True, progress=None, requested: dict | None = None, model: ModelLayers | None = None,
+        threads: int | None = None) -> Report:
     """Benchmark every case on every available target; `progress(case, target)` is called after each.
 
     With `isolate`, each target runs in a process of its own (see _records_isolated). `requested`
     ({"backends", "devices", "peers"}) and the `model` the layers came from go into the report as they are.
+    `threads` (None: the cores) is what every CPU target runs on (see _threads): CPU drivers take it
+    only in a fresh process, before they load, so in-process it holds for numpy and the peers.
     """
     infos = [target_info(t) for t in targets]
     live = [t for t, info in zip(targets, infos) if info["available"]]
     report = Report(suite_name, warmup, repeats, isolate,
                     datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     machine_info(), infos, [layer_info(c) for c in cases], requested=requested or {},
-                    unchecked=reference_unavailable() or "", model=model)
+                    unchecked=reference_unavailable() or "", model=model, threads=threads)
     records = _records_isolated if isolate else _records_here
     by_target = {}
     for target in live:
         by_target[target.id] = []
-        for record in records(target, cases, warmup, repeats):
+        for record in records(target, cases, warmup, repeats, threads):
             by_target[target.id].append(record)
             if progress:
                 progress(cases[len(by_target[target.id]) - 1], target)
@@ -801,6 +834,25 @@ def summary_rows(report: Report) -> list[tuple[str, ...]]:
     return [(s["target"], devices[s["target"]], _num(s["geomean_ratio_vs_cv2dnn"], ".2f"),
              _num(s["geomean_gflops"], ".1f"), f"{s['layers_ok']}/{len(report.layers)}",
              f"{s['checks_passed']} pass, {s['checks_failed']} fail") for s in report.summary()]
+
+
+FASTEST_COLUMNS = ("layer", "fastest backend", "ms", "x cv2.dnn", "fastest peer", "ms", "x cv2.dnn")
+
+
+def fastest_rows(report: Report) -> list[tuple[str, ...]]:
+    """Per layer, the convbackends target and the peer with the lowest median that passed their check: which
+    backend a user on this machine should pick for that kind of layer, and what the best other library does."""
+    kinds = {t["id"]: t["kind"] for t in report.targets}
+    rows = []
+    for layer in report.layers:
+        ran = [r for r in report.records if r.layer == layer["name"] and r.median_s and r.passed is not False]
+        cells = [layer["name"]]
+        for kind in ("backend", "peer"):
+            best = min((r for r in ran if kinds[r.target] == kind), key=lambda r: r.median_s, default=None)
+            cells += ["-", "-", "-"] if best is None else [best.target, _ms(best.median_s, ".3f"),
+                                                            _num(best.ratio_vs_cv2dnn, ".2f")]
+        rows.append(tuple(cells))
+    return rows
 
 
 def skipped_lines(report: Report) -> list[str]:

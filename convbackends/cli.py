@@ -135,6 +135,9 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
                              "'all' (default) or 'none'")
     parser.add_argument("--repeats", type=_positive, default=10, help="timed calls per layer; the median is shown (10)")
     parser.add_argument("--warmup", type=_non_negative, default=2, help="untimed calls after the cold one (2)")
+    parser.add_argument("--threads", type=_positive, metavar="N",
+                        help="threads of the numpy backend, BLAS, the CPU peers and the CPU drivers (PoCL, "
+                             "llvmpipe) (default: the cores)")
     parser.add_argument("--in-process", action="store_true",
                         help="run every target in this process instead of one fresh process per target: starts "
                              "faster, but on a CPU-only machine the drivers' threads slow the CPU libraries down")
@@ -267,7 +270,7 @@ def run_bench(cases, targets, suite_name: str, args, model: bench.ModelLayers | 
     with progress(live * len(cases)) as step:
         return bench.run(cases, targets, suite_name=suite_name, warmup=args.warmup, repeats=args.repeats,
                          isolate=not args.in_process, progress=lambda case, target: step(f"{case.name} on {target.id}"),
-                         requested=requested, model=model)
+                         requested=requested, model=model, threads=args.threads)
 
 
 def cmd_bench(args) -> int:

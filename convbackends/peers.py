@@ -18,6 +18,7 @@ import numpy as np
 
 from .bench import geometry
 from .parity import Case
+from .runtime.numpy import workers
 from .spec import Activation
 
 
@@ -132,6 +133,8 @@ class Cv2Dnn(Peer):
 
         from .reference import cv2_net
 
+        cv2.setNumThreads(workers())
+
         if case.op == "conv2d":
             return _Runner(_cv2_forward(cv2_net(geometry(case), w, b, Activation(), winograd=True)))
         return _Runner(_cv2_forward(cv2.dnn.readNetFromONNX(np.frombuffer(_onnx_model(case, w, b), np.uint8))))
@@ -193,8 +196,8 @@ def _opencl_has_gpu() -> bool:
 
 
 class Torch(Peer):
-    """torch.nn.functional.conv2d / conv_transpose2d under inference_mode, on the CPU with a thread per core
-    (the cores this process may use, as the numpy backend counts them); TF32 off on CUDA so it stays float32."""
+    """torch.nn.functional.conv2d / conv_transpose2d under inference_mode, on the CPU with as many threads as
+    the numpy backend (`get_num_threads`: the cores by default); TF32 off on CUDA so it stays float32."""
 
     install = "pip install torch (its CPU or its CUDA wheel)"
 
@@ -213,10 +216,7 @@ class Torch(Peer):
             torch.backends.cuda.matmul.allow_tf32 = False
             self.device = torch.cuda.get_device_name()
         else:
-            from .backends.numpy.conv2d import _workers
-
-            torch.set_num_threads(_workers())
-            self.device = f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+            self.device = f"CPU, torch {torch.__version__}"
         return None
 
     def prepare(self, case, w, b):
@@ -225,6 +225,8 @@ class Torch(Peer):
 
         g = geometry(case)
         dev = torch.device(self.torch_device)
+        if self.torch_device == "cpu":
+            torch.set_num_threads(workers())
         wt = torch.from_numpy(w).to(dev)
         bt = None if b is None else torch.from_numpy(b).to(dev)
         symmetric = (g.pt, g.pl) == (g.pb, g.pr)
@@ -260,7 +262,9 @@ class OnnxRuntime(Peer):
     def prepare(self, case, w, b):
         import onnxruntime
 
-        session = onnxruntime.InferenceSession(_onnx_model(case, w, b), providers=["CPUExecutionProvider"])
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = workers()
+        session = onnxruntime.InferenceSession(_onnx_model(case, w, b), options, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         return _Runner(lambda x: session.run(None, {name: x})[0])
 
@@ -309,6 +313,7 @@ class Ncnn(Peer):
         net = ncnn.Net()
         opt = net.opt
         opt.use_vulkan_compute = self.vulkan
+        opt.num_threads = workers()
         for flag in ("use_fp16_packed", "use_fp16_storage", "use_fp16_arithmetic", "use_bf16_storage",
                      "use_bf16_packed", "use_int8_inference"):
             setattr(opt, flag, False)

@@ -1,7 +1,8 @@
-"""The package as `pip install convbackends` leaves it: numpy and nothing else (then with rich, the `cli` extra).
+"""The package as `pip install convbackends` leaves it: numpy, threadpoolctl and nothing else (then with rich, the
+`cli` extra).
 
 The wheel is built from this checkout and installed with --no-deps into a fresh venv that has no pip and
-sees no site-packages; numpy (and rich with its dependencies) come from this environment through a .pth
+sees no site-packages; its dependencies (and rich with its own) come from this environment through a .pth
 file, so nothing is downloaded. Each command either works or ends in one line naming what to install.
 """
 import json
@@ -37,7 +38,7 @@ def _link_distributions(names, folder: Path) -> None:
 
 @pytest.fixture(scope="module")
 def bare(tmp_path_factory):
-    """(python of a venv holding the wheel and numpy only, a folder that adds rich, a working directory)."""
+    """(python of a venv holding the wheel and its dependencies only, a folder that adds rich, a working directory)."""
     work = tmp_path_factory.mktemp("bare")
     source, wheels = work / "source", work / "wheels"
     shutil.copytree(ROOT, source, ignore=NOT_SOURCES)
@@ -51,8 +52,8 @@ def bare(tmp_path_factory):
                       "-q", *map(str, wheels.glob("convbackends-*.whl"))])
     assert installed.returncode == 0, installed.stdout + installed.stderr
     site = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
-    _link_distributions(["numpy"], work / "numpy-only")
-    (site / "numpy-from-the-test-environment.pth").write_text(f"{work / 'numpy-only'}\n")
+    _link_distributions(["numpy", "threadpoolctl"], work / "dependencies")
+    (site / "dependencies-from-the-test-environment.pth").write_text(f"{work / 'dependencies'}\n")
     _link_distributions(RICH, work / "rich-only")
     cwd = work / "cwd"  # holds nothing importable
     cwd.mkdir()

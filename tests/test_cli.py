@@ -176,6 +176,48 @@ def test_a_crashing_target_costs_only_its_own_records():
     assert all(r.status == "ok" for r in report.records if r.target == "cv2dnn")
 
 
+class _ReportsThreads(peers.Cv2Dnn):
+    """A peer that fails unless every CPU library and driver of its process was set to one thread."""
+
+    name = "one-thread"
+
+    def prepare(self, case, w, b):
+        import cv2
+        import threadpoolctl
+
+        import convbackends
+
+        runner = super().prepare(case, w, b)
+        blas = {pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"}
+        seen = (convbackends.get_num_threads(), cv2.getNumThreads(), blas,
+                *(os.environ.get(name) for name in bench.DRIVER_THREAD_VARIABLES))
+        if seen != (1, 1, {1}, "1", "1"):
+            raise RuntimeError(f"threads seen: {seen}")
+        return runner
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: one thread is the default")
+@pytest.mark.parametrize("isolate", [True, False])
+def test_threads_set_every_cpu_target_and_are_restored(isolate):
+    import convbackends
+
+    cases = bench.suite("smoke")[:1]
+    before = convbackends.get_num_threads()
+    pinned = bench.run(cases, [_ReportsThreads()], suite_name="smoke", repeats=1, isolate=isolate, threads=1)
+    assert [r.status for r in pinned.records] == ["ok"], pinned.records
+    assert pinned.to_json()["settings"]["threads"] == 1
+    assert convbackends.get_num_threads() == before
+    assert not any(name in os.environ for name in bench.DRIVER_THREAD_VARIABLES)
+    default = bench.run(cases, [_ReportsThreads()], suite_name="smoke", repeats=1, isolate=isolate)
+    assert [r.status for r in default.records] == ["error"] and "threads seen" in default.records[0].reason
+
+
+def test_bench_threads_option(tmp_path):
+    out = tmp_path / "threads.json"
+    assert main(["bench", "--suite", "smoke", "--peers", "none", *FAST, "--threads", "1", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["settings"]["threads"] == 1
+
+
 def test_bench_fails_when_a_backend_is_wrong(monkeypatch, capsys):
     profile = Conv2d.profile
     monkeypatch.setattr(Conv2d, "profile", lambda self, x: (profile(self, x)[0] + 1.0, None))
@@ -264,6 +306,7 @@ def test_bad_targets_exit_2_with_a_message(args, message, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["bench", "--repeats", "0"], "convbackends bench: error: argument --repeats: must be an integer >= 1, got '0'"),
+    (["bench", "--threads", "0"], "argument --threads: must be an integer >= 1, got '0'"),
     (["bench", "--json", "/no/such/dir/x.json"], "argument --json: directory '/no/such/dir' of"),
     (["bench", "--onnx", "/no/such/model.onnx"], "argument --onnx: no file '/no/such/model.onnx'"),
     (["parity", "--suite", "x"], "argument --suite: invalid choice: 'x'"),
@@ -398,3 +441,20 @@ def test_two_opencv_distributions_are_warned_about(monkeypatch, capsys):
     assert err == ("convbackends: warning: opencv-python-headless and opencv-python are installed together and "
                    "overwrite each other's cv2: pip uninstall -y opencv-python-headless opencv-python, then pip "
                    "install the one to keep\n")
+
+
+def test_fastest_rows_pick_the_lowest_passing_median_of_each_kind():
+    report = bench.run(bench.suite("smoke")[:2], [*bench.targets("numpy", None, "none"), peers.Cv2Dnn()],
+                       suite_name="smoke", repeats=1, warmup=0, isolate=False)
+    report.records[0].passed = False  # a failed check never counts as fastest
+    rows = bench.fastest_rows(report)
+    assert [row[0] for row in rows] == [layer["name"] for layer in report.layers]
+    for row in rows:
+        mine = [r for r in report.records if r.layer == row[0] and r.passed is not False]
+        for kind, target, ms in (("backend", row[1], row[2]), ("peer", row[4], row[5])):
+            candidates = [r for r in mine if (r.target == "cv2dnn") == (kind == "peer")]
+            if not candidates:
+                assert (target, ms) == ("-", "-")
+                continue
+            best = min(candidates, key=lambda r: r.median_s)
+            assert (target, ms) == (best.target, f"{best.median_s * 1e3:.3f}")

@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 
+import convbackends
 from convbackends import Conv2d
 from convbackends.backends import _winograd
 from convbackends.backends.numpy import conv2d as nc
@@ -302,8 +303,9 @@ def test_depthwise_keeps_non_finite_mask_at_row_ends(stride):
 )
 def test_paths_split_across_threads(x_shape, w_shape, kwargs, monkeypatch):
     # Three parts whatever the machine: copies, epilogues and depthwise blocks all run on the pool.
-    monkeypatch.setattr(nc, "_workers", lambda: 3)
-    monkeypatch.setattr(nc, "PARALLEL_MIN_ELEMS", 64)
+    monkeypatch.setattr(numpy_runtime, "workers", lambda: 3)
+    monkeypatch.setattr(nc, "workers", lambda: 3)
+    monkeypatch.setattr(numpy_runtime, "PARALLEL_MIN_ELEMS", 64)
     x, w, b = _tensors(x_shape, w_shape)
     kwargs = dict(kwargs, activation="relu6")
     _assert_matches(Conv2d(w, b, **kwargs)(x), conv2d_float64(x, w, b, **kwargs))
@@ -334,25 +336,25 @@ def restore_threads():
     yield
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        nc.set_num_threads(None)
+        convbackends.set_num_threads(None)
 
 
 def test_set_num_threads_sets_pool_and_blas(restore_threads):
     threadpoolctl = pytest.importorskip("threadpoolctl")
     x, w, b = _tensors((1, 32, 20, 20), (32, 1, 3, 3))
-    nc.set_num_threads(1)
-    assert nc.get_num_threads() == 1
+    convbackends.set_num_threads(1)
+    assert convbackends.get_num_threads() == 1
     assert {pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"} == {1}
     _assert_matches(Conv2d(w, b, padding=1, groups=32)(x), conv2d_float64(x, w, b, padding=1, groups=32))
-    nc.set_num_threads(None)
-    assert nc.get_num_threads() == nc._cores()
+    convbackends.set_num_threads(None)
+    assert convbackends.get_num_threads() == numpy_runtime.cores()
 
 
 def test_set_num_threads_without_threadpoolctl_warns(restore_threads, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "threadpoolctl", None)  # import fails
     with pytest.warns(RuntimeWarning, match="threadpoolctl is not installed"):
-        nc.set_num_threads(3)
-    assert nc.get_num_threads() == 3
+        convbackends.set_num_threads(3)
+    assert convbackends.get_num_threads() == 3
     x, w, b = _tensors((2, 16, 30, 30), (16, 2, 3, 3))
     _assert_matches(Conv2d(w, b, padding=1, groups=8)(x), conv2d_float64(x, w, b, padding=1, groups=8))
 
@@ -366,5 +368,5 @@ def test_set_num_threads_without_threadpoolctl_warns(restore_threads, monkeypatc
 ])
 def test_set_num_threads_rejects_bad_counts(bad, error, message):
     with pytest.raises(error) as info:
-        nc.set_num_threads(bad)
+        convbackends.set_num_threads(bad)
     assert str(info.value) == message

@@ -8,26 +8,20 @@ ones run over their dilation phases).
 Grouped stride-1 layers with few channels per group take `conv2d_tap_gemms` (one GEMM per tap).
 Weights are repacked once in `prepare`; bias and activation are applied in place on each output
 tile while it is still in cache. BLAS threads the GEMMs; the copies and elementwise passes around
-them, which it does not, are split over the cores by `_in_parts`, and depthwise and tap-GEMM blocks
+them, which it does not, are split over the cores by the runtime's `in_parts`, and depthwise and tap-GEMM blocks
 run on the same thread pool.
 
-Threads: `set_num_threads(n)` sets both this backend's pool and BLAS's threads (BLAS through
-threadpoolctl, when it is installed: that limit holds for the whole process, numpy's own
-products included); `set_num_threads(None)` goes back to the default, the cores this process may
-run on. `get_num_threads()` reads it back.
+Threads: `convbackends.set_num_threads` (runtime/numpy.py) sets the pool and BLAS together.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
-import threading
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from ...runtime import DeviceInfo
+from ...runtime.numpy import in_parts, scratch, workers
 from ...spec import Activation, Conv2dGeometry, Conv2dSpec
 from .. import Prepared, _winograd
 
@@ -55,104 +49,12 @@ WINOGRAD_MIN_TILES = 16
 # 2 MB each keeps them in the caches, but at least 256 tiles keep its GEMMs wide enough for BLAS.
 WINOGRAD_BLOCK_BYTES = 2 << 20
 WINOGRAD_BLOCK_MIN_TILES = 256
-# Copies and elementwise passes split over the cores from this many elements per part (512 KB, ~50-100 us):
-# below it, waking a worker for a part (~20-30 us) costs about what it saves.
-PARALLEL_MIN_ELEMS = 1 << 17
 
 _F32 = np.dtype(np.float32).itemsize
 
 # Both 2-D transforms as one matrix over the flattened tile, so each is a single GEMM.
 _WINO_IN = np.kron(_winograd.BT, _winograd.BT).astype(np.float32)
 _WINO_OUT = np.kron(_winograd.AT, _winograd.AT).astype(np.float32)
-
-_local = threading.local()
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-_num_threads: int | None = None  # None: the cores
-
-
-def _scratch(slot: str, size: int) -> np.ndarray:
-    """A per-thread reusable float32 buffer: a fresh tile-sized array each run would page-fault every time.
-
-    Each thread keeps its largest buffer per slot (a few tiles and one padded input) for reuse.
-    """
-    buffers = _local.__dict__.setdefault("buffers", {})
-    buf = buffers.get(slot)
-    if buf is None or buf.size < size:
-        buf = buffers[slot] = np.empty(size, np.float32)
-    return buf[:size]
-
-
-def _cores() -> int:
-    """The cores this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def _workers() -> int:
-    """Threads the passes and blocks are split over: `set_num_threads`, else the cores."""
-    return _num_threads or _cores()
-
-
-def get_num_threads() -> int:
-    """The threads this backend runs on (`set_num_threads`; by default the cores)."""
-    return _workers()
-
-
-def set_num_threads(num_threads: int | None) -> None:
-    """Run this backend, and BLAS, on num_threads threads; None: the cores this process may run on.
-
-    BLAS is set through threadpoolctl, for the whole process; without threadpoolctl a warning says
-    that BLAS keeps its own count. Set it between runs: a layer running meanwhile on another
-    thread finishes on the threads it started with.
-    """
-    global _num_threads, _pool
-    if num_threads is not None:
-        if isinstance(num_threads, bool) or not isinstance(num_threads, int):
-            raise TypeError(f"num_threads must be an int or None, got {type(num_threads).__name__} {num_threads!r}")
-        if num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
-    with _pool_lock:
-        # The old pool is dropped, not shut down: a run still holding it can finish; its idle
-        # threads exit once it is collected.
-        _num_threads, _pool = num_threads, None
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        warnings.warn("threadpoolctl is not installed, so BLAS keeps its own thread count "
-                      "(pip install threadpoolctl to set it too)", RuntimeWarning, stacklevel=2)
-        return
-    threadpool_limits(limits=_workers(), user_api="blas")
-
-
-def _threads() -> ThreadPoolExecutor:
-    """Workers for the passes BLAS does not thread (numpy releases the GIL in its loops)."""
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="convbackends-numpy")
-    return _pool
-
-
-def _in_parts(count: int, elems: int, fn) -> None:
-    """fn(lo, hi) over contiguous parts of range(count), one per core, the calling thread taking one.
-
-    For the copies and elementwise passes around the GEMMs, which BLAS does not thread (numpy
-    releases the GIL in them). `elems` is the work in all; small jobs stay on the calling thread.
-    Never called from a worker: a worker waiting on the pool could wait forever.
-    """
-    parts = max(1, min(_workers(), count, elems // PARALLEL_MIN_ELEMS))
-    if parts == 1:
-        fn(0, count)
-        return
-    bounds = [count * i // parts for i in range(parts + 1)]
-    futures = [_threads().submit(fn, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
-    fn(bounds[0], bounds[1])
-    for future in futures:
-        future.result()
-
 
 def activate(y: np.ndarray, act: Activation) -> None:
     """Apply the fused activation in place; overflow-free forms, NaN stays NaN."""
@@ -218,7 +120,7 @@ def _padded(x: np.ndarray, pads: tuple[int, int, int, int], bottom: int = 0, rig
         return x
     n, c, h, w = x.shape
     hp, wp = h + pt + pb, w + pl + pr
-    xp = _scratch("pad", n * c * hp * wp).reshape(n, c, hp, wp)
+    xp = scratch("pad", n * c * hp * wp).reshape(n, c, hp, wp)
 
     def fill(c0: int, c1: int) -> None:
         part = xp[:, c0:c1]
@@ -228,7 +130,7 @@ def _padded(x: np.ndarray, pads: tuple[int, int, int, int], bottom: int = 0, rig
         part[:, :, pt:pt + h, pl + w:] = 0
         part[:, :, pt:pt + h, pl:pl + w] = x[:, c0:c1]
 
-    _in_parts(c, xp.size, fill)
+    in_parts(c, xp.size, fill)
     return xp
 
 
@@ -255,7 +157,7 @@ def conv2d_gemm_1x1(x, w, bias, act, geom: Conv2dGeometry, out) -> None:
         x = np.ascontiguousarray(xp[:, :, :(g.oh - 1) * g.sh + 1:g.sh, :(g.ow - 1) * g.sw + 1:g.sw])
     y = out.reshape(g.n, g.groups, g.og, g.oh * g.ow)
     np.matmul(w, x.reshape(g.n, g.groups, g.cg, g.oh * g.ow), out=y)
-    _in_parts(g.og, y.size, lambda o0, o1: _epilogue(
+    in_parts(g.og, y.size, lambda o0, o1: _epilogue(
         y[:, :, o0:o1], None if bias is None else bias[:, o0:o1], act))
 
 
@@ -270,12 +172,12 @@ def _columns_gemm(w, view, y, bias, act) -> None:
     step = max(1, min(groups, GROUP_COLUMNS_ELEMS // (n * k * pixels)))
     for g0 in range(0, groups, step):
         part = view[:, g0:g0 + step]
-        cols = _scratch("cols", part.size).reshape(part.shape)
-        _in_parts(part.shape[2], part.size, lambda c0, c1: np.copyto(cols[:, :, c0:c1], part[:, :, c0:c1]))
+        cols = scratch("cols", part.size).reshape(part.shape)
+        in_parts(part.shape[2], part.size, lambda c0, c1: np.copyto(cols[:, :, c0:c1], part[:, :, c0:c1]))
         y_part = y[:, g0:g0 + step]
         np.matmul(w[g0:g0 + step], cols.reshape(n, -1, k, pixels), out=y_part)
         b_part = None if bias is None else bias[g0:g0 + step]
-        _in_parts(y_part.shape[2], y_part.size, lambda o0, o1: _epilogue(
+        in_parts(y_part.shape[2], y_part.size, lambda o0, o1: _epilogue(
             y_part[:, :, o0:o1], None if b_part is None else b_part[:, o0:o1], act))
 
 
@@ -332,8 +234,8 @@ def conv2d_tap_gemms(x, w_taps, bias, act, geom: Conv2dGeometry, out) -> None:
     def run(n0: int, g0: int, r0: int) -> None:
         g1, nr = min(g.groups, g0 + step), min(band_rows, g.oh - r0)
         length = nr * wp
-        acc = _scratch("rows", (g1 - g0) * g.og * length).reshape(g1 - g0, g.og, length)
-        term = _scratch("cols", acc.size).reshape(acc.shape)
+        acc = scratch("rows", (g1 - g0) * g.og * length).reshape(g1 - g0, g.og, length)
+        term = scratch("cols", acc.size).reshape(acc.shape)
         src = flat[n0, g0:g1, :, r0 * wp:]
         with np.errstate(invalid="ignore", over="ignore"):  # inf * 0 gives NaN, as in the reference
             for t, offset in enumerate(offsets):
@@ -347,7 +249,7 @@ def conv2d_tap_gemms(x, w_taps, bias, act, geom: Conv2dGeometry, out) -> None:
         for block in blocks[i0:i1]:
             run(*block)
 
-    _in_parts(len(blocks), out.size * len(offsets), run_blocks)
+    in_parts(len(blocks), out.size * len(offsets), run_blocks)
 
 
 def _implicit_gemm_rows(x, w, bias, act, geom: Conv2dGeometry, out, cap: int) -> None:
@@ -370,11 +272,11 @@ def _implicit_gemm_rows(x, w, bias, act, geom: Conv2dGeometry, out, cap: int) ->
             strides=(sn, g.cg * sc, sc, g.dh * sh, g.dw * sw, sw),
             writeable=False,
         )
-        y = _scratch("rows", nb * g.o * nr * wp).reshape(nb, g.groups, g.og, nr * wp)
+        y = scratch("rows", nb * g.o * nr * wp).reshape(nb, g.groups, g.og, nr * wp)
         _columns_gemm(w, view, y, bias, act)
         rows = y.reshape(nb, g.o, nr, wp)[..., :g.ow]
         dst = out[n0:n0 + nb, :, r0:r0 + nr]
-        _in_parts(g.o, rows.size, lambda o0, o1: np.copyto(dst[:, o0:o1], rows[:, o0:o1]))
+        in_parts(g.o, rows.size, lambda o0, o1: np.copyto(dst[:, o0:o1], rows[:, o0:o1]))
 
 
 def _depthwise_layout(geom: Conv2dGeometry):
@@ -420,8 +322,8 @@ def conv2d_depthwise(x, w, bias, act, geom: Conv2dGeometry, out) -> None:
     band_len = band_rows * cols
     per_channel = phases * rows * cols + (len(taps) + mult) * bands * band_len
     step = max(1, min(g.c, DEPTHWISE_BLOCK_ELEMS // per_channel))
-    if g.n * -(-g.c // step) < _workers():  # enough blocks to give every core a part
-        step = -(-g.c // -(-_workers() // g.n))
+    if g.n * -(-g.c // step) < workers():  # enough blocks to give every core a part
+        step = -(-g.c // -(-workers() // g.n))
     # Per phase (a, b): the phase rows and columns that hold input pixels, and the first input row/column.
     spans = []
     for a, b in used:
@@ -437,18 +339,18 @@ def conv2d_depthwise(x, w, bias, act, geom: Conv2dGeometry, out) -> None:
     def run(n0: int, c0: int) -> None:
         c1 = min(g.c, c0 + step)
         nb = c1 - c0
-        image = _scratch("pad", nb * phases * rows * cols).reshape(nb, phases, rows, cols)
+        image = scratch("pad", nb * phases * rows * cols).reshape(nb, phases, rows, cols)
         image.fill(0)
         for p, (r0, r1, q0, q1, y0, x0) in enumerate(spans):
             if r1 > r0 and q1 > q0:
                 image[:, p, r0:r1, q0:q1] = x[n0, c0:c1, y0:y0 + (r1 - r0 - 1) * g.sh + 1:g.sh,
                                               x0:x0 + (q1 - q0 - 1) * g.sw + 1:g.sw]
-        columns = _scratch("cols", nb * bands * len(taps) * band_len).reshape(nb, bands, len(taps), band_len)
+        columns = scratch("cols", nb * bands * len(taps) * band_len).reshape(nb, bands, len(taps), band_len)
         flat = image.reshape(nb, phases, rows * cols)
         for t, (p, dr, dq) in enumerate(taps):
             start = dr * cols + dq
             np.copyto(columns[:, :, t], flat[:, p, start:start + bands * band_len].reshape(nb, bands, band_len))
-        acc = _scratch("rows", nb * bands * mult * band_len).reshape(nb, bands, mult, band_len)
+        acc = scratch("rows", nb * bands * mult * band_len).reshape(nb, bands, mult, band_len)
         with np.errstate(invalid="ignore", over="ignore"):  # inf * 0 gives NaN, as in the reference
             np.matmul(w_taps[c0:c1], columns, out=acc)
             _epilogue(acc, None if b_all is None else b_all[c0:c1], act)
@@ -465,7 +367,7 @@ def conv2d_depthwise(x, w, bias, act, geom: Conv2dGeometry, out) -> None:
         for n0, c0 in starts[i0:i1]:
             run(n0, c0)
 
-    _in_parts(len(starts), g.n * g.c * per_channel, run_blocks)
+    in_parts(len(starts), g.n * g.c * per_channel, run_blocks)
 
 
 def winograd_tiles(geom: Conv2dGeometry) -> int:
@@ -498,13 +400,13 @@ def conv2d_winograd(x, u, bias, act, geom: Conv2dGeometry, out, tile_bytes: int 
             strides=(sh, sw, sc, sn, 4 * sh, 4 * sw),
             writeable=False,
         )
-        d = _scratch("cols", view.size).reshape(36, g.c * tiles)
+        d = scratch("cols", view.size).reshape(36, g.c * tiles)
         d6 = d.reshape(view.shape)
-        _in_parts(g.c, d.size, lambda c0, c1: np.copyto(d6[:, :, c0:c1], view[:, :, c0:c1]))
-        v = _scratch("wino_v", d.size).reshape(36, g.c, tiles)
+        in_parts(g.c, d.size, lambda c0, c1: np.copyto(d6[:, :, c0:c1], view[:, :, c0:c1]))
+        v = scratch("wino_v", d.size).reshape(36, g.c, tiles)
         np.matmul(_WINO_IN, d, out=v.reshape(d.shape))
-        m = _scratch("wino_m", 36 * g.o * tiles)
-        y = _scratch("wino_y", 16 * g.o * tiles)
+        m = scratch("wino_m", 36 * g.o * tiles)
+        y = scratch("wino_y", 16 * g.o * tiles)
         dst = full[n0:n0 + nb, :, 4 * r0:4 * (r0 + nr), 4 * c0:4 * (c0 + nc)].reshape(nb, g.o, nr, 4, nc, 4)
         np.matmul(u.transpose(0, 2, 1), v, out=m.reshape(36, g.o, tiles))
         np.matmul(_WINO_OUT, m.reshape(36, -1), out=y.reshape(16, -1))
@@ -518,9 +420,9 @@ def conv2d_winograd(x, u, bias, act, geom: Conv2dGeometry, out, tile_bytes: int 
             for s in range(4):
                 np.copyto(dst[:, o0:o1, ..., s], src[:, o0:o1, ..., s])
 
-        _in_parts(g.o, y.size, finish)
+        in_parts(g.o, y.size, finish)
     if full is not out:
-        _in_parts(g.o, out.size, lambda o0, o1: np.copyto(out[:, o0:o1], full[:, o0:o1, :g.oh, :g.ow]))
+        in_parts(g.o, out.size, lambda o0, o1: np.copyto(out[:, o0:o1], full[:, o0:o1, :g.oh, :g.ow]))
 
 
 def winograd_phases(geom: Conv2dGeometry) -> Conv2dGeometry | None:
@@ -545,14 +447,14 @@ def conv2d_winograd_dilated(x, u, bias, act, geom: Conv2dGeometry, phases: Conv2
     """Dilated 3x3 as Winograd over the input's dilation phases (`winograd_phases`), interleaved back."""
     g = geom
     dh, dw = g.dh, g.dw
-    xs = _scratch("dilated", x.size).reshape(dh, dw, g.n, g.c, phases.h, phases.w)
-    _in_parts(g.c, x.size, lambda c0, c1: np.copyto(
+    xs = scratch("dilated", x.size).reshape(dh, dw, g.n, g.c, phases.h, phases.w)
+    in_parts(g.c, x.size, lambda c0, c1: np.copyto(
         xs[:, :, :, c0:c1],
         x[:, c0:c1].reshape(g.n, c1 - c0, phases.h, dh, phases.w, dw).transpose(3, 5, 0, 1, 2, 4)))
     ys = np.empty(phases.output_shape, np.float32)
     conv2d_winograd(xs.reshape(phases.input_shape), u, bias, act, phases, ys, tile_bytes)
     y6 = ys.reshape(dh, dw, g.n, g.o, phases.oh, phases.ow)
-    _in_parts(g.o, out.size, lambda o0, o1: np.copyto(
+    in_parts(g.o, out.size, lambda o0, o1: np.copyto(
         out[:, o0:o1].reshape(g.n, o1 - o0, phases.oh, dh, phases.ow, dw),
         y6[:, :, :, o0:o1].transpose(2, 3, 4, 0, 5, 1)))
 
@@ -564,7 +466,7 @@ def _winograd_safe(x: np.ndarray) -> bool:
     def check(c0: int, c1: int) -> None:
         safe[c0] = _winograd.safe(x[:, c0:c1])
 
-    _in_parts(x.shape[1], x.size, check)
+    in_parts(x.shape[1], x.size, check)
     return all(safe)
 
 

@@ -15,7 +15,8 @@ import numpy as np
 
 from .. import Prepared
 from .._phases import PhasesPrepared
-from .conv2d import TILE_BYTES, _in_parts, _scratch, activate
+from ...runtime.numpy import in_parts, scratch
+from .conv2d import TILE_BYTES, activate
 
 _F32 = np.dtype(np.float32).itemsize
 
@@ -33,7 +34,7 @@ def conv_transpose2d_col2im(x, w_t, bias, act, geom, out, tile_bytes: int = TILE
     g = geom
     groups = g.groups
     cg, taps = g.c // groups, g.kh * g.kw
-    _in_parts(g.o, out.size, lambda o0, o1: out[:, o0:o1].fill(0) if bias is None else
+    in_parts(g.o, out.size, lambda o0, o1: out[:, o0:o1].fill(0) if bias is None else
               np.copyto(out[:, o0:o1], bias[o0:o1, None, None]))
     per_row = g.o * taps * g.w  # elements of Z per input row of one image
     rows = max(1, min(g.h, tile_bytes // _F32 // per_row))
@@ -43,7 +44,7 @@ def conv_transpose2d_col2im(x, w_t, bias, act, geom, out, tile_bytes: int = TILE
         for r0 in range(0, g.h, rows):
             nr = min(rows, g.h - r0)
             xb = x[n0:n0 + nb, :, r0:r0 + nr].reshape(nb, groups, cg, nr * g.w)
-            z = _scratch("col2im", nb * g.o * taps * nr * g.w).reshape(nb, groups, w_t.shape[1], nr * g.w)
+            z = scratch("col2im", nb * g.o * taps * nr * g.w).reshape(nb, groups, w_t.shape[1], nr * g.w)
             with np.errstate(invalid="ignore", over="ignore"):  # inf * 0 gives NaN, as in the reference
                 np.matmul(w_t, xb, out=z)
             z6 = z.reshape(nb, g.o, g.kh, g.kw, nr, g.w)
@@ -58,8 +59,8 @@ def conv_transpose2d_col2im(x, w_t, bias, act, geom, out, tile_bytes: int = TILE
                             z6[:, o0:o1, i, j, iy - r0:iy - r0 + ny, ix:ix + nx]
 
             with np.errstate(invalid="ignore", over="ignore"):
-                _in_parts(g.o, nb * g.o * taps * nr * g.w, add)
-    _in_parts(g.o, out.size, lambda o0, o1: activate(out[:, o0:o1], act))
+                in_parts(g.o, nb * g.o * taps * nr * g.w, add)
+    in_parts(g.o, out.size, lambda o0, o1: activate(out[:, o0:o1], act))
 
 
 class NumpyTransposedPrepared(PhasesPrepared):
