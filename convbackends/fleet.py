@@ -95,7 +95,7 @@ def _without_dask_thread_caps():
 
 
 def _bench_on_worker(topic: str, cases, suite_name: str, backends, devices, peers, warmup: int, repeats: int,
-                     isolate: bool) -> dict:
+                     isolate: bool, threads: int | None) -> dict:
     """Runs on a worker: the suite on each of its targets, one bench.run each, every step sent as an event."""
     from distributed import get_worker
 
@@ -117,7 +117,8 @@ def _bench_on_worker(topic: str, cases, suite_name: str, backends, devices, peer
         send("start", machine=facts, targets=infos, isolated=isolated)
         for target in targets:
             report = bench.run(cases, [target], suite_name=suite_name, warmup=warmup, repeats=repeats,
-                               isolate=isolated, progress=lambda case, t: send("layer", target=t.id, layer=case.name))
+                               isolate=isolated, progress=lambda case, t: send("layer", target=t.id, layer=case.name),
+                               threads=threads)
             records[target.id] = [asdict(r) for r in report.records]
             unchecked = unchecked or report.unchecked
             send("records", target=target.id, records=records[target.id])
@@ -174,12 +175,12 @@ def _labels(client, workers: dict) -> dict[str, str]:
 
 def run(client, cases: list, *, suite_name: str, backends: str | None = None, devices: str | None = None,
         peers: str | None = None, warmup: int = 2, repeats: int = 10, isolate: bool = True, progress=None,
-        requested: dict | None = None, model=None, poll_s: float = 0.2) -> bench.Report:
+        requested: dict | None = None, model=None, threads: int | None = None, poll_s: float = 0.2) -> bench.Report:
     """The suite on every worker of the client's cluster, as one bench.Report keyed by host and device.
 
     `progress(run, description)` is called on every event with the WorkerRun it concerns (its `layers_done`
-    and `total`). Every `poll_s` seconds the workers still in the cluster are checked: the run of one that
-    left is marked failed and cancelled.
+    and `total`). `threads` is bench.run's, on every worker. Every `poll_s` seconds the workers still in the
+    cluster are checked: the run of one that left is marked failed and cancelled.
     """
     workers = client.scheduler_info()["workers"]
     if not workers:
@@ -197,7 +198,8 @@ def run(client, cases: list, *, suite_name: str, backends: str | None = None, de
         if turns[host]:
             r = turns[host].pop(0)
             r.future = client.submit(_bench_on_worker, topic, cases, suite_name, backends, devices, peers, warmup,
-                                     repeats, isolate, workers=[r.address], allow_other_workers=False, pure=False,
+                                     repeats, isolate, threads, workers=[r.address], allow_other_workers=False,
+                                     pure=False,
                                      key=f"convbackends-bench-{r.label}-{uuid.uuid4().hex[:8]}")
 
     def finish(r: WorkerRun, failure: str = "") -> None:
@@ -235,7 +237,7 @@ def run(client, cases: list, *, suite_name: str, backends: str | None = None, de
             if r.future is not None and not r.finished:
                 r.future.cancel()
     return merge(list(runs.values()), cases, suite_name=suite_name, warmup=warmup, repeats=repeats, isolate=isolate,
-                 requested=requested, model=model)
+                 requested=requested, model=model, threads=threads)
 
 
 def _apply(message: dict, runs: dict[str, WorkerRun], progress) -> None:
@@ -268,7 +270,7 @@ def _collect(r: WorkerRun) -> None:
 
 
 def merge(runs: list[WorkerRun], cases: list, *, suite_name: str, warmup: int, repeats: int, isolate: bool,
-          requested: dict | None = None, model=None) -> bench.Report:
+          requested: dict | None = None, model=None, threads: int | None = None) -> bench.Report:
     """One report of every worker's records. Target ids become LABEL/ID; a row a worker never sent is an
     "error" record with the worker's failure; a worker that failed before naming its targets gets one
     error row per layer under its label. x cv2.dnn is against the same worker's cv2dnn."""
@@ -306,7 +308,7 @@ def merge(runs: list[WorkerRun], cases: list, *, suite_name: str, warmup: int, r
                         isolated=isolate and all(r.isolated for r in runs),
                         date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=machine,
                         targets=targets, layers=[bench.layer_info(c) for c in cases], records=records,
-                        requested=requested or {}, unchecked=unchecked, model=model)
+                        requested=requested or {}, unchecked=unchecked, model=model, threads=threads)
 
 
 HOST_COLUMNS = ("host", "worker", "cpu", "cores", "memory GiB", "platform", "python", "convbackends", "status")
@@ -348,4 +350,4 @@ def run_cli(cases: list, suite_name: str, args, model=None) -> bench.Report:
     with connect(args.scheduler, args.local_cluster) as client, _bars() as progress:
         return run(client, cases, suite_name=suite_name, backends=args.backends, devices=args.devices,
                    peers=args.peers, warmup=args.warmup, repeats=args.repeats, isolate=not args.in_process,
-                   progress=progress, requested=requested, model=model)
+                   progress=progress, requested=requested, model=model, threads=args.threads)

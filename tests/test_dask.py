@@ -182,10 +182,11 @@ def test_fleet_bench_has_rows_for_every_worker_and_device(process_client, tmp_pa
     path = tmp_path / "fleet.json"
     code = main(["bench", "--layer", "name=a,c=8,hw=12,o=8,k=3,p=1", "--layer", "name=b,c=8,hw=12,o=16,k=1,s=2",
                  "--scheduler", process_client.scheduler.address, "--backends", "numpy,opencl", "--peers", "none",
-                 "--repeats", "2", "--warmup", "1", "--in-process", "--json", str(path)])
+                 "--repeats", "2", "--warmup", "1", "--in-process", "--threads", "1", "--json", str(path)])
     out = capsys.readouterr().out
     assert code == 0, out
     report = _fleet_json(path)
+    assert report["settings"]["threads"] == 1  # the fleet report records --threads, as bench does
     hosts = report["machine"]["hosts"]
     assert len(hosts) == 2 and all(h["status"] == "ok" and h["cpu_count"] >= 1 for h in hosts.values())
     assert all(h["thread_caps"] == {} for h in hosts.values())  # the embedded cluster's workers are not capped
