@@ -56,8 +56,9 @@ def markdown(report: bench.Report) -> str:
     return "\n".join(parts) + "\n"
 
 
-def main(argv=None, suite: str = "standard", description: str = __doc__) -> int:
-    """The script's command line; benchmarks/bench_conv_transpose2d.py runs it with its own default suite."""
+def main(argv=None, suite: str = "standard", description: str = __doc__, extra=None) -> int:
+    """The script's command line; benchmarks/bench_conv_transpose2d.py and bench_deform_conv2d.py run it with
+    their own default suite, the latter with `extra(report)`, markdown appended to the report."""
     parser = argparse.ArgumentParser(description=description.split("\n\n")[0])
     parser.add_argument("--suite", choices=list(bench.SUITE_BUILDERS), default=suite)
     parser.add_argument("--md", metavar="FILE", help="write the markdown here instead of stdout")
@@ -69,7 +70,7 @@ def main(argv=None, suite: str = "standard", description: str = __doc__) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     report = run_bench(cases, targets, args.suite, args)
-    text = markdown(report)
+    text = markdown(report) + (extra(report) if extra else "")
     if args.md:
         with open(args.md, "w") as f:
             f.write(text)

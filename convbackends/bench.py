@@ -15,7 +15,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import metadata
 
 import numpy as np
@@ -25,6 +25,7 @@ from .backends import unsupported
 from .runtime import available_backends, check_name, get_backend
 from .runtime.numpy import num_threads, set_num_threads
 from .ops.conv_transpose2d import ConvTranspose2dSpec
+from .ops.deform_conv2d import DeformConv2dSpec
 from .parity import Case, compare, reference_output
 from .spec import Conv2dSpec
 
@@ -35,12 +36,15 @@ LAYER_SPEC_HELP = """\
 A layer is comma-separated key=value pairs:
   c=IN o=OUT k=K hw=H[xW] (or h=H,w=W)   required
   n=BATCH s=STRIDE p=PAD d=DILATION g=GROUPS name=TEXT   optional (1, 1, 0, 1, 1)
-  op=conv2d|conv_transpose2d   the op (conv2d); a transposed layer also takes opad=OUTPUT_PADDING (0)
+  op=conv2d|conv_transpose2d|deform_conv2d   the op (conv2d); a transposed layer also takes
+      opad=OUTPUT_PADDING (0); a deformable one og=OFFSET_GROUPS (1), mask=1|0 (1: DCNv2), off=SCALE
+      (offsets drawn from U(-SCALE, SCALE), 2) and bwd=1 to time its five gradients instead of the forward (0)
 k, s, d and opad take N or HxW; p takes N, PHxPW or TOPxLEFTxBOTTOMxRIGHT.
 Example: name=my3x3,c=64,hw=56,o=64,k=3,p=1"""
 
 # Each op's spec class: its `create(w, **case.kwargs)` validates a case, its geometry gives shapes and flops.
-OP_SPECS = {"conv2d": Conv2dSpec, "conv_transpose2d": ConvTranspose2dSpec}
+OP_SPECS = {"conv2d": Conv2dSpec, "conv_transpose2d": ConvTranspose2dSpec, "deform_conv2d": DeformConv2dSpec}
+DEFORM_KEYS = ("og", "mask", "off", "bwd")
 
 
 class LayerSpecError(ValueError):
@@ -69,7 +73,7 @@ def parse_layer(text: str, seed: int = 0) -> Case:
 
 
 def _parse_layer(text: str, seed: int) -> Case:
-    allowed = ("name", "op", "n", "c", "h", "w", "hw", "o", "k", "s", "p", "d", "g", "opad")
+    allowed = ("name", "op", "n", "c", "h", "w", "hw", "o", "k", "s", "p", "d", "g", "opad", *DEFORM_KEYS)
     fields_ = {}
     for item in text.split(","):
         key, sep, value = item.partition("=")
@@ -97,6 +101,13 @@ def _parse_layer(text: str, seed: int) -> Case:
         raise LayerSpecError(f"op must be one of {', '.join(OP_SPECS)}, got {op!r}")
     if "opad" in fields_ and op != "conv_transpose2d":
         raise LayerSpecError("opad= (output_padding) is for op=conv_transpose2d only")
+    deform = {}
+    if op == "deform_conv2d":
+        deform = dict(offset_groups=_ints("og", fields_.get("og", "1"), (1,))[0],
+                      mask=_flag("mask", fields_.get("mask", "1")), offset_scale=_scale(fields_.get("off", "2")),
+                      backward=_flag("bwd", fields_.get("bwd", "0")))
+    elif DEFORM_KEYS & fields_.keys():
+        raise LayerSpecError(f"{', '.join(k + '=' for k in DEFORM_KEYS if k in fields_)} for op=deform_conv2d only")
     n, c, o, g = (_ints(k, fields_.get(k, "1"), (1,))[0] for k in ("n", "c", "o", "g"))
     kh, kw = _pair("k", fields_["k"])
     stride, dilation = (_pair(k, fields_.get(k, "1")) for k in ("s", "d"))
@@ -114,7 +125,7 @@ def _parse_layer(text: str, seed: int) -> Case:
         w_shape = (o, c // g, kh, kw)
     # The default name is the spec itself, compacted: "c=64,hw=56,o=64,k=3" -> "c64-hw56-o64-k3".
     name = fields_.pop("name", None) or "-".join(f"{k}{v}" for k, v in fields_.items())
-    case = Case(name, (n, c, h, w), w_shape, True, kwargs, seed, op)
+    case = Case(name, (n, c, h, w), w_shape, True, kwargs, seed, op, **deform)
     try:
         geometry(case)
     except (TypeError, ValueError) as exc:
@@ -129,17 +140,55 @@ def format_layer(case: Case) -> str:
             f"p={g.pt}x{g.pl}x{g.pb}x{g.pr},d={g.dh}x{g.dw},g={g.groups}")
     if case.op == "conv_transpose2d":
         text += f",op={case.op},opad={g.oph}x{g.opw}"
+    if case.op == "deform_conv2d":
+        text += (f",op={case.op},og={case.offset_groups},mask={int(case.mask)},off={case.offset_scale:g},"
+                 f"bwd={int(case.backward)}")
     return text
 
 
+def _flag(key: str, text: str) -> bool:
+    if text not in ("0", "1"):
+        raise LayerSpecError(f"{key} must be 0 or 1, got {text!r}")
+    return text == "1"
+
+
+def _scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise LayerSpecError(f"off must be a finite number >= 0, got {text!r}")
+    return value
+
+
 def spec(case: Case):
-    """The layer's spec (Conv2dSpec, ConvTranspose2dSpec: the case's op), without drawing its tensors."""
+    """The layer's spec (Conv2dSpec, ConvTranspose2dSpec, DeformConv2dSpec: the case's op), without drawing its
+    tensors."""
     return OP_SPECS[case.op].create(np.empty(case.w_shape, np.float32), **case.kwargs)
 
 
 def geometry(case: Case):
-    """The layer's resolved geometry: shapes, pads, flops."""
+    """The layer's resolved geometry: shapes, pads, flops (a deformable layer's with its offsets and mask)."""
+    if case.op == "deform_conv2d":
+        offset, mask = case.inputs()
+        return spec(case).geometry(case.x_shape, offset.shape, None if mask is None else mask.shape)
     return spec(case).geometry(case.x_shape)
+
+
+def flops(case: Case) -> int:
+    """What the case computes: its geometry's flops; a backward case's two GEMMs (dcol = W^T grad_y and
+    grad_w = grad_y col^T) each as many as the forward's."""
+    return geometry(case).flops * (2 if case.backward else 1)
+
+
+def arguments(case: Case) -> tuple:
+    """The timed call's arguments: (x, *case.inputs()), or for a backward case (grad_y, x, offset, mask)."""
+    x, _, _ = case.tensors()
+    if not case.backward:
+        return (x, *case.inputs())
+    grad_y = np.random.default_rng([case.seed, 2]).uniform(-1, 1, geometry(case).output_shape).astype(np.float32)
+    return (grad_y, x, *case.inputs())
 
 
 def _suite(*specs: str) -> list[Case]:
@@ -233,8 +282,18 @@ def _conv_transpose2d() -> list[Case]:
     )
 
 
+def _deform() -> list[Case]:
+    """Issue 11's DCNv2 layers (3x3, pad 1, one offset group, a mask, offsets U(-2, 2)): ResNet-50 stage
+    layers 128 at 28x28, 256 at 14x14, 512 at 7x7, an FPN level 256 at 56x56 and batch 4 of 64 at 56x56; each
+    forward, then backward (its five gradients)."""
+    layers = [(f"{c}x{hw}" if n == 1 else f"n{n}-{c}x{hw}", n, c, hw)
+              for n, c, hw in ((1, 128, 28), (1, 256, 14), (1, 512, 7), (1, 256, 56), (4, 64, 56))]
+    return _suite(*(f"name=dcnv2-{name}{'-backward' if bwd else ''},op=deform_conv2d,n={n},c={c},hw={hw},o={c},"
+                    f"k=3,p=1,og=1,mask=1,off=2,bwd={bwd}" for bwd in (0, 1) for name, n, c, hw in layers))
+
+
 SUITE_BUILDERS = {"smoke": _smoke, "standard": _standard, "vgg16": _vgg16, "resnet50": _resnet50,
-                  "mobilenetv2": _mobilenetv2, "conv_transpose2d": _conv_transpose2d}
+                  "mobilenetv2": _mobilenetv2, "conv_transpose2d": _conv_transpose2d, "deform": _deform}
 
 
 def suite(name: str) -> list[Case]:
@@ -347,9 +406,28 @@ def _conv_transpose_case(node, shapes: dict[str, list], name: str, seed: int) ->
     return case
 
 
-# ONNX op type -> layer builder. DeformConv gets its builder as that op lands.
-ONNX_LAYER_BUILDERS = {"Conv": _conv_case, "ConvTranspose": _conv_transpose_case}
-AWAITING_BUILDERS = ("DeformConv",)  # listed as skipped meanwhile
+def _deform_conv_case(node, shapes: dict[str, list], name: str, seed: int) -> Case:
+    """An ONNX DeformConv node (opset 19) as a deform_conv2d layer: its offset groups from the offset input's
+    channels, a mask where input 4 is given; offsets and mask are drawn like any case's (the suite's U(-2, 2))."""
+    x, w = _input_shapes(node, shapes, "deform_conv2d")
+    attrs = _onnx_attributes(node)
+    taps = w[2] * w[3]
+    offset = shapes.get(node.input[2])
+    if offset is None or len(offset) != 4 or offset[1] is None:
+        raise UnsupportedNode("shape inference gave no fixed channel count for its offset input")
+    if offset[1] % (2 * taps):
+        raise UnsupportedNode(f"offset has {offset[1]} channels, not a multiple of 2*kh*kw = {2 * taps}")
+    kwargs = {"stride": tuple(attrs.get("strides", (1, 1))), "dilation": tuple(attrs.get("dilations", (1, 1))),
+              "groups": attrs.get("group", 1), "padding": tuple(attrs.get("pads", (0, 0, 0, 0)))}
+    has_bias, has_mask = (len(node.input) > i and node.input[i] != "" for i in (3, 4))  # B is input 3 here
+    case = Case(name, tuple(x), tuple(w), has_bias, kwargs, seed, "deform_conv2d", offset[1] // (2 * taps),
+                has_mask, 2.0)
+    _checked(case, attrs, w)
+    return case
+
+
+# ONNX op type -> layer builder.
+ONNX_LAYER_BUILDERS = {"Conv": _conv_case, "ConvTranspose": _conv_transpose_case, "DeformConv": _deform_conv_case}
 
 
 def _onnx_shapes(graph) -> dict[str, list]:
@@ -378,13 +456,10 @@ def onnx_layers(path: str) -> ModelLayers:
     cases, counts, nodes, skipped, by_layer = [], {}, {}, [], {}
     for index, node in enumerate(model.graph.node):
         builder = ONNX_LAYER_BUILDERS.get(node.op_type)
-        if builder is None and node.op_type not in AWAITING_BUILDERS:
+        if builder is None:
             continue
         nodes[node.op_type] = nodes.get(node.op_type, 0) + 1
         label = node.name or f"{node.op_type}_{index}"
-        if builder is None:
-            skipped.append({"node": label, "op_type": node.op_type, "reason": "no layer builder for it yet"})
-            continue
         try:
             case = builder(node, shapes, label, len(cases))
         except UnsupportedNode as exc:
@@ -393,7 +468,7 @@ def onnx_layers(path: str) -> ModelLayers:
         key = (node.op_type, geometry(case), case.bias)
         if key not in by_layer:
             while case.name in counts:  # node names need not be unique
-                case = Case(case.name + "'", case.x_shape, case.w_shape, case.bias, case.kwargs, case.seed)
+                case = replace(case, name=case.name + "'")
             by_layer[key] = case.name
             cases.append(case)
         counts[by_layer[key]] = counts.get(by_layer[key], 0) + 1
@@ -425,7 +500,21 @@ class BackendTarget:
         return unsupported(case.op, backend, spec(case), backend.select(self.index))
 
     def prepare(self, case: Case, w, b):
-        return case.layer(w, b, backend=self.backend, device=self.index)
+        layer = case.layer(w, b, backend=self.backend, device=self.index)
+        return _Gradients(layer) if case.backward else layer
+
+
+class _Gradients:
+    """A layer timed by its backward: profile(grad_y, x, offset, mask) -> (the five gradients, seconds)."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def profile(self, *arguments):
+        return self.layer.profile_backward(*arguments)
+
+    def close(self) -> None:
+        self.layer.close()
 
 
 def _split(value: str | None) -> list[str]:
@@ -615,9 +704,12 @@ def layer_info(case: Case) -> dict:
     g = geometry(case)
     info = {"name": case.name, "op": case.op, "spec": format_layer(case), "input_shape": list(g.input_shape),
             "output_shape": list(g.output_shape), "kernel": [g.kh, g.kw], "stride": [g.sh, g.sw],
-            "pads": [g.pt, g.pl, g.pb, g.pr], "dilation": [g.dh, g.dw], "groups": g.groups, "flops": g.flops}
+            "pads": [g.pt, g.pl, g.pb, g.pr], "dilation": [g.dh, g.dw], "groups": g.groups, "flops": flops(case)}
     if case.op == "conv_transpose2d":
         info["output_padding"] = [g.oph, g.opw]
+    if case.op == "deform_conv2d":
+        info.update(offset_groups=g.offset_groups, mask=g.has_mask, offset_scale=case.offset_scale,
+                    backward=case.backward)
     return info
 
 
@@ -632,14 +724,15 @@ def target_info(target) -> dict:
             "reason": reason or ""}
 
 
-def measure(runner, x, warmup: int, repeats: int) -> tuple[list[float], list[float]]:
-    """Wall-clock seconds of each timed call (numpy in, numpy out) and the device seconds the API gave."""
+def measure(runner, args: tuple, warmup: int, repeats: int) -> tuple[list[float], list[float]]:
+    """Wall-clock seconds of each timed call `runner.profile(*args)` (numpy in, numpy out) and the device
+    seconds the API gave."""
     for _ in range(warmup):
-        runner.profile(x)
+        runner.profile(*args)
     wall, device = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        _, seconds = runner.profile(x)
+        _, seconds = runner.profile(*args)
         wall.append(time.perf_counter() - start)
         if seconds is not None:
             device.append(seconds)
@@ -664,30 +757,33 @@ def _run_one(case: Case, target, warmup: int, repeats: int) -> Record:
         return Record(case.name, target.id, "unsupported", reason)
     unchecked = reference_unavailable()
     runner = None
+    if case.backward:
+        unchecked = "gradients are checked by the tests (finite differences of the float64 oracle)"
     try:
-        x, w, b = case.tensors()
+        _, w, b = case.tensors()
+        args = arguments(case)
         ref = None if unchecked else reference_output(case)
         start = time.perf_counter()
         runner = target.prepare(case, w, b)
-        y, _ = runner.profile(x)
+        y, _ = runner.profile(*args)
         cold = time.perf_counter() - start
         if ref is None:  # timed all the same; the record says why it was not checked
             max_abs = mean_abs = tol = passed = None
             detail = f"not checked: {unchecked}"
         else:
             max_abs, mean_abs, tol, passed, detail = compare(np.asarray(y), ref)
-        wall, device = measure(runner, x, warmup, repeats)
+        wall, device = measure(runner, args, warmup, repeats)
     except Exception as exc:  # a peer library or a half-done backend: report it, keep benchmarking the rest
         return Record(case.name, target.id, "error", f"{type(exc).__name__}: {exc}")
     finally:
         if runner is not None:
             runner.close()
-    flops = geometry(case).flops
+    work = flops(case)
     median = statistics.median(wall)
     device_s = statistics.median(device) if device else None
     return Record(case.name, target.id, "ok", detail, cold_s=cold, median_s=median, min_s=min(wall),
-                  device_s=device_s, gflops=flops / median / 1e9,
-                  device_gflops=flops / device_s / 1e9 if device_s else None,
+                  device_s=device_s, gflops=work / median / 1e9,
+                  device_gflops=work / device_s / 1e9 if device_s else None,
                   max_abs_err=max_abs, mean_abs_err=mean_abs, tol=tol, passed=passed)
 
 

@@ -37,7 +37,7 @@ pass when max abs error <= 1e-4 * max(1, max|reference|). "x cv2.dnn" is the tim
 baseline (< 1 is faster). --json writes schema_version {bench.SCHEMA_VERSION}: settings, machine, targets,
 layers, results (one record per layer and target), summary and, with --onnx, model.
 
---onnx MODEL.onnx: every Conv and ConvTranspose node of the model, shapes from onnx.shape_inference (a
+--onnx MODEL.onnx: every Conv, ConvTranspose and DeformConv node of the model, shapes from onnx.shape_inference (a
 symbolic batch size is 1), merged into distinct layers; each is timed on every target with random
 U(-1, 1) tensors, and the model's time is the sum of each distinct layer's median x its node count.
 
@@ -283,7 +283,7 @@ def cmd_bench(args) -> int:
     if args.onnx:
         model = bench.onnx_layers(args.onnx)
         if not model.cases:
-            raise ValueError("; ".join([f"{args.onnx} has no Conv or ConvTranspose node to benchmark",
+            raise ValueError("; ".join([f"{args.onnx} has no Conv, ConvTranspose or DeformConv node to benchmark",
                                         *bench.skipped_nodes(model)]))
         parts, cases = parts + [f"onnx:{os.path.basename(args.onnx)}"], cases + model.cases
     if args.layer:

@@ -8,6 +8,8 @@ import numpy as np
 
 from .ops.conv2d import Conv2d
 from .ops.conv_transpose2d import ConvTranspose2d
+from .ops.deform_conv2d import DeformConv2d
+from .spec import Conv2dSpec
 
 ACTIVATIONS = (
     None, "relu", "relu6", "sigmoid", "tanh", "silu", "mish", "hardswish", ("leaky_relu", 0.1), ("clip", -0.3, 0.4),
@@ -22,7 +24,9 @@ def tolerance(ref: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class Case:
-    """One layer and input; tensors are drawn from U(-1, 1) with a fixed seed."""
+    """One layer and input; tensors are drawn from U(-1, 1) with a fixed seed. deform_conv2d cases also draw
+    offsets from U(-offset_scale, offset_scale) for `offset_groups` groups and, with `mask`, a mask from U(0, 1).
+    `backward` (deform_conv2d, for the benchmark): the case stands for the layer's gradients, not its forward."""
 
     name: str
     x_shape: tuple
@@ -31,6 +35,10 @@ class Case:
     kwargs: dict = field(default_factory=dict, hash=False)
     seed: int = 0
     op: str = "conv2d"  # a key of OPS
+    offset_groups: int = 1
+    mask: bool = False
+    offset_scale: float = 0.0
+    backward: bool = False
 
     @property
     def out_channels(self) -> int:
@@ -42,6 +50,18 @@ class Case:
         w = rng.uniform(-1, 1, self.w_shape).astype(np.float32)
         b = rng.uniform(-1, 1, self.out_channels).astype(np.float32) if self.bias else None
         return x, w, b
+
+    def inputs(self) -> tuple:
+        """The layer call's arguments after x: (offset, mask or None) for deform_conv2d, () for the others."""
+        if self.op != "deform_conv2d":
+            return ()
+        geom = Conv2dSpec.create(np.empty(self.w_shape, np.float32), **self.kwargs).geometry(self.x_shape)
+        taps = geom.kh * geom.kw
+        rng = np.random.default_rng([self.seed, 1])
+        offset = rng.uniform(-self.offset_scale, self.offset_scale,
+                             (geom.n, 2 * self.offset_groups * taps, geom.oh, geom.ow)).astype(np.float32)
+        mask = rng.uniform(0, 1, (geom.n, self.offset_groups * taps, geom.oh, geom.ow)).astype(np.float32)
+        return offset, mask if self.mask else None
 
     def layer(self, w, b, **options):
         """The case's op object for these weights (options: backend, device)."""
@@ -78,6 +98,15 @@ def _transposed(x_shape, o, kernel, *, bias=True, seed=0, **kwargs) -> Case:
     case = _case(x_shape, o, kernel, bias=bias, seed=seed, **kwargs)
     c, groups = x_shape[1], kwargs.get("groups", 1)
     return Case("T" + case.name, case.x_shape, (c, o // groups, *kernel), bias, kwargs, seed, "conv_transpose2d")
+
+
+def _deform(x_shape, o, kernel, *, offset_groups=1, mask=True, offset_scale=2.5, bias=True, seed=0,
+            **kwargs) -> Case:
+    """A deform_conv2d case (DCNv2 with `mask`, else v1)."""
+    case = _case(x_shape, o, kernel, bias=bias, seed=seed, **kwargs)
+    name = f"D{'v2' if mask else 'v1'}-{case.name}-G{offset_groups}-off{offset_scale}"
+    return Case(name, case.x_shape, case.w_shape, bias, kwargs, seed, "deform_conv2d", offset_groups, mask,
+                offset_scale)
 
 
 def _short(value) -> str:
@@ -155,33 +184,63 @@ def _transposed_sweep() -> list[Case]:
     return cases
 
 
+def _deform_sweep() -> list[Case]:
+    """deform_conv2d: v1 and v2, offsets from none to several pixels (samples far outside the image), offset
+    groups 1..4 against weight groups, strides, dilations, asymmetric and "same"/"valid" pads, kernels 1x1 to
+    5x5, batches, every activation, depthwise."""
+    cases = []
+    for mask in (False, True):
+        for scale in (0.0, 0.7, 2.5, 6.0):
+            cases.append(_deform((1, 5, 6, 7), 6, (3, 3), mask=mask, offset_scale=scale, padding=1))
+    for offset_groups, groups in ((1, 2), (2, 1), (2, 3), (3, 2), (4, 1), (4, 4), (3, 6)):
+        cases.append(_deform((1, 12, 5, 6), 12, (3, 3), offset_groups=offset_groups, groups=groups, padding=1, seed=1))
+    for stride, dilation, padding in ((2, 1, 1), (1, 2, 2), ((2, 1), (1, 2), (0, 1, 2, 3)), (1, 1, "same"),
+                                      (2, 2, "same"), (1, 1, "valid"), (3, 1, (3, 0, 1, 2))):
+        cases.append(_deform((2, 4, 7, 8), 5, (3, 3), offset_groups=2, stride=stride, dilation=dilation,
+                             padding=padding, seed=2))
+    for kernel in ((1, 1), (1, 3), (2, 3), (5, 5)):
+        cases.append(_deform((1, 6, 7, 6), 4, kernel, offset_groups=3, padding=(kernel[0] // 2, kernel[1] // 2)))
+    for act in ACTIVATIONS:
+        cases.append(_deform((1, 6, 5, 5), 7, (3, 3), padding=1, activation=act, seed=3))
+    cases.append(_deform((3, 8, 5, 4), 8, (3, 3), offset_groups=8, groups=8, padding=1, bias=False))  # depthwise
+    cases.append(_deform((2, 16, 6, 6), 8, (3, 3), offset_groups=2, padding=1, activation="relu"))  # batch, more channels
+    return cases
+
+
 SUITES: dict[str, list[Case]] = {"smoke": _smoke(), "opencv": _opencv_sweep(), "wide": _wide(),
-                                 "transposed": _transposed_sweep()}
+                                 "transposed": _transposed_sweep(), "deform": _deform_sweep()}
 
 
-def _cv2(case: Case):
-    from . import reference
-
-    return {"conv2d": reference.cv2_conv2d, "conv_transpose2d": reference.cv2_conv_transpose2d}[case.op]
+def _evaluate(case: Case, references: dict, x=None) -> np.ndarray:
+    """references[case.op] applied to the case's tensors (x replaced when given)."""
+    xc, w, b = case.tensors()
+    x = xc if x is None else x
+    if case.op == "deform_conv2d":
+        offset, mask = case.inputs()
+        return references[case.op](x, offset, w, b, mask, **case.kwargs)
+    return references[case.op](x, w, b, **case.kwargs)
 
 
 def reference_output(case: Case) -> np.ndarray:
-    """cv2.dnn's result for the case (Winograd off)."""
-    x, w, b = case.tensors()
-    return _cv2(case)(x, w, b, **case.kwargs)
+    """The independent reference's result for the case: cv2.dnn (Winograd off). cv2.dnn has no DeformConv:
+    deform_conv2d takes the float64 oracle, which tests check against onnx.reference's DeformConv (too slow,
+    seconds a case, to be every run's reference)."""
+    from . import reference
+
+    return _evaluate(case, {"conv2d": reference.cv2_conv2d, "conv_transpose2d": reference.cv2_conv_transpose2d,
+                            "deform_conv2d": reference.deform_conv2d_float64})
 
 
 def float64_output(case: Case, x=None) -> np.ndarray:
     """The independent float64 oracle's result for the case (or for another input x)."""
     from . import reference
 
-    oracle = {"conv2d": reference.conv2d_float64, "conv_transpose2d": reference.conv_transpose2d_float64}[case.op]
-    xc, w, b = case.tensors()
-    return oracle(xc if x is None else x, w, b, **case.kwargs)
+    return _evaluate(case, {"conv2d": reference.conv2d_float64, "conv_transpose2d": reference.conv_transpose2d_float64,
+                            "deform_conv2d": reference.deform_conv2d_float64}, x)
 
 
 # Each op's layer class; its references are looked up lazily (they import cv2 and onnx).
-OPS = {"conv2d": Conv2d, "conv_transpose2d": ConvTranspose2d}
+OPS = {"conv2d": Conv2d, "conv_transpose2d": ConvTranspose2d, "deform_conv2d": DeformConv2d}
 
 
 def compare(y: np.ndarray, ref: np.ndarray) -> tuple[float, float, float, bool, str]:
@@ -201,12 +260,12 @@ def compare(y: np.ndarray, ref: np.ndarray) -> tuple[float, float, float, bool, 
 
 
 def check(case: Case, backend: str = "numpy", device=None, ref: np.ndarray | None = None) -> CaseResult:
-    """Run the case on one backend and device and compare with cv2.dnn."""
+    """Run the case on one backend and device and compare with its reference (`reference_output`)."""
     x, w, b = case.tensors()
     if ref is None:
         ref = reference_output(case)
     with case.layer(w, b, backend=backend, device=device) as layer:
-        y = layer(x)
+        y = layer(x, *case.inputs())
         device_name = layer.device.name
     max_abs, mean_abs, tol, passed, detail = compare(np.asarray(y), ref)
     return CaseResult(case, backend, device_name, max_abs, mean_abs, tol, passed, detail)

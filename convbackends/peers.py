@@ -1,9 +1,10 @@
 """The libraries the benchmark measures convbackends against, behind one small interface.
 
-A peer answers `unavailable()` (None, or why it cannot run here), then per layer
-`prepare(case, w, b)` once (graph/net/session built and weights loaded) and returns a runner whose
-`profile(x)` returns (y, None): numpy in, numpy out, like the backends' Conv2d. Each library is
-imported inside its peer, so a missing one only makes that peer unavailable.
+A peer answers `unavailable()` (None, or why it cannot run here) and `supports(case)` (the ops it has: every
+peer runs forwards only), then per layer `prepare(case, w, b)` once (graph/net/session built and weights
+loaded) and returns a runner whose `profile(x, *case.inputs())` returns (y, None): numpy in, numpy out, like the
+backends' op objects. Each library is imported inside its peer, so a missing one only makes that peer
+unavailable.
 """
 from __future__ import annotations
 
@@ -23,14 +24,14 @@ from .spec import Activation
 
 
 class _Runner:
-    """A prepared peer layer: `run(x) -> y` and what to release afterwards."""
+    """A prepared peer layer: `run(x, *inputs) -> y` and what to release afterwards."""
 
     def __init__(self, run, close=None):
         self._run = run
         self._close = close
 
-    def profile(self, x):
-        return self._run(x), None
+    def profile(self, *arguments):
+        return self._run(*arguments), None
 
     def close(self) -> None:
         if self._close is not None:
@@ -44,6 +45,7 @@ class Peer(ABC):
     name = ""
     kind = "peer"
     install = "pip install 'convbackends[peers]'"  # what makes the library importable
+    ops = ("conv2d", "conv_transpose2d")  # the ops (Case.op) it has a forward for
 
     def __init__(self) -> None:
         self.device = "CPU"
@@ -74,6 +76,10 @@ class Peer(ABC):
         """Import the library and find the device: None, or the reason the peer cannot run."""
 
     def supports(self, case: Case) -> str | None:
+        if case.op not in self.ops:
+            return f"{self.name} has no {case.op}"
+        if case.backward:
+            return f"{self.name}: no backward here (the benchmark times peers' forwards only)"
         return None
 
     @abstractmethod
@@ -100,9 +106,12 @@ def _silenced(*fds: int):
 
 
 def _onnx_model(case: Case, w, b) -> bytes:
-    """The project's one-node ONNX graph of the case's op (reference.py), for cv2.dnn and onnxruntime alike."""
-    from .reference import onnx_conv_model, onnx_conv_transpose_model
+    """The project's one-node float32 ONNX graph of the case's op (reference.py), for cv2.dnn and onnxruntime
+    alike."""
+    from .reference import onnx_conv_model, onnx_conv_transpose_model, onnx_deform_conv_model
 
+    if case.op == "deform_conv2d":
+        return onnx_deform_conv_model(geometry(case), w, b, Activation(), np.float32)
     build = {"conv2d": onnx_conv_model, "conv_transpose2d": onnx_conv_transpose_model}[case.op]
     return build(geometry(case), w, b, Activation())
 
@@ -250,8 +259,67 @@ class Torch(Peer):
         return _Runner(run)
 
 
+class TorchVision(Peer):
+    """torchvision.ops.deform_conv2d on the CPU (a thread per core), forward and backward: the deform suite's
+    backward peer. PyPI's torchvision loads only beside the torch build it was made for (the CUDA one, several
+    GB), so it lives in a benchmark venv, not in CI. Its backward is autograd's: each timed backward call
+    also runs the forward that builds the graph (torchvision has no separate backward call), about a sixth
+    of the backward's time on the suite's layers."""
+
+    name = "torchvision"
+    ops = ("deform_conv2d",)
+    install = "pip install torch torchvision (a matching pair: torchvision's wheel pins its torch build)"
+
+    def _probe(self) -> str | None:
+        import torch
+        import torchvision
+        from torchvision.ops import deform_conv2d  # noqa: F401  (fails where its C++ ops do not load)
+
+        self.device = f"CPU, torchvision {torchvision.__version__}, torch {torch.__version__}"
+        return None
+
+    def supports(self, case: Case) -> str | None:
+        return None if case.op in self.ops else f"{self.name} has no {case.op}"
+
+    def prepare(self, case, w, b):
+        import torch
+        import torch.nn.functional as F
+        from torchvision.ops import deform_conv2d
+
+        torch.set_num_threads(workers())
+        g = geometry(case)
+        symmetric = (g.pt, g.pl) == (g.pb, g.pr)
+
+        def forward(x, offset, mask, weight, bias):
+            if not symmetric:  # torchvision pads symmetrically only; explicit pads keep every sample point
+                x = F.pad(x, (g.pl, g.pr, g.pt, g.pb))
+            return deform_conv2d(x, offset, weight, bias, stride=(g.sh, g.sw), padding=(g.pt, g.pl) if symmetric
+                                 else 0, dilation=(g.dh, g.dw), mask=mask)
+
+        def tensors(*arrays):
+            return [None if a is None else torch.from_numpy(a) for a in arrays]
+
+        if not case.backward:
+            def run(x, offset, mask):
+                with torch.inference_mode():
+                    return forward(*tensors(x, offset, mask, w, b)).numpy()
+            return _Runner(run)
+
+        def gradients(grad_y, x, offset, mask):
+            leaves = [None if t is None else t.requires_grad_()
+                      for t in tensors(x, offset, mask, w, np.zeros(g.o, np.float32))]
+            y = forward(*leaves)
+            wanted = [t for t in leaves if t is not None]
+            return tuple(t.numpy() for t in torch.autograd.grad(y, wanted, torch.from_numpy(grad_y)))
+
+        return _Runner(gradients)
+
+
 class OnnxRuntime(Peer):
+    """onnxruntime's CPU provider: Conv, ConvTranspose and DeformConv (opset 19), the deform suite's peer."""
+
     name = "onnxruntime"
+    ops = (*Peer.ops, "deform_conv2d")
 
     def _probe(self) -> str | None:
         import onnxruntime
@@ -265,8 +333,8 @@ class OnnxRuntime(Peer):
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = workers()
         session = onnxruntime.InferenceSession(_onnx_model(case, w, b), options, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        return _Runner(lambda x: session.run(None, {name: x})[0])
+        names = [i.name for i in session.get_inputs()]  # x, then the case's inputs (offset, mask) in order
+        return _Runner(lambda *arguments: session.run(None, dict(zip(names, arguments)))[0])
 
 
 class Ncnn(Peer):
@@ -339,7 +407,8 @@ class Ncnn(Peer):
 
 def all_peers() -> dict[str, Peer]:
     """Every peer by name, not yet probed; cv2dnn (the baseline) first."""
-    peers = [Cv2Dnn(), Cv2DnnOpenCL(), Torch("cpu"), Torch("cuda"), OnnxRuntime(), Ncnn(False), Ncnn(True)]
+    peers = [Cv2Dnn(), Cv2DnnOpenCL(), Torch("cpu"), Torch("cuda"), TorchVision(), OnnxRuntime(), Ncnn(False),
+             Ncnn(True)]
     return {p.name: p for p in peers}
 
 

@@ -2,7 +2,8 @@
 
 `cv2_conv2d` runs OpenCV's dnn module on a one-node ONNX graph (Conv, then the activation node);
 `conv2d_float64` is an independent float64 oracle (a direct sum over kernel taps) for what cv2.dnn
-lacks and for property tests. Both take explicit pads from the spec: cv2.dnn's own SAME ignores
+lacks and for property tests. cv2.dnn has no DeformConv: deform_conv2d's truth is onnx.reference's
+DeformConv (`onnx_deform_conv2d`, slow) and `deform_conv2d_float64`, checked against each other. Both take explicit pads from the spec: cv2.dnn's own SAME ignores
 dilation, so "same" is resolved by `Conv2dSpec.geometry` and checked on its own in the tests.
 """
 from __future__ import annotations
@@ -14,14 +15,14 @@ from .spec import Activation, Conv2dGeometry, Conv2dSpec
 ONNX_OPSET = 18
 
 
-def _activation_nodes(helper, numpy_helper, activation: Activation, src: str, dst: str):
-    """ONNX nodes (and initializers) applying `activation` from tensor `src` to tensor `dst`."""
+def _activation_nodes(helper, numpy_helper, activation: Activation, src: str, dst: str, dtype=np.float32):
+    """ONNX nodes (and initializers) applying `activation` from tensor `src` to tensor `dst` (of `dtype`)."""
     kind = activation.kind
     if kind == "relu":
         return [helper.make_node("Relu", [src], [dst])], []
     if kind in ("relu6", "clip"):
         lo, hi = (0.0, 6.0) if kind == "relu6" else (activation.alpha, activation.beta)
-        bounds = [numpy_helper.from_array(np.array(v, np.float32), name=n) for v, n in ((lo, "clip_lo"), (hi, "clip_hi"))]
+        bounds = [numpy_helper.from_array(np.array(v, dtype), name=n) for v, n in ((lo, "clip_lo"), (hi, "clip_hi"))]
         return [helper.make_node("Clip", [src, "clip_lo", "clip_hi"], [dst])], bounds
     if kind == "sigmoid":
         return [helper.make_node("Sigmoid", [src], [dst])], []
@@ -213,3 +214,110 @@ def conv_transpose2d_float64(x, w, b=None, **kwargs) -> np.ndarray:
     if b is not None:
         y = y + np.asarray(b, np.float64)[None, :, None, None]
     return activation_float64(y, spec.activation)
+
+
+def _resolve_deform(x, offset, w, b, mask, kwargs):
+    from .ops.deform_conv2d import DeformConv2dSpec
+
+    # The oracle also takes float64 arrays (for finite differences): the spec only needs the shapes.
+    spec = DeformConv2dSpec.create(np.empty(np.shape(w), np.float32),
+                                   None if b is None else np.empty(np.shape(b), np.float32), **kwargs)
+    return spec, spec.geometry(np.shape(x), np.shape(offset), None if mask is None else np.shape(mask))
+
+
+def _bilinear_float64(image: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """image (N, C, H, W) sampled at the points (ys, xs) (N, P): (N, C, P). A pixel outside the image counts
+    as 0, a point with y <= -1, y >= H, x <= -1 or x >= W reads 0, a NaN coordinate reads NaN."""
+    n, c, h, w = image.shape
+    flat = image.reshape(n, c, h * w)
+    out = np.zeros((n, c, ys.shape[1]))
+    with np.errstate(invalid="ignore"):
+        inside = (ys > -1) & (ys < h) & (xs > -1) & (xs < w)
+    y0, x0 = np.floor(np.where(inside, ys, 0)), np.floor(np.where(inside, xs, 0))
+    fy, fx = ys - y0, xs - x0
+    for row, row_weight in ((y0, 1 - fy), (y0 + 1, fy)):
+        for col, col_weight in ((x0, 1 - fx), (x0 + 1, fx)):
+            valid = inside & (row >= 0) & (row < h) & (col >= 0) & (col < w)
+            index = np.where(valid, row * w + col, 0).astype(np.int64)
+            pixels = np.take_along_axis(flat, index[:, None, :], axis=2)
+            out += np.where(valid[:, None, :], row_weight[:, None, :] * col_weight[:, None, :] * pixels, 0.0)
+    out[np.broadcast_to((np.isnan(ys) | np.isnan(xs))[:, None, :], out.shape)] = np.nan
+    return out
+
+
+def deform_conv2d_float64(x, offset, w, b=None, mask=None, **kwargs) -> np.ndarray:
+    """Deformable convolution in float64 by its definition: for each offset group and tap, the bilinear samples
+    of that group's channels at the shifted points, scaled by the mask, then one einsum per weight group."""
+    spec, g = _resolve_deform(x, offset, w, b, mask, kwargs)
+    x64, off64, w64 = (np.asarray(a, np.float64) for a in (x, offset, w))
+    taps, cpg = g.kh * g.kw, g.c // g.offset_groups
+    rows = (np.arange(g.oh) * g.sh - g.pt)[:, None] + np.zeros((1, g.ow))
+    cols = (np.arange(g.ow) * g.sw - g.pl)[None, :] + np.zeros((g.oh, 1))
+    sampled = np.zeros((g.n, g.c, g.kh, g.kw, g.oh, g.ow))
+    for grp in range(g.offset_groups):
+        for i in range(g.kh):
+            for j in range(g.kw):
+                k = i * g.kw + j
+                dy = off64[:, grp * 2 * taps + 2 * k]
+                dx = off64[:, grp * 2 * taps + 2 * k + 1]
+                ys = (rows + i * g.dh + dy).reshape(g.n, -1)
+                xs = (cols + j * g.dw + dx).reshape(g.n, -1)
+                values = _bilinear_float64(x64[:, grp * cpg:(grp + 1) * cpg], ys, xs).reshape(g.n, cpg, g.oh, g.ow)
+                if mask is not None:
+                    values = values * np.asarray(mask, np.float64)[:, grp * taps + k][:, None]
+                sampled[:, grp * cpg:(grp + 1) * cpg, i, j] = values
+    y = np.zeros(g.output_shape)
+    for grp in range(g.groups):
+        y[:, grp * g.og:(grp + 1) * g.og] = np.einsum(
+            "ncijhw,ocij->nohw", sampled[:, grp * g.cg:(grp + 1) * g.cg], w64[grp * g.og:(grp + 1) * g.og])
+    if b is not None:
+        y += np.asarray(b, np.float64)[None, :, None, None]
+    return activation_float64(y, spec.activation)
+
+
+DEFORM_CONV_OPSET = 19
+
+
+def onnx_deform_conv_model(geom, w: np.ndarray, b: np.ndarray | None, activation: Activation,
+                           dtype=np.float64) -> bytes:
+    """A serialized ONNX graph of `dtype` (float64: the reference; float32: onnxruntime, a benchmark peer):
+    DeformConv (inputs x, offset and, when geom.has_mask, mask) + the activation, explicit pads."""
+    from onnx import helper, numpy_helper
+
+    element = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    inits = [numpy_helper.from_array(np.asarray(w, dtype), name="W")]
+    inputs = ["x", "W", "offset", "B" if b is not None else ""]
+    if b is not None:
+        inits.append(numpy_helper.from_array(np.asarray(b, dtype), name="B"))
+    if geom.has_mask:
+        inputs.append("mask")
+    conv_out = "y" if activation.kind == "none" else "conv"
+    nodes = [helper.make_node(
+        "DeformConv", inputs, [conv_out], kernel_shape=[geom.kh, geom.kw], strides=[geom.sh, geom.sw],
+        dilations=[geom.dh, geom.dw], pads=[geom.pt, geom.pl, geom.pb, geom.pr], group=geom.groups,
+        offset_group=geom.offset_groups)]
+    if activation.kind != "none":
+        act_nodes, act_inits = _activation_nodes(helper, numpy_helper, activation, conv_out, "y", dtype)
+        nodes += act_nodes
+        inits += act_inits
+    graph_inputs = [helper.make_tensor_value_info("x", element, list(geom.input_shape)),
+                    helper.make_tensor_value_info("offset", element, list(geom.offset_shape))]
+    if geom.has_mask:
+        graph_inputs.append(helper.make_tensor_value_info("mask", element, list(geom.mask_shape)))
+    graph = helper.make_graph(
+        nodes, "deform_conv2d", graph_inputs,
+        [helper.make_tensor_value_info("y", element, list(geom.output_shape))], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", DEFORM_CONV_OPSET)]).SerializeToString()
+
+
+def onnx_deform_conv2d(x, offset, w, b=None, mask=None, **kwargs) -> np.ndarray:
+    """onnx.reference's DeformConv (an independent implementation over GridSample), in float64. Slow: per
+    output pixel and channel pair; it needs H and W of at least 2 (it normalises by H - 1 and W - 1)."""
+    from onnx.reference import ReferenceEvaluator
+
+    spec, geom = _resolve_deform(x, offset, w, b, mask, kwargs)
+    feeds = {"x": np.asarray(x, np.float64), "offset": np.asarray(offset, np.float64)}
+    if mask is not None:
+        feeds["mask"] = np.asarray(mask, np.float64)
+    (y,) = ReferenceEvaluator(onnx_deform_conv_model(geom, w, b, spec.activation)).run(None, feeds)
+    return y

@@ -6,7 +6,7 @@ import convbackends as cb
 from conftest import require_module
 from convbackends.ops.base import OneShotCache
 from convbackends.parity import compare
-from convbackends.reference import conv2d_float64, conv_transpose2d_float64
+from convbackends.reference import conv2d_float64, conv_transpose2d_float64, deform_conv2d_float64
 
 torch = require_module("torch")
 
@@ -15,6 +15,19 @@ X = RNG.uniform(-1, 1, (2, 6, 9, 8)).astype(np.float32)
 W = RNG.uniform(-1, 1, (10, 3, 3, 3)).astype(np.float32)
 B = RNG.uniform(-1, 1, 10).astype(np.float32)
 WT = RNG.uniform(-1, 1, (6, 4, 4, 4)).astype(np.float32)
+
+
+class Producer:
+    """Any object with __dlpack__ on the CPU."""
+
+    def __init__(self, array):
+        self.array, self.dtype, self.shape = array, array.dtype, array.shape
+
+    def __dlpack__(self, **kwargs):
+        return self.array.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self.array.__dlpack_device__()
 
 
 def test_torch_tensors_in_and_out_of_every_op(target):
@@ -31,6 +44,51 @@ def test_torch_tensors_in_and_out_of_every_op(target):
         assert compare(yt.numpy(), conv_transpose2d_float64(X[:, :, 1:, ::2], WT, stride=2, padding=1))[3]
 
 
+def _deform_problem():
+    x = RNG.uniform(-1, 1, (2, 4, 7, 6)).astype(np.float32)
+    w = RNG.uniform(-1, 1, (6, 2, 3, 3)).astype(np.float32)
+    b = RNG.uniform(-1, 1, 6).astype(np.float32)
+    offset = RNG.uniform(-2, 2, (2, 36, 7, 6)).astype(np.float32)  # two offset groups
+    mask = RNG.uniform(0, 1, (2, 18, 7, 6)).astype(np.float32)
+    return x, w, b, offset, mask
+
+
+def test_torch_tensors_in_and_out_of_deform_conv2d(target):
+    """Torch tensors as every argument: torch comes back from the forward and from each of the five gradients,
+    with the values of numpy in (itself checked against the float64 oracle)."""
+    backend, device = target
+    arrays = _deform_problem()
+    x, w, b, offset, mask = (torch.from_numpy(a.copy()) for a in arrays)
+    kwargs = dict(padding=1, groups=2)
+    y = cb.deform_conv2d(x, offset, w, b, mask=mask, activation="relu", backend=backend, device=device, **kwargs)
+    assert isinstance(y, torch.Tensor) and y.dtype == torch.float32
+    xa, wa, ba, offseta, maska = arrays
+    assert compare(y.numpy(), deform_conv2d_float64(xa, offseta, wa, ba, maska, activation="relu", **kwargs))[3]
+    grad_y = torch.from_numpy(RNG.uniform(-1, 1, tuple(y.shape)).astype(np.float32))
+    with cb.DeformConv2d(w, b, backend=backend, device=device, **kwargs) as layer:
+        strided = x.transpose(2, 3).contiguous().transpose(2, 3)  # a non-contiguous view of the same values
+        assert torch.equal(layer(strided, offset, mask), layer(x, offset, mask))
+        grads = layer.backward(grad_y, x, offset, mask)
+        expected = layer.backward(grad_y.numpy(), *(t.numpy() for t in (x, offset, mask)))
+    assert all(isinstance(g, torch.Tensor) for g in grads)
+    for got, want in zip(grads, expected):
+        assert isinstance(want, np.ndarray) and np.array_equal(got.numpy(), want)
+    functional = cb.deform_conv2d_backward(grad_y, x, offset, w, backend=backend, device=device, **kwargs)
+    assert functional[2] is None and all(isinstance(g, torch.Tensor) for g in functional[:2] + functional[3:])
+
+
+def test_dlpack_producers_into_deform_conv2d():
+    x, w, b, offset, mask = _deform_problem()
+    y = cb.deform_conv2d(Producer(x), Producer(offset), Producer(w), Producer(b), mask=Producer(mask), padding=1,
+                         groups=2)
+    assert isinstance(y, np.ndarray)
+    assert compare(y, deform_conv2d_float64(x, offset, w, b, mask, padding=1, groups=2))[3]
+    with cb.DeformConv2d(Producer(w), padding=1, groups=2) as layer:
+        grads = layer.backward(Producer(np.ones(y.shape, np.float32)), Producer(x), Producer(offset))
+    assert all(isinstance(g, np.ndarray) for g in grads[:2] + grads[3:])
+    assert np.allclose(grads[4], y.shape[0] * y.shape[2] * y.shape[3])
+
+
 def test_torch_cpu_input_is_read_without_a_copy():
     x = torch.from_numpy(X.copy())
     with cb.Conv2d(W, B, padding=1, groups=2) as layer:
@@ -44,16 +102,6 @@ def test_torch_cpu_input_is_read_without_a_copy():
 def test_tensors_that_require_grad_and_other_dlpack_producers():
     x = torch.from_numpy(X.copy()).requires_grad_()
     assert isinstance(cb.conv2d(x, W, B, groups=2), torch.Tensor)
-
-    class Producer:  # any object with __dlpack__ on the CPU
-        def __init__(self, array):
-            self.array, self.dtype, self.shape = array, array.dtype, array.shape
-
-        def __dlpack__(self, **kwargs):
-            return self.array.__dlpack__(**kwargs)
-
-        def __dlpack_device__(self):
-            return self.array.__dlpack_device__()
 
     y = cb.conv2d(Producer(X), Producer(W), B, padding=1, groups=2)
     assert isinstance(y, np.ndarray) and compare(y, conv2d_float64(X, W, B, padding=1, groups=2))[3]

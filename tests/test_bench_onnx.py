@@ -169,4 +169,51 @@ def test_a_model_without_conv_nodes_is_refused(tmp_path, capsys):
     path = tmp_path / "relu.onnx"
     onnx.save(helper.make_model(graph), str(path))
     assert main(["bench", "--onnx", str(path), *FAST]) == 2
-    assert f"error: {path} has no Conv or ConvTranspose node to benchmark" in capsys.readouterr().err
+    assert f"error: {path} has no Conv, ConvTranspose or DeformConv node to benchmark" in capsys.readouterr().err
+
+
+def _deform_model(path) -> None:
+    """A conv predicting offsets (two offset groups) and a sigmoid mask for a DCNv2 DeformConv with bias and
+    asymmetric pads, then a DCNv1 DeformConv (no mask, no bias) of one offset group: shapes by inference."""
+    rng = np.random.default_rng(1)
+
+    def weight(name, *shape):
+        return numpy_helper.from_array(rng.uniform(-1, 1, shape).astype(np.float32), name)
+
+    inits = [weight("Wo", 36, 8, 3, 3), weight("Wm", 18, 8, 3, 3), weight("Wd", 8, 4, 3, 3), weight("Bd", 8),
+             weight("Wo1", 18, 8, 3, 3), weight("Wv1", 4, 8, 3, 3)]
+    nodes = [
+        helper.make_node("Conv", ["x", "Wo"], ["offset"], name="offsets", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["x", "Wm"], ["m"], name="masks", pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["m"], ["mask"]),
+        helper.make_node("DeformConv", ["x", "Wd", "offset", "Bd", "mask"], ["y"], name="dcn", group=2,
+                         offset_group=2, pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["y", "Wo1"], ["offset1"], name="offsets1", strides=[2, 2], pads=[1, 0, 1, 0]),
+        helper.make_node("DeformConv", ["y", "Wv1", "offset1"], ["z"], name="dcn_v1", strides=[2, 2],
+                         pads=[1, 0, 1, 0]),
+    ]
+    graph = helper.make_graph(nodes, "deform", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 9, 7])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], initializer=inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), str(path))
+
+
+def test_deform_conv_nodes_become_deform_layers(tmp_path):
+    model = tmp_path / "deform.onnx"
+    _deform_model(model)
+    layers = bench.onnx_layers(str(model))
+    assert layers.nodes == {"Conv": 3, "DeformConv": 2} and not layers.skipped
+    cases = {c.name: c for c in layers.cases}
+    dcn, v1 = cases["dcn"], cases["dcn_v1"]
+    assert (dcn.op, dcn.offset_groups, dcn.mask, dcn.bias) == ("deform_conv2d", 2, True, True)
+    assert dcn.kwargs["groups"] == 2 and bench.geometry(dcn).output_shape == (1, 8, 9, 7)
+    assert (v1.offset_groups, v1.mask, v1.bias) == (1, False, False)
+    g = bench.geometry(v1)
+    assert (g.sh, g.pt, g.pl, g.pb, g.pr) == (2, 1, 0, 1, 0) and g.output_shape == (1, 4, 5, 3)
+    for case in (dcn, v1):  # the same layer as the CLI's --layer spec
+        again = bench.parse_layer(bench.format_layer(case))
+        assert bench.geometry(again) == bench.geometry(case) and again.offset_groups == case.offset_groups
+    # End to end: both layers run on numpy and onnxruntime (which has DeformConv) and match the float64 oracle.
+    report = bench.run([dcn, v1], bench.targets("numpy", None, "onnxruntime"), suite_name="onnx", repeats=1,
+                       warmup=0, isolate=False, model=layers)
+    ran = [r for r in report.records if r.target in ("numpy:0", "onnxruntime")]
+    assert len(ran) == 4 and all(r.status == "ok" and r.passed for r in ran), ran

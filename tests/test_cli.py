@@ -138,7 +138,8 @@ def test_bench_with_every_peer_through_python_m(tmp_path):
     _check_schema(doc)
     assert [layer["op"] for layer in doc["layers"]] == ["conv2d", "conv_transpose2d", "conv_transpose2d"]
     peers = {t["id"]: t for t in doc["targets"] if t["kind"] == "peer"}
-    assert set(peers) == {"cv2dnn", "cv2dnn-opencl", "torch", "torch-cuda", "onnxruntime", "ncnn", "ncnn-vulkan"}
+    assert set(peers) == {"cv2dnn", "cv2dnn-opencl", "torch", "torch-cuda", "torchvision", "onnxruntime", "ncnn",
+                          "ncnn-vulkan"}
     assert peers["cv2dnn"]["available"]
     for name, target in peers.items():
         records = [r for r in doc["results"] if r["target"] == name]
@@ -262,6 +263,75 @@ def test_layer_spec_of_a_transposed_layer():
     assert again.op == case.op and geometry(again) == g
 
 
+def test_layer_spec_of_a_deformable_layer():
+    case = parse_layer("op=deform_conv2d,n=2,c=8,hw=6x7,o=4,k=3,s=2,p=1,g=2,og=4,mask=0,off=1.5,bwd=1")
+    assert (case.op, case.offset_groups, case.mask, case.offset_scale, case.backward) == ("deform_conv2d", 4, False,
+                                                                                           1.5, True)
+    g = geometry(case)
+    assert g.offset_shape == (2, 2 * 4 * 9, 3, 4) and not g.has_mask and g.output_shape == (2, 4, 3, 4)
+    assert bench.flops(case) == 2 * g.flops  # backward: two GEMMs of the forward's size
+    grad_y, x, offset, mask = bench.arguments(case)
+    assert grad_y.shape == g.output_shape and x.shape == g.input_shape and offset.shape == g.offset_shape
+    assert mask is None and np.abs(offset).max() <= 1.5
+    assert parse_layer(format_layer(case)) == case
+    forward = parse_layer("op=deform_conv2d,c=8,hw=6,o=4,k=3,p=1")
+    assert (forward.offset_groups, forward.mask, forward.offset_scale, forward.backward) == (1, True, 2.0, False)
+    assert len(bench.arguments(forward)) == 3
+
+
+def test_bench_deform_suite_on_numpy(tmp_path):
+    """`bench --suite deform`: every layer forward (checked against the float64 oracle) and backward (timed), on
+    numpy beside onnxruntime, whose forward matches too and which has no backward."""
+    out = tmp_path / "deform.json"
+    assert main(["bench", "--suite", "deform", "--peers", "onnxruntime", "--in-process", *FAST, "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    _check_schema(doc)
+    layers = {layer["name"]: layer for layer in doc["layers"]}
+    assert len(layers) == 10 and all(layer["op"] == "deform_conv2d" and layer["mask"] for layer in layers.values())
+    assert layers["dcnv2-n4-64x56"]["input_shape"] == [4, 64, 56, 56]
+    assert layers["dcnv2-256x14-backward"]["flops"] == 2 * layers["dcnv2-256x14"]["flops"]
+    for record in doc["results"]:
+        backward = layers[record["layer"]]["backward"]
+        if record["target"] == "cv2dnn" or (record["target"] == "onnxruntime" and backward):
+            assert record["status"] == "unsupported", record
+        elif backward:
+            assert record["status"] == "ok" and record["passed"] is None and record["median_s"] > 0, record
+        else:
+            assert record["status"] == "ok" and record["passed"] is True, record
+
+
+def test_torchvision_peer_forward_and_backward(monkeypatch):
+    """The torchvision peer's plumbing (padding, mask, the five gradients), with torchvision.ops.deform_conv2d
+    stood in for by convbackends.torch's function of the same argument order (torchvision is not in CI)."""
+    import types
+
+    torch = pytest.importorskip("torch")
+    import convbackends.torch as cbt
+    from convbackends.ops.deform_conv2d import DeformConv2d
+    from convbackends.parity import compare, float64_output
+
+    ops = types.ModuleType("torchvision.ops")
+    ops.deform_conv2d = cbt.deform_conv2d
+    package = types.ModuleType("torchvision")
+    package.ops, package.__version__ = ops, "stand-in"
+    monkeypatch.setitem(sys.modules, "torchvision", package)
+    monkeypatch.setitem(sys.modules, "torchvision.ops", ops)
+    peer = peers.TorchVision()
+    assert peer.unavailable() is None
+    spec = "op=deform_conv2d,c=4,hw=6x5,o=6,k=3,p=0x1x2x1,og=2"
+    forward, backward = parse_layer(spec), parse_layer(spec + ",bwd=1")
+    assert peer.supports(backward) is None and peer.supports(parse_layer("c=4,hw=5,o=4,k=3")) is not None
+    _, w, b = forward.tensors()
+    y, _ = peer.prepare(forward, w, b).profile(*bench.arguments(forward))
+    assert compare(y, float64_output(forward))[3]
+    grads, _ = peer.prepare(backward, w, b).profile(*bench.arguments(backward))
+    with DeformConv2d(w, b, **backward.kwargs) as layer:
+        expected = layer.backward(*bench.arguments(backward))
+    assert len(grads) == 5
+    for got, want in zip(grads, expected):
+        assert compare(got, want.astype(np.float64))[3]
+
+
 @pytest.mark.parametrize("text, message", [
     ("c=64,hw=x,o=64,k=3", "hw must be N or NxN"),
     ("c=64,hw=56,o=64", "missing k="),
@@ -272,7 +342,11 @@ def test_layer_spec_of_a_transposed_layer():
     ("c=64,hw=56,o=64,k=3,s=0", "stride must be >= 1"),
     ("c=64,hw=2,o=64,k=5", "output size"),
     ("c64", "is not key=value"),
-    ("op=deconv,c=4,hw=5,o=4,k=3", "op must be one of conv2d, conv_transpose2d, got 'deconv'"),
+    ("op=deconv,c=4,hw=5,o=4,k=3", "op must be one of conv2d, conv_transpose2d, deform_conv2d, got 'deconv'"),
+    ("c=4,hw=5,o=4,k=3,og=2,bwd=1", "og=, bwd= for op=deform_conv2d only"),
+    ("op=deform_conv2d,c=4,hw=5,o=4,k=3,mask=2", "mask must be 0 or 1, got '2'"),
+    ("op=deform_conv2d,c=4,hw=5,o=4,k=3,off=-1", "off must be a finite number >= 0, got '-1'"),
+    ("op=deform_conv2d,c=4,hw=5,o=4,k=3,og=3", "x has C=4 channels, not divisible by the 3 offset groups"),
     ("c=4,hw=5,o=4,k=3,opad=1", "opad= .output_padding. is for op=conv_transpose2d only"),
     ("op=conv_transpose2d,c=4,hw=5,o=6,k=3,g=4", "g=4 must divide o=6"),
     ("op=conv_transpose2d,c=4,hw=5,o=4,k=3,s=2,opad=2", "output_padding must be smaller than stride or dilation"),

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from convbackends.backends.kernel import conv2d as _kernels
+from convbackends.backends.kernel import deform_conv2d as _deform_kernels
 from convbackends.runtime import kernels as kernel_runtime
 from convbackends.spec import ACTIVATION_CODES, Conv2dSpec
 
@@ -59,6 +60,11 @@ def test_cuda_kernels_compile_with_nvcc(tmp_path, arch):
     sources.append(("pad_input", PLANS[0].pad_source, PLANS[0].pad_options))
     winograd = WINOGRAD_PLAN
     sources += [(name, winograd.source, winograd.options) for name in ("conv2d_winograd_input", "conv2d_winograd_output")]
+    deform = kernel_runtime.source(*_deform_kernels.IM2COL_SOURCE)
+    sources += [(name, deform, ("-DINDEX_T=int",)) for name in _deform_kernels.KERNEL_NAMES]
+    implicit = kernel_runtime.source(*_deform_kernels.IMPLICIT_GEMM_SOURCE)
+    sources += [("deform_conv2d_implicit_gemm", implicit, _deform_kernels.implicit_gemm_options(tiles, code, "int"))
+                for tiles, code in zip(_kernels.GPU_TILES, (0, 1, 6, 9, 3))]
     jobs = []
     for i, (name, source, options) in enumerate(sources):
         cu, ptx = tmp_path / f"{name}_{i}.cu", tmp_path / f"{name}_{i}.ptx"

@@ -48,10 +48,13 @@ def test_source_hash_covers_includes(tmp_path):
     build = _build_spirv_module()
     shaders = tmp_path / "shaders"
     shutil.copytree(ROOT / "shaders", shaders)
-    before = build.source_hashes(shaders)
-    (shaders / "activation.glsl").write_text((shaders / "activation.glsl").read_text() + "\n// edited\n")
-    after = build.source_hashes(shaders)
-    assert all(before[name] != after[name] for name in before)  # every shader includes activation.glsl
+    # conv2d's shaders include activation.glsl, deform_conv2d's deform_conv2d_sampling.glsl.
+    for include, op in (("activation.glsl", "conv2d_"), ("deform_conv2d_sampling.glsl", "deform_conv2d_")):
+        before = build.source_hashes(shaders)
+        (shaders / include).write_text((shaders / include).read_text() + "\n// edited\n")
+        after = build.source_hashes(shaders)
+        assert {name for name in before if before[name] != after[name]} == {name for name in before
+                                                                            if name.startswith(op)}
 
 
 # Everything below needs a Vulkan device.

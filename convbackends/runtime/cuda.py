@@ -65,6 +65,10 @@ class Runtime(KernelRuntime):
 
     empty_array = empty
 
+    def read(self, device, out: np.ndarray) -> None:
+        with self.device:
+            device.get(stream=cp.cuda.get_current_stream(), out=out)
+
     def run_host(self, x: np.ndarray, y: np.ndarray, launch) -> None:
         with self.device:
             stream = cp.cuda.get_current_stream()

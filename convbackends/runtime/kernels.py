@@ -179,6 +179,10 @@ class KernelRuntime(ABC):
         """A float32 device array of the API's array type, to hand to the user."""
 
     @abstractmethod
+    def read(self, device, out: np.ndarray) -> None:
+        """Copy a device buffer or array (float32, out's size) into the host array `out`, finished on return."""
+
+    @abstractmethod
     def run_host(self, x: np.ndarray, y: np.ndarray, launch) -> None:
         """Run `launch(x_device, y_device)` on host arrays x (read) and y (written), finished on return:
         in place where host memory is device memory, else through pooled device copies."""

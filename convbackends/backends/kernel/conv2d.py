@@ -377,23 +377,25 @@ class WinogradPlan:
 class _Stage:
     """A `Plan` on one device: its kernels, uploaded weights and per-geometry gather tables, all
     read-only once made, so concurrent calls share them. `steps` is its launch sequence: the pad copy
-    (into a buffer of that call's own) when the kernel needs one, then the kernel."""
+    (into a buffer of that call's own) when the kernel needs one, then the kernel. `upload_weights`
+    False: each call brings its own weights, packed as `plan.weights` is (deform_conv2d's grad_w GEMM)."""
 
-    def __init__(self, rt, plan: Plan, kernel):
+    def __init__(self, rt, plan: Plan, kernel, upload_weights: bool = True):
         self.plan, self.kernel, self._rt = plan, kernel, rt
         self.pad = rt.kernel(plan.pad_source, "pad_input", plan.pad_options)
-        self.weights = rt.upload(plan.weights)
+        self.weights = rt.upload(plan.weights) if upload_weights else None
         self.bias = rt.upload(plan.bias)
         self.ktabs = GeometryCache(lambda geom: rt.upload(plan.ktab(geom)))
 
-    def steps(self, x, y, geom: Conv2dGeometry) -> list[tuple[object, Launch, list]]:
+    def steps(self, x, y, geom: Conv2dGeometry, weights=None) -> list[tuple[object, Launch, list]]:
         plan, steps = self.plan, []
+        weights = self.weights if weights is None else weights
         dims = plan.padded(geom)
         if dims:
             xp = self._rt.empty((geom.n, geom.c, *dims))
             steps.append((self.pad, plan.pad_launch(geom), [x, xp]))
             x = xp
-        buffers = [x, self.weights, self.bias, *([self.ktabs.get(geom)] if plan.uses_ktab else []), y]
+        buffers = [x, weights, self.bias, *([self.ktabs.get(geom)] if plan.uses_ktab else []), y]
         steps.append((self.kernel, plan.launch(geom), buffers))
         return steps
 

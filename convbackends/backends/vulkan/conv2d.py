@@ -100,6 +100,24 @@ def choose_tiles(algorithm: str, dev: _vk.Device, kernel_w: int = 1, stride_w: i
     return Tiles(lx, ly, 4, 4, bk, True)
 
 
+def tile_constants(t: Tiles, unroll: bool = True) -> dict:
+    """The specialization constants (ids of conv2d_layout.glsl) that carry the tiles of a GEMM-shaped or
+    depthwise shader, and whether it unrolls its loops over the kernel."""
+    return {0: t.lx, 1: t.ly, 10: unroll, 11: t.tm, 12: t.tn, 13: t.bk, 14: t.stage, 15: t.cb}
+
+
+def epilogue_constants(activation_code: int, has_bias: bool) -> dict:
+    """The specialization constants of the fused epilogue (ACT, HAS_BIAS); its parameters are push constants."""
+    return {8: activation_code, 9: has_bias}
+
+
+def gemm_1x1_push(c: int, pixels: int, plane: int, o: int, groups: int, row_stride: int, n: int,
+                  activation: tuple[float, float] = _NO_ACTIVATION) -> bytes:
+    """conv2d_gemm_1x1's push constants: n images of c channels x `pixels` points, input planes `plane`
+    floats apart, into o channels in `groups` groups; `activation` its (ALPHA, BETA)."""
+    return _PUSH.pack(c, 1, pixels, plane, o, 1, pixels, groups, row_stride, n, 0, *_NO_KERNEL, *activation)
+
+
 def _round_up(value: int, step: int) -> int:
     return -(-value // step) * step
 
@@ -174,8 +192,11 @@ class _DeviceObjects:
         self.pipelines: list[_vk.Pipeline] = []
         self.plans: OrderedDict[tuple[Conv2dGeometry, bool], _Plan] = OrderedDict()
 
-    def pipeline(self, name: str, constants: dict) -> _vk.Pipeline:
-        found = self.dev.pipeline(name, SPIRV[name], constants, _BINDINGS, _PUSH.size)
+    def pipeline(self, name: str, constants: dict, kinds: tuple = _BINDINGS, push_bytes: int = _PUSH.size
+                 ) -> _vk.Pipeline:
+        """The shader `name`'s pipeline (conv2d's bindings and push constants unless told), released with
+        the holder."""
+        found = self.dev.pipeline(name, SPIRV[name], constants, kinds, push_bytes)
         self.pipelines.append(found)
         return found
 
@@ -183,6 +204,15 @@ class _DeviceObjects:
         buf = _vk.upload(self.dev, array)
         self.buffers.append(buf)
         return buf
+
+    def plan(self, key: tuple, make) -> "PlanBuffers":
+        """The recorded plan for `key`, `make()` when there is none; beyond _PLANS_KEPT the least recently
+        used is closed."""
+        plan = self.plans.pop(key, None) or make()
+        self.plans[key] = plan
+        while len(self.plans) > _PLANS_KEPT:
+            self.plans.popitem(last=False)[1].close()
+        return plan
 
     def release(self) -> None:
         for plan in self.plans.values():
@@ -210,7 +240,7 @@ class _Shader:
             raise ValueError(f"vulkan: the packed weights ({floats} floats) exceed the device's "
                              f"maxTexelBufferElements ({limit})")
         packed, self.row_stride = pack_weights(w, groups, t, algorithm == "depthwise")
-        constants = {**constants, 0: t.lx, 1: t.ly, 10: unroll, 11: t.tm, 12: t.tn, 13: t.bk, 14: t.stage, 15: t.cb}
+        constants = {**constants, **tile_constants(t, unroll)}
         self.pipeline = held.pipeline(f"conv2d_{algorithm}", constants)
         self.w = held.upload(packed)
 
@@ -245,12 +275,35 @@ class _Winograd:
         return _round_up(tiles, max(4, self.gemm.tiles.tn))
 
 
-class _Plan:
+class PlanBuffers:
+    """What every recorded plan (its `recording`) does with its buffers: takes them from the device's pool and
+    gives them back when it is closed."""
+
+    def __init__(self, device: _vk.Device):
+        self.device = device
+        self._owned: list[_vk.Buffer] = []
+
+    def _buffer(self, nbytes: int, host: bool) -> _vk.Buffer:
+        buf = self.device.acquire(nbytes, host)
+        self._owned.append(buf)
+        return buf
+
+    def close(self) -> None:
+        self.recording.close()
+        self._release()
+
+    def _release(self) -> None:
+        for buf in self._owned:
+            self.device.release(buf)
+        self._owned = []
+
+
+class _Plan(PlanBuffers):
     """Buffers and a recorded command buffer for one input geometry and path, split by batch where a
     buffer would exceed maxTexelBufferElements or maxStorageBufferRange."""
 
     def __init__(self, layer: "VulkanConv2d", geom: Conv2dGeometry, winograd: bool):
-        self.device = layer.dev
+        super().__init__(layer.dev)
         self.geom = geom
         self.padded = layer.padded_input(geom, winograd)
         if winograd:
@@ -258,7 +311,7 @@ class _Plan:
         per_chunk, refusal = layer.images_per_chunk(geom, winograd)
         if per_chunk < 1:
             raise ValueError(refusal)
-        self.chunks, self._owned, self._transformed = [], [], None
+        self.chunks, self._transformed = [], None
         try:
             self.recording = self._record(layer, geom, per_chunk, winograd)
         except BaseException:
@@ -307,8 +360,7 @@ class _Plan:
         gemm, unused = wino.gemm, wino.gemm.w  # bindings a shader does not read still need a buffer
         transform_push = _PUSH.pack(geom.c, hp, wp, ps, geom.o, geom.oh, geom.ow, 1, 0, n, tps, *_NO_KERNEL,
                                     *layer.activation_parameters)
-        gemm_push = _PUSH.pack(36 * geom.c, 1, pixels, tps, 36 * geom.o, 1, pixels, 36, gemm.row_stride, 1, 0,
-                               *_NO_KERNEL, *_NO_ACTIVATION)
+        gemm_push = gemm_1x1_push(36 * geom.c, pixels, tps, 36 * geom.o, 36, gemm.row_stride, 1)
         return [
             _vk.Dispatch(wino.input, [x_dev, x_dev, unused, unused, layer.b, v], transform_push,
                          (math.ceil(pixels / (4 * wino.lanes)), 1, geom.c)),  # 4 tiles per invocation
@@ -317,11 +369,6 @@ class _Plan:
             _vk.Dispatch(wino.output, [m, m, unused, unused, layer.b, y_dev], transform_push,
                          (math.ceil(pixels / wino.lanes), 1, geom.o)),
         ]
-
-    def _buffer(self, nbytes: int, host: bool) -> _vk.Buffer:
-        buf = self.device.acquire(nbytes, host)
-        self._owned.append(buf)
-        return buf
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, float | None]:
         g = self.geom
@@ -333,15 +380,6 @@ class _Plan:
         seconds = self.recording.submit()
         outputs = [y_host.read(n * g.o * g.oh * g.ow).reshape(n, g.o, g.oh, g.ow) for _, n, _, y_host in self.chunks]
         return (outputs[0] if len(outputs) == 1 else np.concatenate(outputs)), seconds
-
-    def close(self) -> None:
-        self.recording.close()
-        self._release()
-
-    def _release(self) -> None:
-        for buf in self._owned:
-            self.device.release(buf)
-        self._owned = []
 
 
 class VulkanConv2d(Prepared):
@@ -355,7 +393,7 @@ class VulkanConv2d(Prepared):
         self._finalizer = weakref.finalize(self, dev.release_soon, held.release)
         act = spec.activation
         self.activation_parameters = (act.alpha, act.beta)
-        epilogue = {8: act.code, 9: b is not None}
+        epilogue = epilogue_constants(act.code, b is not None)
         self.winograd = None
         try:
             self.b = held.upload(b if b is not None else np.zeros(1, np.float32))
@@ -428,12 +466,7 @@ class VulkanConv2d(Prepared):
                 and self.images_per_chunk(geom, True)[0] >= 1 and _winograd.safe(x))
 
     def _plan(self, geom: Conv2dGeometry, winograd: bool) -> _Plan:
-        key, plans = (geom, winograd), self._held.plans
-        plan = plans.pop(key, None) or _Plan(self, geom, winograd)
-        plans[key] = plan
-        while len(plans) > _PLANS_KEPT:
-            plans.popitem(last=False)[1].close()
-        return plan
+        return self._held.plan((geom, winograd), lambda: _Plan(self, geom, winograd))
 
     def profile(self, x, geom: Conv2dGeometry):
         with self._lock:
