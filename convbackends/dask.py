@@ -1,4 +1,5 @@
-"""conv2d and conv_transpose2d over dask arrays: arrays larger than one machine's memory, or one device's.
+"""conv2d, conv_transpose2d and deform_conv2d over dask arrays: arrays larger than one machine's memory, or one
+device's.
 
 `conv2d(x, w, b, ...)` takes a `dask.array.Array` (N, C, H, W) chunked along N, H and W and returns a lazy
 dask array equal to `convbackends.conv2d` on the whole array. Every output block is one task: its input
@@ -14,21 +15,30 @@ How the array is cut, per spatial axis (C is never cut: chunks along C are merge
 - conv_transpose2d: input row i reaches output rows [i*s - pad_top, i*s - pad_top + (k-1)*d], so input
   block [c, c') owns output rows [c*s - pad_top, c'*s - pad_top) and borrows floor((k-1)*d / s) rows of
   the block before it; any chunking aligns.
-- Either way each block must be at least as long as the halo it lends, and must own at least one output
+- deform_conv2d: every sample lies within max_offset of a conv2d tap, so a block borrows conv2d's halo plus
+  ceil(max_offset) + 1 rows from the next block (the bilinear's second row) and ceil(max_offset) rows or a
+  few more from the block before, so many that it starts a whole number `lead` of strides ahead of its own
+  outputs. Every block runs the layer with the whole array's padding, so that x's edges stay the layer's
+  edges (a sample past them reads 0 exactly as on the whole array, inf and NaN pixels included); the
+  block's offsets and mask are placed at its own outputs (from `lead` on) and the other outputs, computed
+  with zero offsets, are dropped. Each task checks its offsets against max_offset (a NaN offset reads NaN,
+  as on the whole array).
+- Each block must be at least as long as the halo it lends, and must own at least one output
   row: chunks too small for that are merged with their neighbour (a rechunk).
 
-The zero padding of the whole array is added by the blocks at its edges and the transposed layer's crop
-is cut from them, so every task runs the same padding-free layer: a worker prepares it once, found by
-the layer's spec and a content hash of the weights computed once on the client (`dask.base.tokenize`).
+conv2d's zero padding is added by the blocks at the array's edges and the transposed layer's crop is cut
+from them, so every task runs the same padding-free layer (deform_conv2d's: the whole array's padding): a
+worker prepares it once, found by the layer's spec and a content hash of the weights computed once on the
+client (`dask.base.tokenize`).
 The weights travel as one key of the graph, to each worker once, not inside every task.
 
 Backends and devices are resolved on each worker: `backend="auto"` (the default) takes the worker's GPU
 where it has one, else numpy; `device=None` its best device. Chunks are numpy arrays (dask's default).
-deform_conv2d comes when that op lands (with `max_offset=` bounding the halo).
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -46,10 +56,11 @@ except ModuleNotFoundError as exc:
 from .arrays import host_array
 from .ops.conv2d import Conv2d
 from .ops.conv_transpose2d import ConvTranspose2d, ConvTranspose2dSpec
+from .ops.deform_conv2d import DeformConv2d, DeformConv2dSpec
 from .runtime import check_name
 from .spec import Conv2dSpec, check_float32
 
-__all__ = ["conv2d", "conv_transpose2d", "cache_info", "clear_cache"]
+__all__ = ["conv2d", "conv_transpose2d", "deform_conv2d", "cache_info", "clear_cache"]
 
 
 @dataclass(frozen=True)
@@ -99,17 +110,33 @@ def _chunks(edges: list[int], size: int) -> tuple[int, ...]:
     return tuple(b - a for a, b in zip(bounds, bounds[1:]))
 
 
-def conv2d_axis(chunks, size: int, out: int, k: int, s: int, d: int, pad_begin: int, pad_end: int) -> AxisPlan:
-    """conv2d along one axis (see the module docstring): edges moved forward onto the stride grid."""
-    halo = max(0, (k - 1) * d + 1 - s)
+def _stride_grid(chunks, size: int, out: int, s: int, pad_begin: int, minimum: int) -> tuple[tuple, tuple]:
+    """(input chunks, output chunks) of a strided layer: the interior edges moved forward onto the stride grid
+    (edge + pad_begin divisible by s), then spaced at least `minimum` apart."""
     outputs = []  # the first output row of each block after the first
     for edge in _interior_edges(chunks):
         o = -(-(edge + pad_begin) // s)
         if 0 < o < out and 0 < o * s - pad_begin < size and (not outputs or o > outputs[-1]):
             outputs.append(o)
-    edges = _spaced([o * s - pad_begin for o in outputs], size, max(1, halo))
-    out_edges = [(e + pad_begin) // s for e in edges]
-    return AxisPlan(_chunks(edges, size), _chunks(out_edges, out), after=halo, pad_first=pad_begin, pad_last=pad_end)
+    edges = _spaced([o * s - pad_begin for o in outputs], size, minimum)
+    return _chunks(edges, size), _chunks([(e + pad_begin) // s for e in edges], out)
+
+
+def conv2d_axis(chunks, size: int, out: int, k: int, s: int, d: int, pad_begin: int, pad_end: int) -> AxisPlan:
+    """conv2d along one axis (see the module docstring): edges moved forward onto the stride grid."""
+    halo = max(0, (k - 1) * d + 1 - s)
+    in_chunks, out_chunks = _stride_grid(chunks, size, out, s, pad_begin, max(1, halo))
+    return AxisPlan(in_chunks, out_chunks, after=halo, pad_first=pad_begin, pad_last=pad_end)
+
+
+def deform_conv2d_axis(chunks, size: int, out: int, k: int, s: int, d: int, pad_begin: int, reach: int) -> AxisPlan:
+    """deform_conv2d along one axis, its samples at most `reach` rows (ceil(max_offset)) off the taps (see the
+    module docstring): conv2d's stride grid; `before` rows such that the block starts `lead` = (before +
+    pad_begin) / s outputs ahead of its own; one more row after for the bilinear's second row."""
+    before = -(-(reach + pad_begin) // s) * s - pad_begin
+    after = max(0, (k - 1) * d + 1 - s) + reach + 1
+    in_chunks, out_chunks = _stride_grid(chunks, size, out, s, pad_begin, max(1, before, after))
+    return AxisPlan(in_chunks, out_chunks, before=before, after=after)
 
 
 def conv_transpose2d_axis(chunks, size: int, out: int, k: int, s: int, d: int, pad_begin: int) -> AxisPlan:
@@ -172,7 +199,7 @@ class PreparedLayers:
 
 
 LAYERS = PreparedLayers()
-_OPS = {"conv2d": Conv2d, "conv_transpose2d": ConvTranspose2d}
+_OPS = {"conv2d": Conv2d, "conv_transpose2d": ConvTranspose2d, "deform_conv2d": DeformConv2d}
 
 
 def cache_info() -> dict:
@@ -186,6 +213,12 @@ def clear_cache() -> None:
     LAYERS.clear()
 
 
+def _layer(op: str, options: tuple, weights: str, backend: str, device, w, b):
+    """(this worker's prepared layer, the guard its calls take)."""
+    return LAYERS.get((op, options, backend, device, weights),
+                      lambda: _OPS[op](w, b, **dict(options), backend=backend, device=device))
+
+
 def _run_block(block, w, b, *, op: str, options: tuple, weights: str, backend: str, device, rows: AxisPlan,
                cols: AxisPlan, block_info=None):
     """One output block: the input block with its halo, zero-padded at the array's edges, through the
@@ -194,14 +227,51 @@ def _run_block(block, w, b, *, op: str, options: tuple, weights: str, backend: s
     pads = (rows.pads(location[0], blocks[0]), cols.pads(location[1], blocks[1]))
     if any(pads[0] + pads[1]):
         block = np.pad(block, ((0, 0), (0, 0), *pads))
-    layer, guard = LAYERS.get((op, options, backend, device, weights),
-                              lambda: _OPS[op](w, b, **dict(options), backend=backend, device=device))
+    layer, guard = _layer(op, options, weights, backend, device, w, b)
     with guard:
         y = layer(block)
     (top, bottom), (left, right) = rows.trims(location[0], blocks[0]), cols.trims(location[1], blocks[1])
     if top or bottom or left or right:
         y = y[:, :, top:y.shape[2] - bottom, left:y.shape[3] - right]
     return y
+
+
+def _output_rows(plan: AxisPlan, block: int) -> tuple[int, int]:
+    start = sum(plan.out_chunks[:block])
+    return start, start + plan.out_chunks[block]
+
+
+def _run_deform_block(block, w, b, offset, mask=None, *, op: str, options: tuple, weights: str, backend: str, device,
+                      rows: AxisPlan, cols: AxisPlan, max_offset: float, block_info=None):
+    """One output block of deform_conv2d: its offsets checked against max_offset, the input block with its halo
+    through the worker's prepared layer (the whole array's padding), its offsets and mask placed at the block's
+    own outputs among the ones the layer computes (the others: zero offsets, outputs dropped)."""
+    location = block_info[0]["chunk-location"][2:]
+    own = _output_rows(rows, location[0]), _output_rows(cols, location[1])
+    with np.errstate(invalid="ignore"):  # a NaN offset reads NaN, as in the whole array: not beyond the bound
+        beyond = np.abs(offset) > max_offset
+    if beyond.any():
+        worst = float(np.abs(offset)[beyond].max())
+        raise ValueError(f"offset reaches {worst:g} in the output block rows {own[0][0]}..{own[0][1] - 1}, columns "
+                         f"{own[1][0]}..{own[1][1] - 1}, beyond max_offset={max_offset:g}: the halo holds only the "
+                         f"pixels max_offset reaches; pass a larger max_offset")
+    layer, guard = _layer(op, options, weights, backend, device, w, b)
+    g = layer.spec.conv.geometry(block.shape)
+    leads = [0 if location[i] == 0 else (plan.before + pad) // stride
+             for i, (plan, pad, stride) in enumerate(((rows, g.pt, g.sh), (cols, g.pl, g.sw)))]
+    window = (slice(None), slice(None), slice(leads[0], leads[0] + offset.shape[2]),
+              slice(leads[1], leads[1] + offset.shape[3]))
+
+    def placed(a):
+        if a is None or a.shape[2:] == (g.oh, g.ow):
+            return a
+        full = np.zeros((*a.shape[:2], g.oh, g.ow), np.float32)
+        full[window] = a
+        return full
+
+    with guard:
+        y = layer(block, placed(offset), placed(mask))
+    return y[window]
 
 
 # --- the graph --------------------------------------------------------------------------------------
@@ -215,8 +285,10 @@ def _check_input(x) -> None:
         raise ValueError(f"x has unknown chunk sizes (shape {x.shape}): call x.compute_chunk_sizes() first")
 
 
-def _graph(x, w, b, op: str, options: dict, rows: AxisPlan, cols: AxisPlan, out_channels: int, backend, device):
-    """The lazy output: x rechunked to the plan (C whole), its halos exchanged, one task per output block."""
+def _graph(x, w, b, op: str, options: dict, rows: AxisPlan, cols: AxisPlan, out_channels: int, backend, device,
+           run=_run_block, per_output=(), **run_options):
+    """The lazy output: x rechunked to the plan (C whole), its halos exchanged, one task per output block, each
+    `run` on its input block and the blocks of the `per_output` arrays (N, *, Ho, Wo) chunked as the output."""
     planned = (x.chunks[0], (x.shape[1],), rows.chunks, cols.chunks)
     if x.chunks != planned:
         x = x.rechunk(planned)
@@ -226,11 +298,13 @@ def _graph(x, w, b, op: str, options: dict, rows: AxisPlan, cols: AxisPlan, out_
         x = da.overlap.overlap(x, depth=depth, boundary="none", allow_rechunk=False)
     token = tokenize(w, b)  # the weights' content, hashed once here; the workers' layers are found by it
     options = tuple(sorted(options.items()))
+    per_output = [a.rechunk((x.chunks[0], (a.shape[1],), rows.out_chunks, cols.out_chunks)) for a in per_output]
     return da.map_blocks(
-        _run_block, x, dask.delayed(w, pure=True), None if b is None else dask.delayed(b, pure=True), op=op,
-        options=options, weights=token, backend=backend, device=device, rows=rows, cols=cols,
+        run, x, dask.delayed(w, pure=True), None if b is None else dask.delayed(b, pure=True), *per_output, op=op,
+        options=options, weights=token, backend=backend, device=device, rows=rows, cols=cols, **run_options,
         chunks=(x.chunks[0], (out_channels,), rows.out_chunks, cols.out_chunks), dtype=np.float32, meta=x._meta,
-        name=f"convbackends-{op}-{tokenize(x.name, token, options, backend, device, rows, cols)}")
+        name=f"convbackends-{op}-"
+        f"{tokenize(x.name, token, options, backend, device, rows, cols, [a.name for a in per_output], run_options)}")
 
 
 def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, activation=None, backend="auto",
@@ -268,3 +342,40 @@ def conv_transpose2d(x, w, b=None, *, stride=1, padding=0, output_padding=0, dil
     options = {"stride": spec.stride, "dilation": spec.dilation, "groups": spec.groups,
                "activation": spec.activation, "padding": (pt, pl, pb, pr), "output_padding": (oph, opw)}
     return _graph(x, w, b, "conv_transpose2d", options, rows, cols, g.o, check_name(backend), device)
+
+
+def _per_output_input(name: str, a):
+    """offset or mask as a dask array (one given in memory becomes one)."""
+    if not isinstance(a, da.Array):
+        a = da.from_array(host_array(name, a), chunks=-1)
+    check_float32(name, a)
+    if any(np.isnan(size) for size in a.shape):
+        raise ValueError(f"{name} has unknown chunk sizes (shape {a.shape}): call {name}.compute_chunk_sizes() first")
+    return a
+
+
+def deform_conv2d(x, offset, w, b=None, *, mask=None, max_offset: float, stride=1, padding=0, dilation=1, groups=1,
+                  activation=None, backend="auto", device=None):
+    """deform_conv2d over a dask array x (N, C, H, W): a lazy dask array equal to
+    `convbackends.deform_conv2d(x, offset, w, b, mask=mask, ...)` on the whole array, with the same keywords.
+    offset and mask (dask arrays, or arrays in memory) are rechunked as the output. Every offset must lie
+    within +-max_offset pixels: it sets the halo (ceil(max_offset) rows and columns more on each side, see the
+    module docstring), and each task checks its block's offsets against it (a ValueError naming the block)."""
+    _check_input(x)
+    if isinstance(max_offset, bool) or not isinstance(max_offset, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(max_offset) or max_offset < 0:
+        raise ValueError(f"max_offset must be a finite number >= 0 (the largest |offset| in pixels), got {max_offset!r}")
+    offset = _per_output_input("offset", offset)
+    mask = None if mask is None else _per_output_input("mask", mask)
+    w, b = host_array("w", w), None if b is None else host_array("b", b)
+    spec = DeformConv2dSpec.create(w, b, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                                   activation=activation)
+    g = spec.geometry(x.shape, offset.shape, None if mask is None else mask.shape)
+    reach = math.ceil(max_offset)
+    rows = deform_conv2d_axis(x.chunks[2], g.h, g.oh, g.kh, g.sh, g.dh, g.pt, reach)
+    cols = deform_conv2d_axis(x.chunks[3], g.w, g.ow, g.kw, g.sw, g.dw, g.pl, reach)
+    options = {"stride": spec.stride, "dilation": spec.dilation, "groups": spec.groups,
+               "activation": spec.activation, "padding": (g.pt, g.pl, g.pb, g.pr)}
+    return _graph(x, w, b, "deform_conv2d", options, rows, cols, g.o, check_name(backend), device,
+                  run=_run_deform_block, per_output=(offset,) if mask is None else (offset, mask),
+                  max_offset=float(max_offset))

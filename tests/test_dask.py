@@ -19,7 +19,7 @@ import convbackends.dask as cbd  # noqa: E402
 from convbackends import fleet  # noqa: E402
 from convbackends.__main__ import main  # noqa: E402
 from convbackends.parity import tolerance  # noqa: E402
-from convbackends.reference import conv2d_float64, conv_transpose2d_float64  # noqa: E402
+from convbackends.reference import conv2d_float64, conv_transpose2d_float64, deform_conv2d_float64  # noqa: E402
 
 # (id, x shape, x chunks, w shape, keywords). Chunks are uneven along N, H and W; some cut C, some are
 # smaller than the halo or off the stride grid.
@@ -129,6 +129,124 @@ def test_conv_transpose2d_equals_the_whole_array(threads_client, case_id, backen
     out = y.compute()
     assert np.abs(out - ref).max() <= tolerance(ref)
     assert np.abs(out - convbackends.conv_transpose2d(x, w, b, backend=backend, **kwargs)).max() <= tolerance(ref)
+
+
+# (id, x shape, x chunks, w shape, offset groups, max_offset, with a mask, keywords); the offsets are drawn
+# U(-max_offset, max_offset) and come chunked otherwise than the output.
+DEFORM_CASES = [
+    ("k3p1", (2, 4, 37, 29), ((1, 1), 4, (10, 1, 14, 12), (7, 13, 9)), (6, 4, 3, 3), 1, 2.5, False, {"padding": 1}),
+    ("k3s2-same-mask-og2", (1, 4, 37, 29), (1, 4, (10, 1, 14, 12), (7, 13, 9)), (6, 4, 3, 3), 2, 1.0, True,
+     {"stride": 2, "padding": "same"}),
+    ("k3s3d2-asym-g2-mask", (1, 4, 37, 29), (1, (1, 3), (10, 1, 14, 12), (7, 13, 9)), (6, 2, 3, 3), 2, 3.0, True,
+     {"stride": 3, "dilation": 2, "padding": (0, 2, 1, 3), "groups": 2}),
+    ("k1-zero-offsets", (1, 4, 37, 29), (1, 4, (10, 1, 14, 12), (7, 13, 9)), (6, 4, 1, 1), 1, 0.0, False, {}),
+    ("k7s2p3-mask-relu", (1, 3, 37, 29), (1, 3, (10, 1, 14, 12), (7, 13, 9)), (6, 3, 7, 7), 1, 4.7, True,
+     {"stride": 2, "padding": 3, "activation": "relu"}),
+    ("k5-valid-rect", (1, 4, 37, 29), (1, 4, (3, 2, 2, 30), (2, 2, 25)), (6, 4, 5, 3), 4, 1.5, False,
+     {"padding": "valid"}),
+]
+
+
+def _deform_tensors(x_shape, w_shape, offset_groups, max_offset, with_mask, kwargs, seed=2):
+    """x, offset, mask (or None), w, b for the case, offsets within +-max_offset."""
+    rng, x, w = _tensors(x_shape, w_shape, seed)
+    g = convbackends.DeformConv2dSpec.create(w, **kwargs).conv.geometry(x_shape)
+    taps = g.kh * g.kw
+    offset = rng.uniform(-max_offset, max_offset, (g.n, 2 * offset_groups * taps, g.oh, g.ow)).astype(np.float32)
+    mask = rng.uniform(0, 1, (g.n, offset_groups * taps, g.oh, g.ow)).astype(np.float32) if with_mask else None
+    return x, offset, mask, w, rng.uniform(-1, 1, w_shape[0]).astype(np.float32)
+
+
+@pytest.mark.parametrize("case_id,backend", [(c[0], "numpy") for c in DEFORM_CASES]
+                         + [("k3s2-same-mask-og2", "opencl"), ("k7s2p3-mask-relu", "opencl")])
+def test_deform_conv2d_equals_the_whole_array(threads_client, case_id, backend):
+    if backend == "opencl":
+        _require_opencl()
+    _, x_shape, chunks, w_shape, offset_groups, max_offset, with_mask, kwargs = \
+        next(c for c in DEFORM_CASES if c[0] == case_id)
+    x, offset, mask, w, b = _deform_tensors(x_shape, w_shape, offset_groups, max_offset, with_mask, kwargs)
+    offset_d = da.from_array(offset, chunks=(1, offset.shape[1] // 2, 9, 8))  # chunked otherwise than y
+    y = cbd.deform_conv2d(da.from_array(x, chunks=chunks), offset_d, w, b, mask=mask, max_offset=max_offset,
+                          backend=backend, **kwargs)
+    ref = deform_conv2d_float64(x, offset, w, b, mask=mask, **kwargs)
+    assert y.shape == ref.shape
+    out = y.compute()
+    assert out.dtype == np.float32 and np.abs(out - ref).max() <= tolerance(ref)
+    whole = convbackends.deform_conv2d(x, offset, w, b, mask=mask, backend=backend, **kwargs)
+    assert np.abs(out - whole).max() <= tolerance(ref)
+
+
+def _edge_sample_offsets():
+    """A 1x1 layer, padding 1, on x (1, 2, 12, 10) whose only samples off a pixel centre land exactly on x's
+    edges (y = -1, y = H, x = W), next to non-finite pixels: those read 0 on the whole array (an edge made of
+    zero pixels instead would read the inf or NaN beside them with weight 0, giving NaN)."""
+    rng, x, w = _tensors((1, 2, 12, 10), (3, 2, 1, 1), seed=4)
+    x[0, 1, 0, 5], x[0, 0, 11, 2], x[0, 1, 4, 9] = np.inf, np.nan, -np.inf
+    offset = np.zeros((1, 2, 14, 12), np.float32)
+    offset[0, 0, 1, 6], offset[0, 0, 12, 3], offset[0, 1, 5, 10] = -1, 1, 1
+    return x, (1, 2, (5, 7), (4, 6)), w, offset
+
+
+def _nonfinite_cases():
+    """(x, its chunks, w, offset, keywords): non-finite pixels at x's edges and at chunk edges, integer
+    offsets (samples exactly on pixels and on the edges), a NaN offset; then the edge samples above."""
+    rng, x, w = _tensors((1, 4, 37, 29), (6, 4, 3, 3), seed=3)
+    x[0, 1, 0, 5], x[0, 2, 36, 28], x[0, 0, 20, 0], x[0, 3, 11, 9] = np.inf, np.nan, -np.inf, np.inf
+    for offset in (np.zeros((1, 18, 37, 29), np.float32),
+                   np.round(rng.uniform(-2, 2, (1, 18, 37, 29))).astype(np.float32)):
+        offset[0, 3, 30, 3] = np.nan
+        yield x, (1, 4, (10, 1, 14, 12), (7, 13, 9)), w, offset, {"padding": 1, "max_offset": 2}
+    x, chunks, w, offset = _edge_sample_offsets()
+    yield x, chunks, w, offset, {"padding": 1, "max_offset": 1}
+
+
+# inf * 0 gives NaN, as it should; numpy says so from the worker threads too, where errstate does not reach.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["numpy", "opencl"])
+def test_deform_conv2d_nan_and_inf_land_as_in_the_whole_array(threads_client, backend):
+    if backend == "opencl":
+        _require_opencl()
+    for x, chunks, w, offset, kwargs in _nonfinite_cases():
+        out = cbd.deform_conv2d(da.from_array(x, chunks=chunks), offset, w, backend=backend, **kwargs).compute()
+        layer_kwargs = {k: v for k, v in kwargs.items() if k != "max_offset"}
+        whole = convbackends.deform_conv2d(x, offset, w, backend=backend, **layer_kwargs)
+        ref = deform_conv2d_float64(x, offset, w, **layer_kwargs)
+        finite = np.isfinite(whole) & np.isfinite(ref)
+        assert (~finite).any() and finite.any()
+        assert np.array_equal(np.isnan(out), np.isnan(whole)) and np.array_equal(np.isinf(out), np.isinf(whole))
+        assert np.array_equal(out[np.isinf(out)], whole[np.isinf(whole)])
+        assert np.abs(out[finite] - ref[finite]).max() <= tolerance(ref[finite])
+
+
+def test_deform_conv2d_refuses_offsets_beyond_max_offset(threads_client):
+    _, x, w = _tensors((1, 4, 20, 20), (4, 4, 3, 3))
+    offset = np.zeros((1, 18, 20, 20), np.float32)
+    offset[0, 5, 13, 4] = -2.25  # in the output block rows 11..19, columns 0..10 (chunk edges 10, 20 are output 11)
+    y = cbd.deform_conv2d(da.from_array(x, chunks=(1, 4, 10, 10)), offset, w, padding=1, max_offset=2,
+                          backend="numpy")
+    with pytest.raises(ValueError, match=r"offset reaches 2.25 in the output block rows 11..19, columns 0..10, "
+                                         r"beyond max_offset=2"):
+        y.compute()
+    assert np.abs(cbd.deform_conv2d(da.from_array(x, chunks=(1, 4, 10, 10)), offset, w, padding=1, max_offset=2.25,
+                                    backend="numpy").compute()
+                  - deform_conv2d_float64(x, offset, w, padding=1)).max() <= 1e-4 * 12
+    xd = da.from_array(x, chunks=10)
+    for bad in (-1, float("inf"), float("nan"), "2", None):
+        with pytest.raises(ValueError, match="max_offset must be a finite number >= 0"):
+            cbd.deform_conv2d(xd, offset, w, padding=1, max_offset=bad)
+    with pytest.raises(ValueError, match="offset must be"):
+        cbd.deform_conv2d(xd, offset[:, :, :19], w, padding=1, max_offset=2)
+    with pytest.raises(TypeError, match="offset must be float32"):
+        cbd.deform_conv2d(xd, offset.astype(np.float64), w, padding=1, max_offset=2)
+
+
+def test_deform_halo_starts_a_whole_number_of_strides_ahead():
+    """Each block after the first starts (before + pad) / stride outputs ahead of its own, on the stride grid."""
+    plan = cbd.deform_conv2d_axis((10, 1, 14, 12), 37, 19, 3, 2, 1, 1, 3)
+    assert (plan.before + 1) % 2 == 0 and plan.before >= 3 and plan.after == 3 + 1 + 1
+    edges = np.cumsum(plan.chunks)[:-1]
+    assert all((e + 1) % 2 == 0 for e in edges) and min(plan.chunks) >= max(plan.before, plan.after)
+    assert sum(plan.chunks) == 37 and sum(plan.out_chunks) == 19
 
 
 def test_strided_chunks_move_onto_the_stride_grid():
