@@ -19,47 +19,22 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..runtime import get_backend
-from ..spec import Activation, Conv2dSpec, _is_int, _padding, _pair, check_float32
+from ..spec import Activation, Conv2dGeometry, Conv2dSpec, _is_int, _padding, _pair, check_float32
 from .base import ONE_SHOT, Layer, host_array
 
 
 @dataclass(frozen=True)
-class ConvTranspose2dGeometry:
-    """One resolved transposed convolution: the input, the output and every size of the layer, explicit."""
+class ConvTranspose2dGeometry(Conv2dGeometry):
+    """One resolved transposed convolution: the input, the output and every size of the layer, explicit
+    (conv2d's fields, the pads cropping the output, plus the output padding)."""
 
-    n: int
-    c: int
-    h: int
-    w: int
-    o: int
-    oh: int
-    ow: int
-    kh: int
-    kw: int
-    sh: int
-    sw: int
-    dh: int
-    dw: int
-    pt: int
-    pl: int
-    pb: int
-    pr: int
     oph: int
     opw: int
-    groups: int
-
-    @property
-    def input_shape(self) -> tuple[int, int, int, int]:
-        return (self.n, self.c, self.h, self.w)
-
-    @property
-    def output_shape(self) -> tuple[int, int, int, int]:
-        return (self.n, self.o, self.oh, self.ow)
 
     @property
     def flops(self) -> int:
         """Useful multiply-adds (each input pixel meets every tap once) counted as two flops."""
-        return 2 * self.n * self.c * self.h * self.w * (self.o // self.groups) * self.kh * self.kw
+        return 2 * self.n * self.c * self.h * self.w * self.og * self.kh * self.kw
 
 
 @dataclass(frozen=True)

@@ -34,39 +34,12 @@ from .base import ONE_SHOT, Layer, host_array
 
 
 @dataclass(frozen=True)
-class DeformConv2dGeometry:
-    """One resolved deformable convolution: conv2d's sizes plus the offset groups and whether a mask comes."""
+class DeformConv2dGeometry(Conv2dGeometry):
+    """One resolved deformable convolution: conv2d's sizes plus the offset groups and whether a mask comes (its flops
+    are conv2d's: the bilinear sampling is not counted)."""
 
-    n: int
-    c: int
-    h: int
-    w: int
-    o: int
-    oh: int
-    ow: int
-    kh: int
-    kw: int
-    sh: int
-    sw: int
-    dh: int
-    dw: int
-    pt: int
-    pl: int
-    pb: int
-    pr: int
-    groups: int
     offset_groups: int
     has_mask: bool
-
-    @property
-    def cg(self) -> int:
-        """Input channels per weight group."""
-        return self.c // self.groups
-
-    @property
-    def og(self) -> int:
-        """Output channels per weight group."""
-        return self.o // self.groups
 
     @property
     def c_per_offset_group(self) -> int:
@@ -77,20 +50,12 @@ class DeformConv2dGeometry:
         return self.kh * self.kw
 
     @property
-    def input_shape(self) -> tuple[int, int, int, int]:
-        return (self.n, self.c, self.h, self.w)
-
-    @property
     def offset_shape(self) -> tuple[int, int, int, int]:
         return (self.n, 2 * self.offset_groups * self.taps, self.oh, self.ow)
 
     @property
     def mask_shape(self) -> tuple[int, int, int, int]:
         return (self.n, self.offset_groups * self.taps, self.oh, self.ow)
-
-    @property
-    def output_shape(self) -> tuple[int, int, int, int]:
-        return (self.n, self.o, self.oh, self.ow)
 
     @property
     def weight_shape(self) -> tuple[int, int, int, int]:
@@ -101,13 +66,9 @@ class DeformConv2dGeometry:
         """The plain convolution of the same sizes (what zero offsets and a mask of ones compute)."""
         return Conv2dGeometry(**{f.name: getattr(self, f.name) for f in fields(Conv2dGeometry)})
 
-    @property
-    def flops(self) -> int:
-        """The GEMM's multiply-adds counted as two flops (the bilinear sampling not counted)."""
-        return self.conv.flops
-
     def as_ints(self) -> tuple[int, ...]:
-        """Every field in declaration order, has_mask as 0/1: the order kernels take them."""
+        """Every field in declaration order (conv2d's, then offset_groups), has_mask as 0/1: the order kernels
+        take them."""
         return tuple(int(getattr(self, f.name)) for f in fields(self))
 
 
