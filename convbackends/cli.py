@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", type=_output_file, metavar="FILE", help="write every record as JSON")
     run.add_argument("--csv", type=_output_file, metavar="FILE", help="write every record as CSV")
     run.add_argument("--plot", type=_output_file, metavar="FILE.png", help="bar chart of GFLOP/s (matplotlib)")
+    fleet = run.add_mutually_exclusive_group()
+    fleet.add_argument("--scheduler", metavar="ADDRESS",
+                       help="run on every worker of the Dask cluster at ADDRESS (e.g. tcp://head:8786), each on every "
+                            "device it has: one table keyed by host and device (pip install 'convbackends[dask]')")
+    fleet.add_argument("--local-cluster", type=_positive, metavar="N",
+                       help="the same over an embedded Dask cluster of N worker processes on 127.0.0.1")
 
     check = commands.add_parser("parity", help="check every backend and device against cv2.dnn",
                                 description="Run a parity suite on every available backend and device and compare "
@@ -287,8 +293,16 @@ def cmd_bench(args) -> int:
     names = [c.name for c in cases]
     if len(set(names)) != len(names):
         raise ValueError(f"two layers are named {next(n for n in names if names.count(n) > 1)!r}: give --layer a name=")
-    report = run_bench(cases, bench.targets(args.backends, args.devices, args.peers), "+".join(parts), args, model)
+    on_cluster = args.scheduler or args.local_cluster
+    if on_cluster:
+        from . import fleet
+
+        report = fleet.run_cli(cases, "+".join(parts), args, model)
+    else:
+        report = run_bench(cases, bench.targets(args.backends, args.devices, args.peers), "+".join(parts), args, model)
     _print_report(report)
+    if on_cluster:
+        print_table("per worker: machine facts", fleet.HOST_COLUMNS, fleet.host_rows(report), right=(3, 4))
     for path, write in ((args.json, bench.write_json), (args.csv, bench.write_csv), (args.plot, bench.plot)):
         if path:
             write(report, path)

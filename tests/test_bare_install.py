@@ -130,3 +130,12 @@ def test_parity_and_onnx_without_the_reference_say_what_to_install(bare):
 
 def test_bad_input_is_one_line_there_too(bare):
     _one_line(_convbackends(bare, "bench", "--repeats", "0"), "argument --repeats: must be an integer >= 1")
+
+
+def test_dask_without_dask_says_what_to_install(bare):
+    _one_line(_convbackends(bare, "bench", "--suite", "smoke", "--local-cluster", "2", rich=True),
+              "--scheduler and --local-cluster need dask.distributed: pip install 'convbackends[dask]'")
+    python, _, cwd = bare
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    result = _run([str(python), "-c", "import convbackends.dask"], env={**env, "PYTHONNOUSERSITE": "1"}, cwd=cwd)
+    assert result.returncode == 1 and "pip install 'convbackends[dask]'" in result.stderr, result.stderr

@@ -317,3 +317,15 @@ def test_phase_sets_kept_per_layer_are_bounded(monkeypatch):
             ref = conv_transpose2d_float64(x, w, b, output_padding=extra, **case.kwargs)
             assert compare(y, ref)[3]
             assert len(layer._prepared._sets) <= 2
+
+
+def test_one_layer_takes_inputs_of_every_size(target):
+    """A phase set prepared for one input size serves the next size of the same key with that size's outputs."""
+    backend, device = target
+    case = Case("T", (1, 4, 4, 3), (4, 6, 4, 4), True, dict(stride=2, padding=2), 5, "conv_transpose2d")
+    _, w, b = case.tensors()
+    rng = np.random.default_rng(5)
+    with ConvTranspose2d(w, b, backend=backend, device=device, **case.kwargs) as layer:
+        for h, w_ in ((4, 3), (4, 6), (7, 6), (6, 3), (5, 5), (4, 3)):
+            x = rng.uniform(-1, 1, (1, 4, h, w_)).astype(np.float32)
+            assert compare(layer(x), conv_transpose2d_float64(x, w, b, **case.kwargs))[3], (h, w_)

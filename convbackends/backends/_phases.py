@@ -148,7 +148,8 @@ class PhasesPrepared(Prepared):
         return found
 
     def _stack_layers(self, geom) -> list[tuple[Stack, object]]:
-        """[(stack, its prepared conv2d)] for this geometry."""
+        """[(stack, its prepared conv2d)] for this geometry. A phase set serves every geometry of its key, but
+        its stacks' output counts are this geometry's own."""
         key, found_stacks = self.plan(geom)
         with self._lock:
             if self._closed:
@@ -156,13 +157,13 @@ class PhasesPrepared(Prepared):
             found = self._sets.pop(key, None)
             if found is None:
                 groups = self.spec.groups
-                found = [(s, self._conv2d.prepare(self._backend, s.spec, s.weights(self._w, groups),
-                                                  s.bias(self._b, groups), self.device)) for s in found_stacks]
+                found = [self._conv2d.prepare(self._backend, s.spec, s.weights(self._w, groups),
+                                              s.bias(self._b, groups), self.device) for s in found_stacks]
             self._sets[key] = found
             while len(self._sets) > PHASE_SETS_KEPT:
-                for _, prepared in self._sets.popitem(last=False)[1]:
+                for prepared in self._sets.popitem(last=False)[1]:
                     prepared.close()
-            return found
+            return list(zip(found_stacks, found))
 
     def run(self, x, geom):
         return self._run(x, geom, timed=False)[0]
@@ -222,7 +223,7 @@ class PhasesPrepared(Prepared):
         with self._lock:
             self._closed = True
             for layers in self._sets.values():
-                for _, prepared in layers:
+                for prepared in layers:
                     prepared.close()
             self._sets.clear()
 
