@@ -2,7 +2,7 @@
 
     python benchmarks/bench_one_shot.py --backends numpy,opencl,vulkan --md docs/benchmarks-one-shot-cpu.md
 
-For every layer of the suites (`standard` and `conv_transpose2d` by default) and every backend: the op
+For every layer of the suites (`standard`, `conv_transpose2d`, `deform` (forwards) and `sparse` by default) and every backend: the op
 object and the functional call of the layer's op with the same w and b, timed alternately (prepared, one-shot, prepared, ...) after warm-up, medians. The first
 one-shot call prepares (it is reported as "first call"); later ones find the layer in the one-shot cache
 after comparing w and b with the copies they were prepared from.
@@ -28,19 +28,21 @@ def _timed(fn) -> float:
 def measure(case, backend: str, repeats: int, warmup: int) -> dict:
     x, w, b = case.tensors()
     functional = getattr(cb, case.op)  # every op's functional form bears the op's name
+    inputs = case.inputs()  # deform_conv2d's (offset, mask); () for the others
+    keywords = dict(case.kwargs, **({"mask": inputs[1]} if inputs else {}))
 
     def call():
-        return functional(x, w, b, backend=backend, **case.kwargs)
+        return functional(x, *inputs[:1], w, b, backend=backend, **keywords)
 
     cb.clear_one_shot_cache()
     first = _timed(call)
     with case.layer(w, b, backend=backend) as layer:
         for _ in range(warmup):
-            layer(x)
+            layer(x, *inputs)
             call()
         prepared, one_shot = [], []
         for _ in range(repeats):
-            prepared.append(_timed(lambda: layer(x)))
+            prepared.append(_timed(lambda: layer(x, *inputs)))
             one_shot.append(_timed(call))
     p, o = statistics.median(prepared), statistics.median(one_shot)
     return dict(layer=case.name, op=case.op, backend=backend, first_ms=first * 1e3, prepared_ms=p * 1e3, one_shot_ms=o * 1e3,
@@ -50,7 +52,8 @@ def measure(case, backend: str, repeats: int, warmup: int) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default="numpy,opencl,vulkan")
-    parser.add_argument("--suites", default="standard,conv_transpose2d", help="comma-separated bench suites")
+    parser.add_argument("--suites", default="standard,conv_transpose2d,deform,sparse",
+                        help="comma-separated bench suites")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--md", help="write the table as markdown here")
@@ -60,7 +63,8 @@ def main(argv=None) -> int:
         if not cb.available_backends()[backend].available:
             print(f"{backend}: unavailable, skipped")
             continue
-        for case in (c for name in args.suites.split(",") for c in bench.suite(name)):
+        # Forwards only: the deform suite's backward cases time the gradients, which have no one-shot twin here.
+        for case in (c for name in args.suites.split(",") for c in bench.suite(name) if not c.backward):
             row = measure(case, backend, args.repeats, args.warmup)
             rows.append(row)
             print(f"{row['layer']:>28} {backend:>7}  first {row['first_ms']:9.2f} ms  prepared {row['prepared_ms']:8.2f} ms"

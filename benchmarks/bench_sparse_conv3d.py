@@ -1,7 +1,7 @@
 """Benchmark sparse_conv3d on the sparse suite's LiDAR layers (convbackends/bench_sparse.py, the layers and timing
 of `convbackends bench --suite sparse`), with what that table lacks: every backend and spconv's CPU build taking
-turns in one process, the numpy compute's GEMMs against this machine's sgemm rate, cv2.dnn's dense conv3d where
-the grid fits, and a scaling curve; writes markdown and a plot.
+turns in one process, the numpy compute's GEMMs against this machine's sgemm rate, cv2.dnn's and torch's dense
+conv3d where the grid fits, and a scaling curve; writes markdown and a plot.
 
     python benchmarks/bench_sparse_conv3d.py --md docs/benchmarks-sparse.md --plot docs/sparse-scaling.png
     python benchmarks/bench_sparse_conv3d.py --backends numpy,opencl,vulkan --repeats 3 --no-curve
@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from convbackends import bench_sparse
-from convbackends.backends.numpy.conv2d import _in_parts
+from convbackends.runtime.numpy import in_parts
 from convbackends.bench import machine_info
 from convbackends.parity import Case, compare_sparse, tolerance
 from convbackends.peers import Spconv
@@ -62,13 +62,14 @@ def gemm_only_call(calls: bench_sparse.BackendCalls):
         for gathered, w in blocks[r0]:
             np.matmul(gathered, w, out=buffer[:len(gathered)])
 
-    work = int(offsets[-1]) * (features.shape[1] + taps.shape[2])  # what run() gives _in_parts
-    _in_parts(rulebook.n_out, work, collect)
-    return lambda: _in_parts(rulebook.n_out, work, replay)
+    work = int(offsets[-1]) * (features.shape[1] + taps.shape[2])  # what run() gives in_parts
+    in_parts(rulebook.n_out, work, collect)
+    return lambda: in_parts(rulebook.n_out, work, replay)
 
 
-def measure_dense_cv2(case: Case, limit_gib: float, repeats: int) -> float | None:
-    """cv2.dnn's dense conv3d over the whole grid, when input and output fit in `limit_gib`."""
+def measure_dense(case: Case, limit_gib: float, repeats: int) -> dict[str, float]:
+    """Dense conv3d over the whole grid, cv2.dnn's and torch's (when installed), side by side, when input and
+    output fit in `limit_gib`: {"cv2.dnn": median s, "torch": median s}, empty when they do not fit."""
     from convbackends.reference import cv2_conv3d
 
     grid, (o, c) = case.x_shape[2:], case.w_shape[:2]
@@ -76,12 +77,25 @@ def measure_dense_cv2(case: Case, limit_gib: float, repeats: int) -> float | Non
     volume = int(np.prod(grid))
     out_volume = int(np.prod([(n - 1) // stride + 1 for n in grid]))
     if 4 * (volume * c + out_volume * o) * 2 > limit_gib * 2**30:
-        return None
+        return {}
     t, w, b = bench_sparse.tensors(case)
     dense = t.dense()
-    times = bench_sparse.side_by_side({"dense": lambda: cv2_conv3d(dense, w, b, stride=stride, padding=1)},
-                                      max(1, repeats // 3))
-    return bench_sparse.medians(times)["dense"][0]
+    calls = {"cv2.dnn": lambda: cv2_conv3d(dense, w, b, stride=stride, padding=1)}
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        pass
+    else:
+        xt, wt, bt = (None if a is None else torch.from_numpy(a) for a in (dense, w, b))
+
+        def dense_torch():
+            with torch.inference_mode():
+                return F.conv3d(xt, wt, bt, stride=stride, padding=1)
+
+        calls["torch"] = dense_torch
+    times = bench_sparse.side_by_side(calls, max(1, repeats // 3))
+    return {name: found[0] for name, found in bench_sparse.medians(times).items()}
 
 
 def spconv_check(y, ref) -> str:
@@ -164,7 +178,7 @@ def main(argv=None) -> int:
     for case in bench_sparse.suite():
         info = bench_sparse.layer_info(case)
         times, checks = measure(case, backends, with_gemm=True)
-        dense = measure_dense_cv2(case, args.dense_limit_gib, args.repeats)
+        dense = measure_dense(case, args.dense_limit_gib, args.repeats)
         rate = SGEMM_FLOPS / times["sgemm"][0] / 1e9
         sgemm_rates.append(rate)
         theirs = times.get("spconv layer")
@@ -178,7 +192,8 @@ def main(argv=None) -> int:
                 f"{ms(ours[0])} ({ms(ours[1])})",
                 "-" if gemm is None else f"{info['flops'] / gemm / 1e9:.0f} ({info['flops'] / gemm / 1e9 / rate:.0%})",
                 f"{ms(theirs[0])} ({ms(theirs[1])})" if theirs else "-",
-                f"{speedup[0]:.1f}x ({speedup[1]:.1f}x)" if theirs else "-", ms(dense),
+                f"{speedup[0]:.1f}x ({speedup[1]:.1f}x)" if theirs else "-", ms(dense.get("cv2.dnn")),
+                ms(dense.get("torch")),
                 "pass" if checks[backend][3] else f"FAIL: {checks[backend][4]}",
             ])
             if backend == "numpy" and theirs:
@@ -215,7 +230,7 @@ def main(argv=None) -> int:
         "",
         markdown_table(["layer", "backend", "pairs/site", "out sites", "rulebook ms", "compute ms", "layer ms (CPU)",
                         "GEMM GFLOP/s (of sgemm)", "spconv layer ms (CPU)", "spconv / ours", "cv2.dnn dense ms",
-                        "check"], rows),
+                        "torch dense ms", "check"], rows),
         "",
     ]
     if missing_spconv:

@@ -148,6 +148,30 @@ def test_nan_offset_and_nan_pixel_reach_exactly_their_outputs(target):
         assert compare(layer(x, offset, mask), ref)[3]
 
 
+def test_a_point_at_minus_one_reads_zero_beside_an_infinite_pixel(target):
+    """y = -1 (or x = -1) exactly reads 0: the cell it keeps for the right derivative holds an inf pixel with
+    weight 0, which must not make 0 * inf = NaN, in the forward or in grad_w."""
+    backend, device = target
+    rng = np.random.default_rng(5)
+    x = rng.uniform(-1, 1, (2, 3, 4, 5)).astype(np.float32)
+    w = rng.uniform(-1, 1, (2, 3, 1, 1)).astype(np.float32)
+    b = rng.uniform(-1, 1, 2).astype(np.float32)
+    mask = rng.uniform(0, 1, (2, 1, 4, 5)).astype(np.float32)
+    # With zero offsets only output (0, 0) would read pixel (0, 0) (every point sits on its cell's top-left
+    # corner); it samples y = -1 above it in image 0 and x = -1 left of it in image 1 instead.
+    offset = np.zeros((2, 2, 4, 5), np.float32)
+    x[0, :, 0, 0], offset[0, 0, 0, 0] = np.inf, -1
+    x[1, :, 0, 0], offset[1, 1, 0, 0] = -np.inf, -1
+    ref = deform_conv2d_float64(x, offset, w, b, mask)
+    assert np.isfinite(ref).all()
+    finite_x = np.where(np.isfinite(x), x, np.float32(0))  # the same samples: the inf pixels are never read
+    with DeformConv2d(w, b, backend=backend, device=device) as layer, np.errstate(invalid="ignore", over="ignore"):
+        assert compare(layer(x, offset, mask), ref)[3]
+        gy = rng.uniform(-1, 1, ref.shape).astype(np.float32)
+        grad_w = layer.backward(gy, x, offset, mask)[3]
+        assert compare(grad_w, layer.backward(gy, finite_x, offset, mask)[3].astype(np.float64))[3]
+
+
 def test_one_shot_forms_reuse_the_layer_and_see_weights_changed_in_place(target):
     backend, device = target
     case = Case("one-shot", (1, 4, 5, 5), (4, 4, 3, 3), True, dict(padding=1), 9, "deform_conv2d", 2, True, 2.0)
