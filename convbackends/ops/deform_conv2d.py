@@ -246,12 +246,13 @@ class DeformConv2d(Layer):
                 f"activation={s.activation.kind}, device={self.device})")
 
 
-def _one_shot(w, b, kwargs, backend, device) -> DeformConv2d:
+def _one_shot(w, b, kwargs, backend, device, call):
+    """call(layer) on the one-shot cache's DeformConv2d for these weights and keywords."""
     spec = DeformConv2dSpec.create(w, b, **kwargs)
     chosen = get_backend(backend)
     info = chosen.select(device)
-    return ONE_SHOT.layer(("deform_conv2d", chosen.name, info.index, spec), (w, b),
-                          lambda w, b: DeformConv2d(w, b, **kwargs, backend=chosen.name, device=info.index))
+    return ONE_SHOT.run(("deform_conv2d", chosen.name, info.index, spec), (w, b),
+                        lambda w, b: DeformConv2d(w, b, **kwargs, backend=chosen.name, device=info.index), call)
 
 
 def deform_conv2d(x, offset, w, b=None, *, mask=None, stride=1, padding=0, dilation=1, groups=1, activation=None,
@@ -261,7 +262,7 @@ def deform_conv2d(x, offset, w, b=None, *, mask=None, stride=1, padding=0, dilat
     kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, activation=activation)
     DeformConv2dSpec.create(w, b, **kwargs).geometry(  # bad shapes fail before anything is prepared
         _shape("x", x), _shape("offset", offset), None if mask is None else _shape("mask", mask))
-    return _one_shot(w, b, kwargs, backend, device)(x, offset, mask)
+    return _one_shot(w, b, kwargs, backend, device, lambda layer: layer(x, offset, mask))
 
 
 def deform_conv2d_backward(grad_y, x, offset, w, mask=None, *, stride=1, padding=0, dilation=1, groups=1,
@@ -271,7 +272,7 @@ def deform_conv2d_backward(grad_y, x, offset, w, mask=None, *, stride=1, padding
     kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     DeformConv2dSpec.create(w, None, **kwargs).geometry(
         _shape("x", x), _shape("offset", offset), None if mask is None else _shape("mask", mask))
-    return _one_shot(w, None, kwargs, backend, device).backward(grad_y, x, offset, mask)
+    return _one_shot(w, None, kwargs, backend, device, lambda layer: layer.backward(grad_y, x, offset, mask))
 
 
 def _shape(name: str, array) -> tuple:

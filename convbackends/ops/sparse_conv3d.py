@@ -476,6 +476,6 @@ def sparse_conv3d(t: SparseTensor, w, b=None, *, stride=1, padding=0, dilation=1
     spec.check_input(t)
     chosen = get_backend(backend)
     info = chosen.select(device)
-    layer = ONE_SHOT.layer(("sparse_conv3d", chosen.name, info.index, spec), (w, b),
-                           lambda w, b: SparseConv3d(w, b, **kwargs, backend=chosen.name, device=info.index))
-    return layer(t)
+    return ONE_SHOT.run(("sparse_conv3d", chosen.name, info.index, spec), (w, b),
+                        lambda w, b: SparseConv3d(w, b, **kwargs, backend=chosen.name, device=info.index),
+                        lambda layer: layer(t))
