@@ -7,6 +7,7 @@ GPU gets. The second run is what proves the GPU code paths without a GPU: CUDA c
 OpenCL GPU kernels' sources, and a GPU's Vulkan driver runs the staged shaders.
 """
 import dataclasses
+import functools
 import os
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 
 import convbackends
 from convbackends.runtime import get_backend
+from convbackends.parity import check, reference_output
 from convbackends.reference import conv2d_float64
 
 # CI has PoCL and lavapipe: a skip of these there is a defect, so it fails the run instead.
@@ -90,6 +92,21 @@ def target(request, monkeypatch):
     if variant == GPU_KERNELS:
         force_gpu_kernels(monkeypatch, name, index)
     return name, index
+
+
+def parity_tests(cases):
+    """(the parity test of an op's suite, its cached reference): every case on every target against the
+    suite's reference (`parity.reference_output`: cv2.dnn, or the float64 oracle where cv2.dnn lacks the op),
+    computed once per case. An op's test file binds the test to a `test_` name."""
+    reference = functools.lru_cache(maxsize=None)(reference_output)
+
+    @pytest.mark.parametrize("case", cases, ids=str)
+    def test(target, case):
+        backend, device = target
+        result = check(case, backend, device, ref=reference(case))
+        assert result.passed, f"{case}: {result.detail}"
+
+    return test, reference
 
 
 def assert_winograd_leaves_non_finite_input(layer, x, w, b, **kwargs):

@@ -337,7 +337,7 @@ def test_torchvision_peer_forward_and_backward(monkeypatch):
     stood in for by convbackends.torch's function of the same argument order (torchvision is not in CI)."""
     import types
 
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     import convbackends.torch as cbt
     from convbackends.ops.deform_conv2d import DeformConv2d
     from convbackends.parity import compare, float64_output

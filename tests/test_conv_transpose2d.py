@@ -1,6 +1,5 @@
 """conv_transpose2d on every backend and device: cv2.dnn parity (ONNX ConvTranspose), random layers against the
 float64 scatter oracle, the phase decomposition, output_size, device arrays, and the errors."""
-import functools
 
 import numpy as np
 import pytest
@@ -8,23 +7,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import convbackends as cb
+from conftest import parity_tests
 from convbackends.ops.conv_transpose2d import ConvTranspose2d, ConvTranspose2dSpec, conv_transpose2d
-from convbackends.parity import ACTIVATIONS, SUITES, Case, check, compare, float64_output, reference_output
+from convbackends.parity import ACTIVATIONS, SUITES, Case, compare, float64_output
 from convbackends.reference import conv_transpose2d_float64, cv2_conv_transpose2d
 
 CASES = SUITES["transposed"]
 
 
-@functools.lru_cache(maxsize=None)
-def cv2_reference(case: Case) -> np.ndarray:
-    return reference_output(case)
-
-
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_parity_with_cv2_dnn(target, case):
-    backend, device = target
-    result = check(case, backend, device, ref=cv2_reference(case))
-    assert result.passed, f"{case}: {result.detail}"
+test_parity_with_cv2_dnn, cv2_reference = parity_tests(CASES)
 
 
 def test_float64_oracle_agrees_with_cv2_dnn():

@@ -3,7 +3,6 @@ against onnx.reference's DeformConv and, at zero offsets, cv2.dnn's Conv), rando
 image, NaN, non-contiguous inputs, errors; and the five gradients against finite differences of the oracle, away
 from the kinks, in the border cells and, one-sided, at integer sample coordinates."""
 import dataclasses
-import functools
 import subprocess
 import sys
 
@@ -13,24 +12,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import convbackends as cb
+from conftest import parity_tests
 from convbackends.ops.deform_conv2d import DeformConv2d, DeformConv2dSpec, deform_conv2d, deform_conv2d_backward
-from convbackends.parity import ACTIVATIONS, SUITES, Case, check, compare, float64_output, reference_output
+from convbackends.parity import ACTIVATIONS, SUITES, Case, check, compare, float64_output
 from convbackends.reference import cv2_conv2d, deform_conv2d_float64, onnx_deform_conv2d
 from convbackends.spec import Conv2dSpec
 
 CASES = SUITES["deform"]
 
 
-@functools.lru_cache(maxsize=None)
-def oracle(case: Case) -> np.ndarray:
-    return reference_output(case)
-
-
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_parity_with_the_float64_oracle(target, case):
-    backend, device = target
-    result = check(case, backend, device, ref=oracle(case))
-    assert result.passed, f"{case}: {result.detail}"
+test_parity_with_the_float64_oracle, oracle = parity_tests(CASES)
 
 
 def _one_output_channel_per_group(case: Case) -> Case:

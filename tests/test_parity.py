@@ -1,28 +1,19 @@
 """Every backend and device against cv2.dnn (and a float64 oracle for random layers)."""
-import functools
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import parity_tests
 from convbackends import Conv2d
-from convbackends.parity import ACTIVATIONS, SUITES, Case, check, compare, reference_output
+from convbackends.parity import ACTIVATIONS, SUITES, Case, compare
 from convbackends.reference import conv2d_float64
 
 CASES = SUITES["opencv"] + SUITES["wide"]
 
 
-@functools.lru_cache(maxsize=None)
-def cv2_reference(case: Case) -> np.ndarray:
-    return reference_output(case)
-
-
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_parity_with_cv2_dnn(target, case):
-    backend, device = target
-    result = check(case, backend, device, ref=cv2_reference(case))
-    assert result.passed, f"{case}: {result.detail}"
+test_parity_with_cv2_dnn, cv2_reference = parity_tests(CASES)
 
 
 @st.composite

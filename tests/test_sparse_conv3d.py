@@ -5,7 +5,6 @@ errors, and a memory bound on a KITTI-sized grid.
 
 Until the OpenCL/CUDA and Vulkan implementations land (backends/kernel/sparse_conv3d.py,
 backends/vulkan/sparse_conv3d.py), the tests taking `target` fail on those targets: that is expected."""
-import functools
 import tracemalloc
 
 import numpy as np
@@ -14,9 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import convbackends as cb
+from conftest import parity_tests
 from convbackends.ops.sparse_conv3d import SparseConv3dSpec, to_host
 from convbackends.parity import (
-    ACTIVATIONS, SUITES, Case, check, compare, compare_sparse, float64_output, lidar_sites, reference_output,
+    ACTIVATIONS, SUITES, Case, check, compare, compare_sparse, float64_output, lidar_sites,
 )
 from convbackends.reference import (
     cv2_sparse_conv3d, cv2_sparse_inverse_conv3d, sparse_conv3d_float64, sparse_inverse_conv3d_float64,
@@ -26,9 +26,7 @@ from convbackends.reference import (
 CASES = SUITES["sparse"]
 
 
-@functools.lru_cache(maxsize=None)
-def cv2_reference(case: Case):
-    return reference_output(case)
+test_parity_with_cv2_dnn, cv2_reference = parity_tests(CASES)
 
 
 def sorted_sites(indices: np.ndarray) -> np.ndarray:
@@ -49,13 +47,6 @@ def uniform(rng, *shape) -> np.ndarray:
 def assert_matches(y: cb.SparseTensor, ref) -> None:
     _, _, _, passed, detail = compare_sparse(y, ref)
     assert passed, detail
-
-
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_parity_with_cv2_dnn(target, case):
-    backend, device = target
-    result = check(case, backend, device, ref=cv2_reference(case))
-    assert result.passed, f"{case}: {result.detail}"
 
 
 def test_float64_oracle_agrees_with_cv2_dnn():

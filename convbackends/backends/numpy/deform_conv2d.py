@@ -182,7 +182,7 @@ class NumpyDeformPrepared(DeformConv2dPrepared):
         grad_w = None
         gy_all = grad_y.reshape(g.n, g.groups, g.og, g.oh * g.ow)
         for n0, nb, p0, p1 in _tiles(g):
-            count, m = p1 - p0, nb * (p1 - p0)
+            m = nb * (p1 - p0)
             points = _Points(offset, mask, g, image, n0, nb, p0, p1)
             forward = points.weights(points.inside, masked=False)
             scale = np.ones(points.shape, np.float32) if points.mask is None else points.mask

@@ -19,7 +19,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import numpy as np
-import vulkan as vk
 
 from ...runtime import DeviceInfo
 from ...runtime import vulkan as _vk
