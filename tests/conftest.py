@@ -9,6 +9,8 @@ OpenCL GPU kernels' sources, and a GPU's Vulkan driver runs the staged shaders.
 import dataclasses
 import functools
 import os
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -92,6 +94,32 @@ def target(request, monkeypatch):
     if variant == GPU_KERNELS:
         force_gpu_kernels(monkeypatch, name, index)
     return name, index
+
+
+def run_threads(work, count: int) -> None:
+    """work(thread index) on `count` threads started together, with the interpreter switching threads as
+    often as it can (races show within a few calls); the first failure of any thread is raised here."""
+    errors, start = [], threading.Barrier(count)
+
+    def main(t: int) -> None:
+        try:
+            start.wait()
+            work(t)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=main, args=(t,)) for t in range(count)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(previous)
+    if errors:
+        raise errors[0]
 
 
 def parity_tests(cases):

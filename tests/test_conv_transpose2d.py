@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import convbackends as cb
-from conftest import parity_tests
+from conftest import parity_tests, run_threads
 from convbackends.ops.conv_transpose2d import ConvTranspose2d, ConvTranspose2dSpec, conv_transpose2d
 from convbackends.parity import ACTIVATIONS, SUITES, Case, compare, float64_output
 from convbackends.reference import conv_transpose2d_float64, cv2_conv_transpose2d
@@ -266,9 +266,6 @@ def test_opencl_device_arrays_in_and_out(monkeypatch, as_gpu):
 
 def test_threads_share_a_layer(target):
     """8 threads x 20 calls on one layer, every output checked against the float64 oracle."""
-    import sys
-    import threading
-
     backend, device = target
     case = Case("T", (1, 6, 5, 4), (6, 4, 4, 4), True, dict(stride=2, padding=1, activation="relu"), 11,
                 "conv_transpose2d")
@@ -281,16 +278,7 @@ def test_threads_share_a_layer(target):
             for _ in range(20):
                 wrong[t] += not compare(layer(inputs[t]), refs[t])[3]
 
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(1e-6)
-        try:
-            threads = [threading.Thread(target=work, args=(t,)) for t in range(len(inputs))]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-        finally:
-            sys.setswitchinterval(interval)
+        run_threads(work, len(inputs))
     assert sum(wrong) == 0
 
 

@@ -5,6 +5,7 @@ import importlib
 import numpy as np
 import pytest
 
+from conftest import run_threads
 from convbackends import Conv2d, available_backends
 from convbackends.runtime import BackendUnavailable, get_backend
 from convbackends.parity import Case
@@ -101,9 +102,6 @@ def test_winograd_for_host_input_direct_kernels_for_cupy_arrays():
 
 @needs_gpu
 def test_threads_share_a_layer_each_on_its_own_stream_or_the_default_one():
-    import sys
-    import threading
-
     import cupy as cp
 
     rng = np.random.default_rng(7)
@@ -120,16 +118,7 @@ def test_threads_share_a_layer_each_on_its_own_stream_or_the_default_one():
                     y = layer(xd).get() if i % 5 == 0 else layer(inputs[t])
                     wrong[t] += not np.abs(y - refs[t]).max() <= 1e-4 * max(1.0, np.abs(refs[t]).max())
 
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(1e-6)
-        try:
-            threads = [threading.Thread(target=work, args=(t,)) for t in range(len(inputs))]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-        finally:
-            sys.setswitchinterval(interval)
+        run_threads(work, len(inputs))
     assert sum(wrong) == 0
 
 

@@ -4,12 +4,11 @@ column tiles that keep memory bounded (and give the same results as one tile), h
 device's largest buffer, device arrays in and out, the GPU code paths on CPU devices, release; and the
 host-side pieces the backends share (tiles, the inverse map)."""
 import dataclasses
-import threading
 
 import numpy as np
 import pytest
 
-from conftest import cpu_device, require
+from conftest import cpu_device, require, run_threads
 from convbackends import available_backends
 from convbackends.backends import _deform
 from convbackends.ops.deform_conv2d import DeformConv2d, DeformConv2dSpec
@@ -85,28 +84,20 @@ def test_threads_share_a_layer(target):
     problems = [_problem(n=1, seed=10 + t) for t in range(8)]
     w = problems[0][1]
     refs = [deform_conv2d_float64(x, offset, w, None, mask, **LAYER) for x, _, _, offset, mask, _ in problems]
-    wrong, errors = [], []
+    wrong = []
     with DeformConv2d(w, backend=backend, device=device, **LAYER) as layer:
         alone = [layer.backward(gy, x, offset, mask) for x, _, _, offset, mask, gy in problems]
 
         def work(t):
             x, _, _, offset, mask, gy = problems[t]
-            try:
-                for _ in range(3):
-                    if not compare(layer(x, offset, mask), refs[t])[3]:
-                        wrong.append(("forward", t))
-                    grads = layer.backward(gy, x, offset, mask)
-                    if not all(np.array_equal(g, a) for g, a in zip(grads, alone[t]) if a is not None):
-                        wrong.append(("backward", t))
-            except Exception as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
+            for _ in range(3):
+                if not compare(layer(x, offset, mask), refs[t])[3]:
+                    wrong.append(("forward", t))
+                grads = layer.backward(gy, x, offset, mask)
+                if not all(np.array_equal(g, a) for g, a in zip(grads, alone[t]) if a is not None):
+                    wrong.append(("backward", t))
 
-        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    assert not errors, errors
+        run_threads(work, len(problems))
     assert not wrong, wrong
 
 

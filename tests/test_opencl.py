@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from conftest import assert_winograd_leaves_non_finite_input, cpu_device, require
+from conftest import assert_winograd_leaves_non_finite_input, cpu_device, require, run_threads
 from convbackends import Conv2d, available_backends, conv2d
 from convbackends.backends.kernel import conv2d as _kernels
 from convbackends.runtime import kernels as kernel_runtime
@@ -222,9 +222,6 @@ def host_memory(request, rt, monkeypatch):
 def _wrong_outputs_from_threads(layers, inputs, refs, calls, device_every=0):
     """Each thread calls its layer on its input `calls` times (every `device_every`-th call with a
     device array) under a 1 us switch interval; the count of outputs off the float64 oracle."""
-    import sys
-    import threading
-
     wrong = [0] * len(layers)
     queue = BACKEND.runtime().queue
 
@@ -234,16 +231,7 @@ def _wrong_outputs_from_threads(layers, inputs, refs, calls, device_every=0):
             y = layers[t](xd).get() if device_every and i % device_every == 0 else layers[t](inputs[t])
             wrong[t] += not np.abs(y - refs[t]).max() <= 1e-4 * max(1.0, np.abs(refs[t]).max())
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        threads = [threading.Thread(target=work, args=(t,)) for t in range(len(layers))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        sys.setswitchinterval(interval)
+    run_threads(work, len(layers))
     return sum(wrong)
 
 

@@ -1,12 +1,11 @@
 """Reliability on every target: threads, non-finite values through every activation, the limits of
 the spec, empty inputs. Each check holds on every backend and device alike."""
-import sys
-import threading
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from conftest import run_threads
 from convbackends import Conv2d, conv2d
 from convbackends.parity import ACTIVATIONS, tolerance
 from convbackends.reference import activation_float64, conv2d_float64
@@ -25,32 +24,6 @@ def _assert_close(y, ref) -> None:
     assert y.shape == ref.shape
     error, bound = float(np.abs(y - ref).max()), tolerance(ref)
     assert error <= bound, f"max abs error {error:.3g} against the float64 oracle, above {bound:.3g}"
-
-
-def _run_threads(work) -> None:
-    """work(thread index) on THREADS threads started together, with the interpreter switching threads
-    as often as it can; the first failure of any thread is raised here."""
-    errors, start = [], threading.Barrier(THREADS)
-
-    def main(t: int) -> None:
-        try:
-            start.wait()
-            work(t)
-        except BaseException as exc:  # reported by the main thread
-            errors.append(exc)
-
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        threads = [threading.Thread(target=main, args=(t,)) for t in range(THREADS)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        sys.setswitchinterval(previous)
-    if errors:
-        raise errors[0]
 
 
 # Two input sizes, so threads also race on the per-size caches (gather tables, staging buffers, plans).
@@ -72,7 +45,7 @@ def test_threads_share_one_layer(target):
     not be shared between calls in flight."""
     backend, device = target
     with Conv2d(THREAD_W, THREAD_B, **THREAD_KW, backend=backend, device=device) as layer:
-        _run_threads(lambda t: _calls(layer, t))
+        run_threads(lambda t: _calls(layer, t), THREADS)
 
 
 def test_threads_with_a_layer_each(target):
@@ -84,7 +57,7 @@ def test_threads_with_a_layer_each(target):
         with Conv2d(THREAD_W, THREAD_B, **THREAD_KW, backend=backend, device=device) as layer:
             _calls(layer, t)
 
-    _run_threads(work)
+    run_threads(work, THREADS)
 
 
 def _non_finite_input(c: int) -> np.ndarray:

@@ -15,8 +15,7 @@ from convbackends.ops.sparse_conv3d import to_host
 from convbackends.parity import ACTIVATIONS, compare_sparse, lidar_sites, tolerance
 from convbackends.reference import sparse_conv3d_float64
 
-from conftest import cpu_device
-from test_reliability import _run_threads
+from conftest import cpu_device, run_threads
 
 RNG = np.random.default_rng(11)
 
@@ -71,7 +70,7 @@ def test_threads_share_one_layer(target):
                 assert np.array_equal(back.indices, expected)  # the inverse is back on the sorted input sites
                 assert back.features.shape == (t.num_sites, 4) and np.isfinite(to_host(back.features)).all()
 
-        _run_threads(work)
+        run_threads(work, 8)
     assert shared.indice_dict["down"] is built and built.swapped() is built.swapped()
 
 
