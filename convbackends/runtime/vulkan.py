@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import struct
 import threading
+import weakref
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 
@@ -594,13 +595,17 @@ def upload(dev: Device, array: np.ndarray) -> Buffer:
 
 class Holdings:
     """The buffers and pipelines one owner (a layer) holds on a device, released together. Kept apart from the
-    owner, so that its finalizer, `weakref.finalize(owner, dev.release_soon, holdings.release)`, does not keep
-    it alive, and so that a half-built owner gives back whatever it got."""
+    owner, so that its finalizer (`released_with`) does not keep it alive, and so that a half-built owner gives
+    back whatever it got."""
 
     def __init__(self, dev: Device):
         self.dev = dev
         self.buffers: list[Buffer] = []
         self.pipelines: list[Pipeline] = []
+
+    def released_with(self, owner) -> weakref.finalize:
+        """The finalizer that releases these holdings when `owner` is collected, or when called (close())."""
+        return weakref.finalize(owner, self.dev.release_soon, self.release)
 
     def pipeline(self, name: str, spirv: bytes, constants: dict, kinds: tuple, push_bytes: int) -> Pipeline:
         found = self.dev.pipeline(name, spirv, constants, kinds, push_bytes)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import struct
 import threading
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
@@ -372,8 +371,7 @@ class VulkanConv2d(Prepared):
         self.device, self.spec = device, spec
         dev = self.dev = _vk.device(device.index)
         held = self._held = _DeviceObjects(dev)
-        # Releases what the layer holds when it is collected, or at close(); refers to held, not to self.
-        self._finalizer = weakref.finalize(self, dev.release_soon, held.release)
+        self._finalizer = held.released_with(self)
         act = spec.activation
         self.activation_parameters = (act.alpha, act.beta)
         epilogue = epilogue_constants(act.code, b is not None)

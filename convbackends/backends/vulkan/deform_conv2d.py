@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import struct
 import threading
-import weakref
 
 import numpy as np
 
@@ -259,7 +258,7 @@ class VulkanDeformConv2d(DeformConv2dPrepared):
         self.device, self.spec = device, spec
         dev = self.dev = _vk.device(device.index)
         held = self._held = _DeviceObjects(dev)
-        self._finalizer = weakref.finalize(self, dev.release_soon, held.release)
+        self._finalizer = held.released_with(self)
         limits = dev.limits
         self.lanes = min(_LANES, limits.maxComputeWorkGroupSize[0], limits.maxComputeWorkGroupInvocations)
         self._w = w.copy()  # for the backward GEMMs, made on first use

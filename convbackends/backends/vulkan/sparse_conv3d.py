@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import struct
 import threading
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -391,8 +390,7 @@ class VulkanSparseConv3d(Prepared):
         dev = self.dev = _vk.device(device.index)
         self.builder = builder(device.index)
         held = _vk.Holdings(dev)
-        # Releases what the layer holds when it is collected, or at close(); refers to held, not to self.
-        self._finalizer = weakref.finalize(self, dev.release_soon, held.release)
+        self._finalizer = held.released_with(self)
         try:
             self._make(held, spec, w, b)
         except BaseException:
