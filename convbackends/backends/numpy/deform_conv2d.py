@@ -49,9 +49,14 @@ class _Image:
         image = grad_rows.reshape(n, self.hp, self.wp, self.groups * self.cpg)[:, 1:-2, 1:-1]
         return np.ascontiguousarray(image.transpose(0, 3, 1, 2))
 
-    def sample(self, cells: np.ndarray, weights: np.ndarray, keep_corners: bool = False):
-        """The columns (M, C/G): the four corners of the cells with top-left rows `cells` (M,) weighted by
-        `weights` (M, 4); with `keep_corners`, also the corners (M, 4, C/G) (for the backward's sums)."""
+    def sample(self, points: "_Points", weights: np.ndarray, keep_corners: bool = False):
+        """The columns (M, C/G): the four corners of the points' cells weighted by `weights` (M, 4); with
+        `keep_corners`, also the corners (M, 4, C/G) (for the backward's sums).
+
+        A point at -1 exactly reads 0 as if from the cell of zeros (NaN where its weight is, a NaN mask):
+        its own cell's corners may hold an inf, which its zero weight would turn into NaN.
+        """
+        cells = points.cells
         count = cells.shape[0]
         cols = np.empty((count, self.cpg), np.float32)
         corners = np.empty((count, 4, self.cpg), np.float32) if keep_corners else None
@@ -63,6 +68,7 @@ class _Image:
             np.matmul(weights[lo:hi, None, :], found, out=cols[lo:hi, None, :])
 
         in_parts(count, count * 4 * self.cpg, part)
+        cols[points.edges] = weights[points.edges].sum(1, keepdims=True) * np.float32(0)
         return cols, corners
 
 
@@ -95,10 +101,8 @@ class _Points:
         columns = np.where(self.cell, x0, -1).astype(np.intp) + 1
         image_rows = (np.arange(n0, n0 + nb) * image.hp)[:, None, None, None]
         self.cells = (((image_rows + rows) * image.wp + columns) * groups + np.arange(groups)).reshape(-1)
-        # What the values read: a point at -1 exactly has its cell (for the right derivative) but reads 0, so
-        # it samples the cell of zeros too; its cell's corners may hold an inf that 0 * inf would make NaN.
-        zeros = ((image_rows + g.h + 1) * image.wp * groups + np.arange(groups) + np.zeros(self.cell.shape, np.intp))
-        self.value_cells = np.where(self.inside.reshape(-1), self.cells, zeros.reshape(-1))
+        # Points at -1 exactly: their cell is kept for the right derivative, but they read 0.
+        self.edges = np.flatnonzero(self.cell & ~self.inside)
         self.mask = None if mask is None else (
             mask[n0:n0 + nb].reshape(nb, groups, taps, g.oh * g.ow)[..., p0:p1].transpose(0, 3, 2, 1))
         self.shape = (nb, count, taps, groups)
@@ -164,7 +168,7 @@ class NumpyDeformPrepared(DeformConv2dPrepared):
         y_all = out.reshape(g.n, g.groups, g.og, g.oh * g.ow)
         for n0, nb, p0, p1 in _tiles(g):
             points = _Points(offset, mask, g, image, n0, nb, p0, p1)
-            cols, _ = image.sample(points.value_cells, points.weights(points.inside, masked=True))
+            cols, _ = image.sample(points, points.weights(points.inside, masked=True))
             count = p1 - p0
             grouped = self._grouped(cols, g, nb * count).reshape(g.groups, nb, count, -1)
             y = y_all[n0:n0 + nb, :, :, p0:p1]
@@ -186,12 +190,7 @@ class NumpyDeformPrepared(DeformConv2dPrepared):
             points = _Points(offset, mask, g, image, n0, nb, p0, p1)
             forward = points.weights(points.inside, masked=False)
             scale = np.ones(points.shape, np.float32) if points.mask is None else points.mask
-            value_weights = forward * scale.reshape(-1, 1)
-            cols, corners = image.sample(points.cells, value_weights, keep_corners=True)
-            # Points at -1 exactly keep their cell's corners (for d_y, d_x) but read 0, as from the cell of
-            # zeros (NaN where their weight is: a NaN mask); a few points, so fixed here, not gathered twice.
-            edge = np.flatnonzero(points.cell & ~points.inside)
-            cols[edge] = value_weights[edge].sum(1, keepdims=True) * np.float32(0)
+            cols, corners = image.sample(points, forward * scale.reshape(-1, 1), keep_corners=True)
             # (groups, O/groups, pixels) of this tile, images side by side.
             gy = np.ascontiguousarray(gy_all[n0:n0 + nb, :, :, p0:p1].transpose(1, 2, 0, 3)).reshape(g.groups, g.og, m)
             grouped = self._grouped(cols, g, m)
