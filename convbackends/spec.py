@@ -143,9 +143,14 @@ def _padding(value) -> tuple[int, int, int, int] | None:
     return tuple(int(v) for v in items)
 
 
+_FLOAT32 = np.dtype(np.float32)
+
+
 def check_float32(name: str, array) -> None:
     """All tensors are float32: a silent cast would hide a copy and a change of precision."""
     dtype = getattr(array, "dtype", None)
+    if dtype is _FLOAT32 and isinstance(array, np.ndarray):  # the common case, without the name lookups below
+        return
     if dtype is None or not hasattr(array, "shape"):
         raise TypeError(f"{name} must be an array, got {type(array).__name__}")
     if str(dtype).startswith("torch."):  # torch dtypes are no numpy dtypes

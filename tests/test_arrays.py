@@ -4,7 +4,8 @@ import pytest
 
 import convbackends as cb
 from conftest import require_module
-from convbackends.ops.base import OneShotCache
+from convbackends.ops import base
+from convbackends.ops.base import OneShotCache, _same_bytes
 from convbackends.parity import compare, compare_sparse
 from convbackends.reference import (conv2d_float64, conv_transpose2d_float64, deform_conv2d_float64,
                                     sparse_conv3d_float64, sparse_inverse_conv3d_float64)
@@ -159,7 +160,34 @@ def test_one_shot_cache_reuses_layers_sees_in_place_changes_and_stays_bounded():
     assert all(key[1] != "big" for key in cache._entries)
 
 
-def test_functional_calls_follow_weights_changed_in_place(target):
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_one_shot_weight_compare_sees_any_changed_bit(layout):
+    """The compare behind the one-shot cache (memcmp on contiguous arrays, numpy on the rest): one bit flipped
+    in the first or the last element is a change, NaN weights equal themselves, and -0.0 is not 0.0."""
+    base = np.random.default_rng(5).uniform(-1, 1, (9, 5, 3, 3)).astype(np.float32)
+    base[1, 2, 0, 0] = np.nan
+    w = base if layout == "contiguous" else np.asfortranarray(base)
+    assert w.flags.c_contiguous == (layout == "contiguous")
+    copy = w.copy()
+    assert copy.flags.c_contiguous and _same_bytes(w, copy)
+    for index in ((0, 0, 0, 0), (8, 4, 2, 2)):
+        bits = w.view(np.uint32)
+        bits[index] ^= 1
+        assert not _same_bytes(w, copy)
+        bits[index] ^= 1
+        assert _same_bytes(w, copy)
+    w[3, 3, 1, 1] = 0.0
+    copy[3, 3, 1, 1] = -0.0
+    assert not _same_bytes(w, copy)
+    assert not _same_bytes(w[:8], copy[:8].reshape(5, 8, 3, 3))
+
+
+@pytest.mark.parametrize("overlapped", [False, True], ids=["compare-first", "compare-alongside"])
+def test_functional_calls_follow_weights_changed_in_place(target, overlapped, monkeypatch):
+    """Both ways the one-shot cache compares: before the call, and (device backends, large weights; made
+    to happen here by a bound of 0) on another thread while the call runs, its result dropped on a change."""
+    if overlapped:
+        monkeypatch.setattr(base, "OVERLAP_MIN_BYTES", 0)
     backend, device = target
     w = W.copy()
     first = cb.conv2d(X, w, B, padding=1, groups=2, backend=backend, device=device)
