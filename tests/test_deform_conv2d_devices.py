@@ -318,9 +318,9 @@ def _record_acquires(monkeypatch, dev) -> list:
     sizes = []
     acquire = dev.acquire
 
-    def recorded(nbytes, host):
+    def recorded(nbytes, host, **options):
         sizes.append((nbytes, host))
-        return acquire(nbytes, host)
+        return acquire(nbytes, host, **options)
 
     monkeypatch.setattr(dev, "acquire", recorded)
     return sizes

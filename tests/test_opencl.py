@@ -151,6 +151,19 @@ def test_numpy_calls_return_fresh_arrays():
         assert seconds is not None and seconds > 0
 
 
+def test_zero_fills_only_its_range_in_launch_order(rt):
+    """rt.zero (what the deform GEMM's tail of columns gets): the range and nothing else, after earlier writes."""
+    import pyopencl as cl
+
+    buf = rt.empty((1000,))
+    cl.enqueue_copy(rt.queue, buf, np.full(1000, np.nan, np.float32))
+    rt.zero(buf, 100, 250)
+    rt.zero(buf, 999, 0)
+    out = np.empty(1000, np.float32)
+    rt.read(buf, out)
+    assert np.isnan(out[:100]).all() and not out[100:350].view(np.uint32).any() and np.isnan(out[350:]).all()
+
+
 def test_programs_are_built_once_and_kernels_kept(rt):
     x, w, b = _tensors((1, 4, 6, 5), (8, 4, 3, 3))
     with Conv2d(w, b, padding=1, backend="opencl") as a, Conv2d(w * 2, None, padding=1, backend="opencl") as c:

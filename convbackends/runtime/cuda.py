@@ -65,6 +65,10 @@ class Runtime(KernelRuntime):
 
     empty_array = empty
 
+    def zero(self, buf, start: int, count: int) -> None:
+        with self.device:
+            buf.reshape(-1)[start:start + count] = 0  # a fill kernel on the current stream
+
     def read(self, device, out: np.ndarray) -> None:
         with self.device:
             device.get(stream=cp.cuda.get_current_stream(), out=out)

@@ -175,6 +175,10 @@ class KernelRuntime(ABC):
         """A scratch buffer (float32 unless told) from the device's pool, for one call (freed when dropped)."""
 
     @abstractmethod
+    def zero(self, buf, start: int, count: int) -> None:
+        """Fill float32 elements [start, start + count) of an `empty` buffer with zeros, in launch order."""
+
+    @abstractmethod
     def empty_array(self, shape, dtype=np.float32):
         """A device array (float32 unless told) of the API's array type, to hand to the user or read back."""
 

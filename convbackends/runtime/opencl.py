@@ -78,6 +78,10 @@ class Runtime(KernelRuntime):
         """A pooled buffer for `shape` (a plain buffer: a pyopencl Array costs ~20 us to make)."""
         return self.pool.allocate(np.dtype(dtype).itemsize * math.prod(shape))
 
+    def zero(self, buf, start: int, count: int) -> None:
+        if count:
+            cl.enqueue_fill_buffer(self.queue, buf, np.float32(0), 4 * start, 4 * count)
+
     def empty_array(self, shape, dtype=np.float32) -> cla.Array:
         return cla.empty(self.queue, shape, dtype, allocator=self.pool)
 

@@ -313,9 +313,16 @@ class Device:
     def coherent(self, type_index: int) -> bool:
         return bool(self._memory.memoryTypes[type_index].propertyFlags & vk.VK_MEMORY_PROPERTY_HOST_COHERENT_BIT)
 
-    def acquire(self, nbytes: int, host: bool) -> Buffer:
+    def acquire(self, nbytes: int, host: bool, zeroed: bool = False) -> Buffer:
         """A buffer of at least nbytes from the pool, keyed by size class (eight per octave: at most 1/8
-        wasted, and buffers of nearby sizes are shared across shapes)."""
+        wasted, and buffers of nearby sizes are shared across shapes). A pooled buffer holds its last user's
+        data: `zeroed` fills it with zeros first, for buffers with parts a plan reads but never writes."""
+        buf = self._acquire(nbytes, host)
+        if zeroed:
+            self.zero(buf)
+        return buf
+
+    def _acquire(self, nbytes: int, host: bool) -> Buffer:
         step = 1 << max(_MIN_BUFFER.bit_length() - 1, nbytes.bit_length() - 3)
         size = max(_MIN_BUFFER, -(-nbytes // step) * step)
         with self.lock:
@@ -439,6 +446,28 @@ class Device:
             pool = self._set_pool.pop(id(descriptor_set))
             vk.vkFreeDescriptorSets(self.handle, pool, 1, [descriptor_set])
             _destroyed("descriptor_set")
+
+    def zero(self, buf: Buffer) -> None:
+        """Fill buf with zeros: on the host where it is mapped, else by one submitted vkCmdFillBuffer."""
+        if buf.host:
+            buf.array[:] = 0
+            buf.flush()
+            return
+        with self.lock:
+            cmd = _created("command_buffer", vk.vkAllocateCommandBuffers(self.handle, vk.VkCommandBufferAllocateInfo(
+                commandPool=self.command_pool, level=vk.VK_COMMAND_BUFFER_LEVEL_PRIMARY, commandBufferCount=1))[0])
+            try:
+                vk.vkBeginCommandBuffer(cmd, vk.VkCommandBufferBeginInfo())
+                vk.vkCmdFillBuffer(cmd, buf.buffer, 0, _WHOLE_SIZE, 0)
+                _barrier(cmd, vk.VK_PIPELINE_STAGE_TRANSFER_BIT, vk.VK_ACCESS_TRANSFER_WRITE_BIT,
+                         vk.VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT | vk.VK_PIPELINE_STAGE_TRANSFER_BIT,
+                         vk.VK_ACCESS_SHADER_READ_BIT | vk.VK_ACCESS_SHADER_WRITE_BIT
+                         | vk.VK_ACCESS_TRANSFER_READ_BIT | vk.VK_ACCESS_TRANSFER_WRITE_BIT)
+                vk.vkEndCommandBuffer(cmd)
+                self.submit(cmd)
+            finally:
+                vk.vkFreeCommandBuffers(self.handle, self.command_pool, 1, [cmd])
+                _destroyed("command_buffer")
 
     # -- submission ---------------------------------------------------------------------------------------
     def submit(self, command_buffer) -> None:

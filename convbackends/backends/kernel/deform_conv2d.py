@@ -240,6 +240,10 @@ class KernelDeformPrepared(DeformConv2dPrepared):
         rt.launch(cpu.kernels["channels_last"], _rows_launch(g.w + 2, g.n * (g.h + 3), self._local,
                                                              _i32(g.c, g.h, g.w)), [x, bordered])
         for t in tiles:
+            # The GEMM reads whole blocks of points: the rows of the last one past the tile's points, which no
+            # im2col writes, are zeroed (a pooled buffer's old bits there, as denormals, slow every FMA).
+            points, rows = t.nb * t.count, g.c * g.taps
+            rt.zero(cols, points * rows, (cpu.blocks(t) * CPU_GEMM_PB - points) * rows)
             rt.launch(cpu.kernels["cpu_im2col"], _rows_launch(t.count, t.nb * g.offset_groups, self._local,
                                                               _i32(*t.scalars(g))), [bordered, offset, mask, cols])
             rt.launch(cpu.kernels["cpu_gemm"], cpu.gemm_launch(g, t), [cols, cpu.weights, cpu.bias, y])

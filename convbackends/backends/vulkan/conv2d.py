@@ -266,7 +266,10 @@ class PlanBuffers:
         self._owned: list[_vk.Buffer] = []
 
     def _buffer(self, nbytes: int, host: bool) -> _vk.Buffer:
-        buf = self.device.acquire(nbytes, host)
+        """A pool buffer, zeroed: a plan's shaders may read parts no dispatch writes (a GEMM's tail of
+        columns past the last point), and a last user's data there once ran llvmpipe's GEMM 30x slower
+        (denormals), as NaN there could reach results a shader does not mask."""
+        buf = self.device.acquire(nbytes, host, zeroed=True)
         self._owned.append(buf)
         return buf
 
