@@ -319,7 +319,7 @@ class Device:
         data: `zeroed` fills it with zeros first, for buffers with parts a plan reads but never writes."""
         buf = self._acquire(nbytes, host)
         if zeroed:
-            self.zero(buf)
+            self.fill(buf, 0.0)
         return buf
 
     def _acquire(self, nbytes: int, host: bool) -> Buffer:
@@ -447,10 +447,10 @@ class Device:
             vk.vkFreeDescriptorSets(self.handle, pool, 1, [descriptor_set])
             _destroyed("descriptor_set")
 
-    def zero(self, buf: Buffer) -> None:
-        """Fill buf with zeros: on the host where it is mapped, else by one submitted vkCmdFillBuffer."""
+    def fill(self, buf: Buffer, value: float) -> None:
+        """Fill buf with the float32 value: on the host where it is mapped, else by one submitted vkCmdFillBuffer."""
         if buf.host:
-            buf.array[:] = 0
+            buf.array[:] = value
             buf.flush()
             return
         with self.lock:
@@ -458,7 +458,7 @@ class Device:
                 commandPool=self.command_pool, level=vk.VK_COMMAND_BUFFER_LEVEL_PRIMARY, commandBufferCount=1))[0])
             try:
                 vk.vkBeginCommandBuffer(cmd, vk.VkCommandBufferBeginInfo())
-                vk.vkCmdFillBuffer(cmd, buf.buffer, 0, _WHOLE_SIZE, 0)
+                vk.vkCmdFillBuffer(cmd, buf.buffer, 0, _WHOLE_SIZE, int(np.float32(value).view(np.uint32)))
                 _barrier(cmd, vk.VK_PIPELINE_STAGE_TRANSFER_BIT, vk.VK_ACCESS_TRANSFER_WRITE_BIT,
                          vk.VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT | vk.VK_PIPELINE_STAGE_TRANSFER_BIT,
                          vk.VK_ACCESS_SHADER_READ_BIT | vk.VK_ACCESS_SHADER_WRITE_BIT
