@@ -253,7 +253,10 @@ def _poison_pools(monkeypatch, backend: str) -> None:
 def _every_op(backend, device):
     """One output per op and kernel kind (forward and deform's backward), as float arrays."""
     rng = np.random.default_rng(11)
-    u = lambda *shape: rng.uniform(-1, 1, shape).astype(np.float32)  # noqa: E731
+
+    def u(*shape):
+        return rng.uniform(-1, 1, shape).astype(np.float32)
+
     on = dict(backend=backend, device=device)
     outputs = []
     x = u(2, 64, 13, 11)
