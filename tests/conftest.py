@@ -48,6 +48,13 @@ def require(name: str, reason: str) -> None:
     pytest.skip(f"backend {name!r} unavailable: {reason}")
 
 
+def require_backend(name: str) -> None:
+    """`require` the backend `name` unless it is available (a skip, or a failure in CI for the required ones)."""
+    availability = convbackends.available_backends()[name]
+    if not availability.available:
+        require(name, availability.reason)
+
+
 def require_module(name: str):
     """An optional package the tests need: CI's set-up installs it, so there its absence fails the run."""
     try:
@@ -74,9 +81,7 @@ def force_gpu_kernels(monkeypatch, backend: str, device: int) -> None:
 def cpu_device(monkeypatch, backend: str, as_gpu: bool) -> int:
     """The backend's default device, which these checks need to be a CPU device (else the test skips; an
     unavailable backend as `require` has it), planned as a GPU when `as_gpu`; its index."""
-    availability = convbackends.available_backends()[backend]
-    if not availability.available:
-        require(backend, availability.reason)
+    require_backend(backend)
     device = get_backend(backend).select()
     if device.type != "cpu":
         pytest.skip("this device already plans as a GPU")

@@ -8,8 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from conftest import cpu_device, require, run_threads
-from convbackends import available_backends
+from conftest import cpu_device, require_backend, run_threads
 from convbackends.backends import _deform
 from convbackends.ops.deform_conv2d import DeformConv2d, DeformConv2dSpec
 from convbackends.parity import ACTIVATIONS, compare
@@ -188,9 +187,7 @@ def test_inverse_map_lists_each_touching_point_under_its_cell_in_order(with_mask
 
 @pytest.fixture
 def opencl():
-    availability = available_backends()["opencl"]
-    if not availability.available:
-        require("opencl", availability.reason)
+    require_backend("opencl")
     from convbackends.runtime.opencl import BACKEND
 
     return BACKEND
@@ -306,9 +303,7 @@ def test_opencl_closed_layer_refuses_work(opencl):
 
 @pytest.fixture
 def vulkan():
-    availability = available_backends()["vulkan"]
-    if not availability.available:
-        require("vulkan", availability.reason)
+    require_backend("vulkan")
     from convbackends.runtime import vulkan as vk_runtime
 
     return vk_runtime
@@ -412,9 +407,7 @@ def test_vulkan_releases_what_a_layer_records(vulkan):
 
 def test_cuda_device_arrays_in_device_arrays_out():
     """CuPy arrays (one a strided view) give CuPy arrays, the same values as numpy arrays."""
-    availability = available_backends()["cuda"]
-    if not availability.available:
-        require("cuda", availability.reason)
+    require_backend("cuda")
     import cupy as cp
 
     x, w, b, offset, mask, grad_y = _problem(seed=5)

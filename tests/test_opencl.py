@@ -8,8 +8,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from conftest import assert_winograd_leaves_non_finite_input, cpu_device, require, run_threads
-from convbackends import Conv2d, available_backends, conv2d
+from conftest import assert_winograd_leaves_non_finite_input, cpu_device, require_backend, run_threads
+from convbackends import Conv2d, conv2d
 from convbackends.backends.kernel import conv2d as _kernels
 from convbackends.runtime import kernels as kernel_runtime
 from convbackends.parity import Case
@@ -23,9 +23,7 @@ from convbackends.runtime.opencl import BACKEND  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _available():
-    availability = available_backends()["opencl"]
-    if not availability.available:
-        require("opencl", availability.reason)
+    require_backend("opencl")
 
 
 @pytest.fixture

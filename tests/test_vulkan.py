@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_winograd_leaves_non_finite_input, cpu_device, force_gpu_kernels, require
-from convbackends import Conv2d, available_backends, conv2d
+from conftest import assert_winograd_leaves_non_finite_input, cpu_device, force_gpu_kernels, require_backend
+from convbackends import Conv2d, conv2d
 from convbackends.backends.vulkan import spirv as vulkan_spirv
 from convbackends.parity import Case, compare
 from convbackends.reference import conv2d_float64
@@ -61,9 +61,7 @@ def test_source_hash_covers_includes(tmp_path):
 # Everything below needs a Vulkan device.
 @pytest.fixture
 def vulkan():
-    availability = available_backends()["vulkan"]
-    if not availability.available:
-        require("vulkan", availability.reason)
+    require_backend("vulkan")
     from convbackends.runtime import vulkan as vk_runtime
 
     return vk_runtime, vk_runtime
