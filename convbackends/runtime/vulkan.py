@@ -604,6 +604,18 @@ def _barrier(cmd, src_stage, src_access, dst_stage=None, dst_access=None) -> Non
     vk.vkCmdPipelineBarrier(cmd, src_stage, dst_stage, 0, 1, [barrier], 0, None, 0, None)
 
 
+def staged(buffer: Callable[[int, bool], Buffer], dev: Device, nbytes: int, copies: list) -> tuple[Buffer, Buffer]:
+    """(the mapped buffer a call writes or reads, the buffer shaders use), taken by `buffer(nbytes, host)`: one
+    buffer on unified memory; else a device buffer too, the pair appended to `copies` (a Recording's
+    copies_in or copies_out)."""
+    host = buffer(nbytes, True)
+    if dev.unified:
+        return host, host
+    device = buffer(nbytes, False)
+    copies.append((host, device))
+    return host, device
+
+
 def upload(dev: Device, array: np.ndarray) -> Buffer:
     """A device buffer holding `array`, written directly on unified memory, through a staging copy elsewhere."""
     if dev.unified:

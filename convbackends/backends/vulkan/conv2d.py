@@ -309,15 +309,9 @@ class _Plan(PlanBuffers):
         dispatches, copies_in, copies_out = [], [], []
         for start in range(0, geom.n, per_chunk):
             n = min(per_chunk, geom.n - start)
-            x_host = self._buffer(4 * n * in_image, True)
-            x_host.array[:] = 0  # the padding stays zero; run() only writes the interior
-            y_host = self._buffer(4 * n * out_image, True)
-            x_dev, y_dev = x_host, y_host
-            if not dev.unified:
-                x_dev = self._buffer(x_host.nbytes, False)
-                y_dev = self._buffer(y_host.nbytes, False)
-                copies_in.append((x_host, x_dev))
-                copies_out.append((y_host, y_dev))
+            # Taken zeroed, so the padding stays zero: run() only writes the interior.
+            x_host, x_dev = _vk.staged(self._buffer, dev, 4 * n * in_image, copies_in)
+            y_host, y_dev = _vk.staged(self._buffer, dev, 4 * n * out_image, copies_out)
             interior = x_host.array[: n * in_image].reshape(n, geom.c, ps)[:, :, : hp * wp].reshape(n, geom.c, hp, wp)
             interior = interior[:, :, geom.pt:geom.pt + geom.h, geom.pl:geom.pl + geom.w]
             self.chunks.append((start, n, interior, y_host))

@@ -87,21 +87,12 @@ class _Plan(PlanBuffers):
         raise NotImplementedError
 
     def _input(self, nbytes: int) -> tuple[_vk.Buffer, _vk.Buffer]:
-        """(the host buffer a call writes, the buffer shaders read): one buffer on unified memory."""
-        host = self._buffer(nbytes, True)
-        if self.device.unified:
-            return host, host
-        device = self._buffer(nbytes, False)
-        self._copies_in.append((host, device))
-        return host, device
+        """(the host buffer a call writes, the buffer shaders read)."""
+        return _vk.staged(self._buffer, self.device, nbytes, self._copies_in)
 
     def _output(self, nbytes: int) -> tuple[_vk.Buffer, _vk.Buffer]:
-        host = self._buffer(nbytes, True)
-        if self.device.unified:
-            return host, host
-        device = self._buffer(nbytes, False)
-        self._copies_out.append((host, device))
-        return host, device
+        """(the host buffer a call reads, the buffer shaders write)."""
+        return _vk.staged(self._buffer, self.device, nbytes, self._copies_out)
 
     def _dispatch(self, shader: str, buffers: list, tile: _deform.Tile, extra: tuple, width: int, rows: int) -> None:
         push = _PUSH.pack(*tile.scalars(self.geom), *extra, *(0,) * (6 - len(extra)))

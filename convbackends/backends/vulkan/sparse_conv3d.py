@@ -479,15 +479,9 @@ class VulkanSparseConv3d(Prepared):
         try:
             x_dev = self.w  # an empty input is never read (every neighbour is -1): any buffer stands in
             if geom.n_in:
-                x_host = x_dev = build.buffer_on(features.nbytes, True)
+                x_host, x_dev = _vk.staged(build.buffer_on, dev, features.nbytes, copies_in)
                 x_host.write(np.ascontiguousarray(features))
-                if not dev.unified:
-                    x_dev = build.buffer_on(x_host.nbytes, False)
-                    copies_in.append((x_host, x_dev))
-            y_host = y_dev = build.buffer_on(y.nbytes, True)
-            if not dev.unified:
-                y_dev = build.buffer_on(y_host.nbytes, False)
-                copies_out.append((y_host, y_dev))
+            y_host, y_dev = _vk.staged(build.buffer_on, dev, y.nbytes, copies_out)
             self._dispatch(build, x_dev, y_dev, rulebook, geom)
             seconds = build.submit(copies_in, copies_out)
             y[...] = y_host.read(y.size).reshape(y.shape)
