@@ -448,26 +448,12 @@ class Device:
             _destroyed("descriptor_set")
 
     def fill(self, buf: Buffer, value: float) -> None:
-        """Fill buf with the float32 value: on the host where it is mapped, else by one submitted vkCmdFillBuffer."""
+        """Fill buf with the float32 value: on the host where it is mapped, else by one recorded vkCmdFillBuffer."""
         if buf.host:
             buf.array[:] = value
             buf.flush()
             return
-        with self.lock:
-            cmd = _created("command_buffer", vk.vkAllocateCommandBuffers(self.handle, vk.VkCommandBufferAllocateInfo(
-                commandPool=self.command_pool, level=vk.VK_COMMAND_BUFFER_LEVEL_PRIMARY, commandBufferCount=1))[0])
-            try:
-                vk.vkBeginCommandBuffer(cmd, vk.VkCommandBufferBeginInfo())
-                vk.vkCmdFillBuffer(cmd, buf.buffer, 0, _WHOLE_SIZE, int(np.float32(value).view(np.uint32)))
-                _barrier(cmd, vk.VK_PIPELINE_STAGE_TRANSFER_BIT, vk.VK_ACCESS_TRANSFER_WRITE_BIT,
-                         vk.VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT | vk.VK_PIPELINE_STAGE_TRANSFER_BIT,
-                         vk.VK_ACCESS_SHADER_READ_BIT | vk.VK_ACCESS_SHADER_WRITE_BIT
-                         | vk.VK_ACCESS_TRANSFER_READ_BIT | vk.VK_ACCESS_TRANSFER_WRITE_BIT)
-                vk.vkEndCommandBuffer(cmd)
-                self.submit(cmd)
-            finally:
-                vk.vkFreeCommandBuffers(self.handle, self.command_pool, 1, [cmd])
-                _destroyed("command_buffer")
+        Recording.once(self, fills=[(buf, value)])
 
     # -- submission ---------------------------------------------------------------------------------------
     def submit(self, command_buffer) -> None:
@@ -518,13 +504,13 @@ class Dispatch:
 
 
 class Recording:
-    """A command buffer recorded once and replayed: uploads, dispatches, readbacks, timestamps.
+    """A command buffer recorded once and replayed: fills, uploads, dispatches, readbacks, timestamps.
 
     `copies_in`/`copies_out` pair host staging buffers with device buffers; they are empty on unified
-    memory, where kernels use the mapped buffers themselves.
+    memory, where kernels use the mapped buffers themselves. `fills` are (device buffer, float32 value) pairs.
     """
 
-    def __init__(self, dev: Device, dispatches: list[Dispatch], copies_in=(), copies_out=()):
+    def __init__(self, dev: Device, dispatches: list[Dispatch], copies_in=(), copies_out=(), fills=()):
         self.device = dev
         h = dev.handle
         self.sets = [dev.descriptor_set(d.pipeline, d.buffers) for d in dispatches]
@@ -535,11 +521,18 @@ class Recording:
             self.queries = _created("query_pool", vk.vkCreateQueryPool(h, vk.VkQueryPoolCreateInfo(
                 queryType=vk.VK_QUERY_TYPE_TIMESTAMP, queryCount=2), None))
         dev.recordings.add(self)
-        self._record(dispatches, copies_in, copies_out)
+        self._record(dispatches, copies_in, copies_out, fills)
 
-    def _record(self, dispatches, copies_in, copies_out) -> None:
+    def _record(self, dispatches, copies_in, copies_out, fills) -> None:
         cmd, limit = self.command_buffer, tuple(self.device.limits.maxComputeWorkGroupCount)
         vk.vkBeginCommandBuffer(cmd, vk.VkCommandBufferBeginInfo())
+        for buf, value in fills:
+            vk.vkCmdFillBuffer(cmd, buf.buffer, 0, _WHOLE_SIZE, int(np.float32(value).view(np.uint32)))
+        if fills:  # before the copies in, and any later submission's copies, dispatches and reads
+            _barrier(cmd, vk.VK_PIPELINE_STAGE_TRANSFER_BIT, vk.VK_ACCESS_TRANSFER_WRITE_BIT,
+                     vk.VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT | vk.VK_PIPELINE_STAGE_TRANSFER_BIT,
+                     vk.VK_ACCESS_SHADER_READ_BIT | vk.VK_ACCESS_SHADER_WRITE_BIT
+                     | vk.VK_ACCESS_TRANSFER_READ_BIT | vk.VK_ACCESS_TRANSFER_WRITE_BIT)
         for host, dev_buf in copies_in:
             vk.vkCmdCopyBuffer(cmd, host.buffer, dev_buf.buffer, 1, [vk.VkBufferCopy(size=host.nbytes)])
         _barrier(cmd, vk.VK_PIPELINE_STAGE_TRANSFER_BIT | vk.VK_PIPELINE_STAGE_HOST_BIT,
@@ -566,6 +559,16 @@ class Recording:
         _barrier(cmd, vk.VK_PIPELINE_STAGE_TRANSFER_BIT, vk.VK_ACCESS_TRANSFER_WRITE_BIT,
                  vk.VK_PIPELINE_STAGE_HOST_BIT, vk.VK_ACCESS_HOST_READ_BIT)
         vk.vkEndCommandBuffer(cmd)
+
+    @classmethod
+    def once(cls, dev: Device, dispatches=(), copies_in=(), copies_out=(), fills=()) -> float | None:
+        """Record, submit and free: work that runs once (a fill, an upload, a rulebook build's stages); its
+        device seconds as `submit` gives them."""
+        recording = cls(dev, list(dispatches), copies_in, copies_out, fills)
+        try:
+            return recording.submit()
+        finally:
+            recording.close()
 
     def submit(self) -> float | None:
         """Run and wait; the device seconds between the timestamps, or None without timestamp support."""
@@ -625,11 +628,9 @@ def upload(dev: Device, array: np.ndarray) -> Buffer:
     buf = dev.acquire(array.nbytes, host=False)
     staging = dev.acquire(array.nbytes, host=True)
     staging.write(array)
-    recording = Recording(dev, [], copies_in=[(staging, buf)])
     try:
-        recording.submit()
+        Recording.once(dev, copies_in=[(staging, buf)])
     finally:
-        recording.close()
         dev.release(staging)
     return buf
 

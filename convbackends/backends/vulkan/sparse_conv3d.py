@@ -137,11 +137,9 @@ class _Build:
         """Run the recorded dispatches (and copies); the device seconds where the device measures them."""
         if not self.dispatches and not copies_in and not copies_out:
             return None
-        recording = _vk.Recording(self.dev, self.dispatches, copies_in, copies_out)
         try:
-            return recording.submit()
+            return _vk.Recording.once(self.dev, self.dispatches, copies_in, copies_out)
         finally:
-            recording.close()
             self.dispatches = []
 
     def read(self, buf: _vk.Buffer, count: int) -> np.ndarray:
@@ -166,12 +164,10 @@ def read_ints(dev: _vk.Device, buf: _vk.Buffer, count: int) -> np.ndarray:
     if buf.host:
         return buf.read(count).view(np.int32)
     staging = dev.acquire(buf.nbytes, host=True)
-    recording = _vk.Recording(dev, [], copies_out=[(staging, buf)])
     try:
-        recording.submit()
+        _vk.Recording.once(dev, copies_out=[(staging, buf)])
         return staging.read(count).view(np.int32)
     finally:
-        recording.close()
         dev.release(staging)
 
 
