@@ -423,16 +423,12 @@ def test_buffers_taken_zeroed_from_the_pool_hold_none_of_their_last_users_data(v
         buf.write(poison)
     else:
         staging.write(poison)
-        copy = vk_runtime.Recording(dev, [], copies_in=[(staging, buf)])
-        copy.submit()
-        copy.close()
+        vk_runtime.Recording.once(dev, copies_in=[(staging, buf)])
     dev.release(buf)
     again = dev.acquire(size, host, zeroed=True)
     assert again is buf  # the pooled buffer itself
     if not host:
-        back = vk_runtime.Recording(dev, [], copies_out=[(staging, again)])
-        back.submit()
-        back.close()
+        vk_runtime.Recording.once(dev, copies_out=[(staging, again)])
     held = (again if host else staging).read(size // 4)
     dev.release(again)
     dev.release(staging)
